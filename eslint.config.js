@@ -1,0 +1,27 @@
+// Lint rules: typescript-eslint's recommended set, plus the house rule that core/ does no I/O.
+import js from "@eslint/js";
+import tseslint from "typescript-eslint";
+
+export default tseslint.config(
+  { ignores: ["dist/**", "node_modules/**"] },
+  js.configs.recommended,
+  ...tseslint.configs.recommended,
+  {
+    rules: {
+      "@typescript-eslint/no-unused-vars": ["error", { argsIgnorePattern: "^_", varsIgnorePattern: "^_" }],
+    },
+  },
+  {
+    files: ["src/core/**/*.ts"],
+    rules: {
+      "no-restricted-imports": ["error", {
+        paths: ["node:fs", "node:fs/promises", "node:child_process", "node:net", "node:http", "node:os", "fs", "child_process"],
+        patterns: ["../store/*", "../cli/*", "../build/*", "../cache/*"],
+      }],
+    },
+  },
+  {
+    files: ["scripts/**/*.mjs", "bench/**/*.mjs"],
+    languageOptions: { globals: { process: "readonly", console: "readonly", URL: "readonly" } },
+  },
+);

@@ -1,0 +1,40 @@
+/**
+ * The one place core/ reaches for a hash function. node:crypto is pure computation here (no I/O);
+ * a browser bundle replaces this module with a WebCrypto/JS implementation of the same surface.
+ */
+import { createHash, type Hash as NodeHash } from "node:crypto";
+
+export type HashAlgo = "md5" | "sha1" | "sha256" | "sha512";
+
+export const HASH_ALGOS: readonly HashAlgo[] = ["md5", "sha1", "sha256", "sha512"];
+
+/** Digest length in bytes per algorithm. */
+export const DIGEST_SIZE: Readonly<Record<HashAlgo, number>> = { md5: 16, sha1: 20, sha256: 32, sha512: 64 };
+
+export interface Hasher {
+  update(data: Uint8Array | string): Hasher;
+  /** Finishes the hash; the hasher must not be used afterwards. */
+  digest(): Uint8Array;
+}
+
+export function createHasher(algo: HashAlgo): Hasher {
+  const h: NodeHash = createHash(algo);
+  const self: Hasher = {
+    update(data) {
+      h.update(data);
+      return self;
+    },
+    digest() {
+      return new Uint8Array(h.digest());
+    },
+  };
+  return self;
+}
+
+export function digestOf(algo: HashAlgo, data: Uint8Array | string): Uint8Array {
+  return new Uint8Array(createHash(algo).update(data).digest());
+}
+
+export function sha256(data: Uint8Array | string): Uint8Array {
+  return digestOf("sha256", data);
+}

@@ -1,0 +1,25 @@
+/**
+ * Errors a user can reach carry a stable `code` and a `hint` that says what to do about it.
+ * Bugs stay plain `Error`. The CLI's single top-level handler prints FerryErrors without a
+ * stack trace; anything else is printed as an internal error with its stack.
+ *
+ * Codes are `FERRY_<AREA>_<WHAT>` and never change once published: scripts and tests match on them.
+ */
+export class FerryError extends Error {
+  readonly code: string;
+  readonly hint: string | undefined;
+  /** Extra facts a caller may show or log (byte offset, path, expected value, …). */
+  readonly details: Readonly<Record<string, unknown>>;
+
+  constructor(code: string, message: string, opts: { hint?: string; cause?: unknown; details?: Record<string, unknown> } = {}) {
+    super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
+    this.name = "FerryError";
+    this.code = code;
+    this.hint = opts.hint;
+    this.details = Object.freeze({ ...(opts.details ?? {}) });
+  }
+}
+
+export function isFerryError(e: unknown, code?: string): e is FerryError {
+  return e instanceof FerryError && (code === undefined || e.code === code);
+}

@@ -1,0 +1,156 @@
+/**
+ * Store paths (SPEC §3): `<storeDir>/<32 nix32 chars>-<name>`, computed from a fingerprint that
+ * includes the store dir, the kind of object, its content digest and its references.
+ */
+import { sha256 } from "./digest.js";
+import { FerryError } from "./errors.js";
+import { compressHash, nix32Length, printHash, toBase16, toNix32, isNix32Char, type Hash } from "./hash.js";
+
+export const HASH_PART_LENGTH = 32;
+export const MAX_NAME_LENGTH = 211;
+
+/** A parsed store path. `storeDir` has no trailing slash. */
+export interface StorePath {
+  readonly storeDir: string;
+  readonly hashPart: string;
+  readonly name: string;
+}
+
+/** Why `name` is not a valid store path name, or undefined when it is. */
+export function invalidNameReason(name: string): string | undefined {
+  if (name.length === 0) return "the name is empty";
+  if (name.length > MAX_NAME_LENGTH) return `the name is ${name.length} characters long; the limit is ${MAX_NAME_LENGTH}`;
+  if (name.startsWith(".")) return "the name starts with '.'";
+  const bad = /[^A-Za-z0-9+\-._?=]/.exec(name);
+  if (bad) return `the name contains the illegal character ${JSON.stringify(bad[0])}`;
+  return undefined;
+}
+
+export function checkName(name: string): string {
+  const why = invalidNameReason(name);
+  if (why) {
+    throw new FerryError("FERRY_STORE_BAD_NAME", `'${name}' cannot be a store path name: ${why}`, {
+      hint: "store path names use letters, digits and + - . _ ? = only, at most 211 characters, and do not start with '.'",
+    });
+  }
+  return name;
+}
+
+export function checkStoreDir(storeDir: string): string {
+  if (!storeDir.startsWith("/") || storeDir.length < 2 || storeDir.endsWith("/") || storeDir.includes("//")) {
+    throw new FerryError("FERRY_STORE_BAD_DIR", `'${storeDir}' is not a usable store directory`, {
+      hint: "give an absolute path without a trailing slash, such as /ferry/store",
+    });
+  }
+  return storeDir;
+}
+
+export function printStorePath(p: StorePath): string {
+  return `${p.storeDir}/${p.hashPart}-${p.name}`;
+}
+
+/** The `hash-name` part of a store path. */
+export function baseName(p: StorePath): string {
+  return `${p.hashPart}-${p.name}`;
+}
+
+/** Parses `<storeDir>/<hash>-<name>` for the given store dir; subpaths are rejected. */
+export function parseStorePath(storeDir: string, path: string): StorePath {
+  const fail = (why: string): never => {
+    throw new FerryError("FERRY_STORE_BAD_PATH", `'${path}' is not a store path in ${storeDir}: ${why}`, {
+      hint: `store paths look like ${storeDir}/<32 characters of nix32>-<name>`,
+    });
+  };
+  if (!path.startsWith(storeDir + "/")) fail(`it is not inside ${storeDir}`);
+  return parseBaseName(storeDir, path.slice(storeDir.length + 1), fail);
+}
+
+/** Parses `hash-name` (a narinfo References entry) into a store path of `storeDir`. */
+export function parseBaseName(storeDir: string, base: string, fail?: (why: string) => never): StorePath {
+  const f = fail ?? ((why: string): never => {
+    throw new FerryError("FERRY_STORE_BAD_PATH", `'${base}' is not a store path base name: ${why}`);
+  });
+  if (base.includes("/")) f("it names something inside a store object");
+  if (base.length < HASH_PART_LENGTH + 2 || base[HASH_PART_LENGTH] !== "-") f("it has no 32-character hash part followed by '-'");
+  const hashPart = base.slice(0, HASH_PART_LENGTH);
+  for (let i = 0; i < hashPart.length; i++) if (!isNix32Char(hashPart.charCodeAt(i))) f(`the hash part has the character '${hashPart[i]}'`);
+  const name = base.slice(HASH_PART_LENGTH + 1);
+  const why = invalidNameReason(name);
+  if (why) f(why);
+  return Object.freeze({ storeDir, hashPart, name });
+}
+
+/** The path for a fingerprint `type:sha256:<hex inner>:<storeDir>:<name>` (SPEC §3.2). */
+export function makeStorePath(storeDir: string, type: string, inner: Uint8Array, name: string): StorePath {
+  checkName(name);
+  const fingerprint = `${type}:sha256:${toBase16(inner)}:${storeDir}:${name}`;
+  const hashPart = toNix32(compressHash(sha256(fingerprint), 20));
+  return Object.freeze({ storeDir, hashPart, name });
+}
+
+function typeWithRefs(base: string, references: readonly string[], self: boolean): string {
+  let t = base;
+  for (const r of [...references].sort()) t += ":" + r;
+  if (self) t += ":self";
+  return t;
+}
+
+/** A source object (`nix-store --add`): `narHash` is sha256 of its NAR. */
+export function makeSourcePath(storeDir: string, name: string, narHash: Hash, references: readonly string[] = [], selfReference = false): StorePath {
+  if (narHash.algo !== "sha256") throw new Error("source paths are made from a sha256 NAR hash");
+  return makeStorePath(storeDir, typeWithRefs("source", references, selfReference), narHash.digest, name);
+}
+
+/** A text object (`builtins.toFile`, `.drv` files): hashed by contents, with declared references. */
+export function makeTextPath(storeDir: string, name: string, contentsHash: Hash, references: readonly string[] = []): StorePath {
+  if (contentsHash.algo !== "sha256") throw new Error("text paths are made from a sha256 hash");
+  return makeStorePath(storeDir, typeWithRefs("text", references, false), contentsHash.digest, name);
+}
+
+export type FileIngestionMethod = "flat" | "recursive";
+
+/**
+ * A fixed-output object: recursive sha256 is a source path; anything else is `output:out`
+ * over `fixed:out:[r:]<algo>:<hex>:`.
+ */
+export function makeFixedOutputPath(storeDir: string, name: string, method: FileIngestionMethod, hash: Hash): StorePath {
+  if (method === "recursive" && hash.algo === "sha256") return makeSourcePath(storeDir, name, hash);
+  const inner = sha256(`fixed:out:${method === "recursive" ? "r:" : ""}${hash.algo}:${toBase16(hash.digest)}:`);
+  return makeStorePath(storeDir, "output:out", inner, name);
+}
+
+/** The name of a derivation output's path: `name` for `out`, `name-<output>` otherwise. */
+export function outputPathName(drvName: string, output: string): string {
+  return output === "out" ? drvName : `${drvName}-${output}`;
+}
+
+/** An input-addressed derivation output, from the masked hashDerivationModulo digest (SPEC §6). */
+export function makeOutputPath(storeDir: string, output: string, drvHash: Uint8Array, drvName: string): StorePath {
+  return makeStorePath(storeDir, `output:${output}`, drvHash, outputPathName(drvName, output));
+}
+
+// ---- content-address descriptors (SPEC §3.5) ------------------------------------------------
+
+export type ContentAddress =
+  | { readonly kind: "text"; readonly hash: Hash }
+  | { readonly kind: "fixed"; readonly method: FileIngestionMethod; readonly hash: Hash };
+
+export function printContentAddress(ca: ContentAddress): string {
+  if (ca.kind === "text") return `text:${ca.hash.algo}:${printHash(ca.hash, "nix32")}`;
+  return `fixed:${ca.method === "recursive" ? "r:" : ""}${ca.hash.algo}:${printHash(ca.hash, "nix32")}`;
+}
+
+export function parseContentAddress(s: string, parse: (algoAndDigest: string) => Hash): ContentAddress {
+  if (s.startsWith("text:")) return { kind: "text", hash: parse(s.slice(5)) };
+  if (s.startsWith("fixed:r:")) return { kind: "fixed", method: "recursive", hash: parse(s.slice(8)) };
+  if (s.startsWith("fixed:")) return { kind: "fixed", method: "flat", hash: parse(s.slice(6)) };
+  throw new FerryError("FERRY_STORE_BAD_CA", `'${s}' is not a content address`, { hint: "expected text:sha256:… or fixed:[r:]algo:…" });
+}
+
+/** The path a content address implies, for checking that a CA object is what it claims. */
+export function pathOfContentAddress(storeDir: string, name: string, ca: ContentAddress, references: readonly string[]): StorePath {
+  if (ca.kind === "text") return makeTextPath(storeDir, name, ca.hash, references);
+  return makeFixedOutputPath(storeDir, name, ca.method, ca.hash);
+}
+
+export { nix32Length };

@@ -1,0 +1,57 @@
+/** How the CLI talks: results to stdout, progress and errors to stderr, one error format. */
+import { FerryError } from "../core/errors.js";
+import { writeAllSync } from "../store/fs-util.js";
+
+export function out(line: string): void {
+  writeAllSync(1, Buffer.from(line + "\n"));
+}
+
+export function outJson(value: unknown): void {
+  out(JSON.stringify(value, null, 2));
+}
+
+export function note(line: string): void {
+  process.stderr.write(line + "\n");
+}
+
+/** The one top-level error printer: coded errors briefly with their hint, bugs with a stack. */
+export function printError(e: unknown): number {
+  if (e instanceof FerryError) {
+    let s = `error [${e.code}]: ${e.message}`;
+    if (e.hint) s += `\n  hint: ${e.hint}`;
+    note(s);
+    return 1;
+  }
+  const err = e as Error;
+  note(`internal error (a bug in Ferry; please report it): ${err?.stack ?? String(e)}`);
+  return 70;
+}
+
+/** A live progress line on a terminal; silent otherwise. */
+export function progressLine(): { update(text: string): void; done(): void } {
+  const tty = process.stderr.isTTY;
+  let last = 0;
+  return {
+    update(text: string) {
+      if (!tty) return;
+      const now = Date.now();
+      if (now - last < 100) return;
+      last = now;
+      process.stderr.write(`\r\x1b[K${text}`);
+    },
+    done() {
+      if (tty) process.stderr.write("\r\x1b[K");
+    },
+  };
+}
+
+export function humanBytes(n: number): string {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  let v = n;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return `${i === 0 ? v : v.toFixed(1)} ${units[i]}`;
+}

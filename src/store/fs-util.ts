@@ -1,0 +1,75 @@
+/** Small filesystem helpers the store relies on: tree removal, fsync, canonical permissions. */
+import * as fs from "node:fs";
+import { join } from "node:path";
+
+/** Removes a tree even where Ferry made its directories read-only. Missing paths are fine. */
+export function removeTree(path: string): void {
+  let st: fs.Stats;
+  try {
+    st = fs.lstatSync(path);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === "ENOENT") return;
+    throw e;
+  }
+  if (st.isDirectory()) {
+    if ((st.mode & 0o700) !== 0o700) fs.chmodSync(path, 0o700);
+    for (const name of fs.readdirSync(path)) removeTree(join(path, name));
+    fs.rmdirSync(path);
+  } else {
+    fs.unlinkSync(path);
+  }
+}
+
+export function fsyncPath(path: string): void {
+  const fd = fs.openSync(path, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Writes a file atomically: temporary name beside it, fsync, rename, fsync of the directory. */
+export function writeFileAtomic(path: string, data: string | Uint8Array, mode = 0o644): void {
+  const dir = path.slice(0, path.lastIndexOf("/")) || "/";
+  const tmp = `${path}.tmp-${process.pid}-${Math.random().toString(36).slice(2)}`;
+  const fd = fs.openSync(tmp, "w", mode);
+  try {
+    fs.writeSync(fd, typeof data === "string" ? Buffer.from(data) : data);
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  try {
+    fs.renameSync(tmp, path);
+  } catch (e) {
+    fs.rmSync(tmp, { force: true });
+    throw e;
+  }
+  fsyncPath(dir);
+}
+
+/** True when a process with this pid exists (it may belong to another user). */
+export function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+/** Writes all of `data` to a file descriptor, waiting out EAGAIN on non-blocking pipes. */
+export function writeAllSync(fd: number, data: Uint8Array): void {
+  let off = 0;
+  while (off < data.length) {
+    try {
+      off += fs.writeSync(fd, data, off, data.length - off);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "EAGAIN") throw e;
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 2);
+    }
+  }
+}
+
+export const randomSuffix = (): string => `${process.pid}-${Math.random().toString(36).slice(2, 10)}`;

@@ -1,0 +1,725 @@
+/**
+ * The local store: store objects under the store dir, metadata in SQLite (Nix's layout).
+ *
+ * Registration contract: an object is valid once its row is committed, and only then. Content
+ * is written under a temporary name in the store dir, made read-only with mtime 1, fsync'ed,
+ * and renamed to its final name inside the same write transaction that inserts its row, so
+ * a crash at any point leaves either a valid object or an unregistered leftover that the next
+ * add replaces and GC removes. Two writers adding the same object serialise on SQLite's write
+ * lock; the second finds it valid and drops its copy.
+ */
+import * as fs from "node:fs";
+import { join } from "node:path";
+import Database from "better-sqlite3";
+import { FerryError } from "../core/errors.js";
+import { makeHash, parseHash, printHash, printPrefixedHash, toBase16, fromBase16, hashEquals, type Hash, type HashAlgo } from "../core/hash.js";
+import { createHasher, sha256 } from "../core/digest.js";
+import {
+  makeFixedOutputPath, makeSourcePath, makeTextPath, parseStorePath, printStorePath, checkName,
+  parseContentAddress, printContentAddress, type ContentAddress,
+} from "../core/store-path.js";
+import { exportEnd, exportEntryStart, exportEntryTrailer, ExportReader } from "../core/export-stream.js";
+import { fingerprintPath, signMessage, type SecretKey } from "../core/signing.js";
+import { NarWriter } from "../core/nar/writer.js";
+import { MIGRATIONS, SQL } from "./schema.js";
+import { realPath, type StoreLocation } from "./config.js";
+import { dumpPath, hashFile, hashPath } from "./nar-dump.js";
+import { NarRestorer } from "./nar-restore.js";
+import { fsyncPath, processAlive, randomSuffix, removeTree } from "./fs-util.js";
+
+export interface PathInfo {
+  readonly path: string;
+  readonly narHash: Hash;
+  readonly narSize: number;
+  /** Full store paths, sorted. */
+  readonly references: readonly string[];
+  readonly deriver?: string;
+  readonly registrationTime: number;
+  readonly sigs: readonly string[];
+  readonly ca?: ContentAddress;
+  /** Built or added here (not substituted). */
+  readonly ultimate: boolean;
+}
+
+/** What a caller supplies to register a new object; the store fills in time and checks. */
+export interface NewObject {
+  readonly path: string;
+  readonly narHash: Hash;
+  readonly narSize: number;
+  readonly references: readonly string[];
+  readonly deriver?: string | undefined;
+  readonly sigs?: readonly string[];
+  readonly ca?: ContentAddress | undefined;
+  readonly ultimate?: boolean;
+}
+
+export interface AddResult {
+  readonly path: string;
+  /** False when the object was already valid (or with dryRun). */
+  readonly added: boolean;
+  readonly narHash: Hash;
+  readonly narSize: number;
+}
+
+export type ItemOutcome<T> =
+  | { readonly status: "ok"; readonly path: string; readonly value: T }
+  | { readonly status: "error"; readonly path: string; readonly error: FerryError };
+
+export interface VerifyItem {
+  readonly path: string;
+  readonly status: "ok" | "corrupt" | "missing";
+  readonly expected?: string;
+  readonly actual?: string;
+}
+
+export interface GcResult {
+  readonly deleted: readonly string[];
+  readonly bytesFreed: number;
+  readonly roots: readonly string[];
+  /** Leftovers (interrupted adds, unregistered copies) removed from the store dir. */
+  readonly leftovers: readonly string[];
+}
+
+interface Row {
+  id: number;
+  path: string;
+  hash: string;
+  registrationTime: number;
+  deriver: string | null;
+  narSize: number | null;
+  ultimate: number | null;
+  sigs: string | null;
+  ca: string | null;
+}
+
+const TMP_PREFIX = ".ferry-tmp-";
+const TRASH_PREFIX = ".ferry-trash-";
+
+function storeError(code: string, message: string, hint?: string): FerryError {
+  return new FerryError(code, message, hint === undefined ? {} : { hint });
+}
+
+export class LocalStore {
+  readonly loc: StoreLocation;
+  readonly realStoreDir: string;
+  readonly realStateDir: string;
+  readonly #db: Database.Database;
+  #tempRootsFile: string | undefined;
+
+  private constructor(loc: StoreLocation, db: Database.Database) {
+    this.loc = loc;
+    this.realStoreDir = realPath(loc, loc.storeDir);
+    this.realStateDir = realPath(loc, loc.stateDir);
+    this.#db = db;
+  }
+
+  get storeDir(): string {
+    return this.loc.storeDir;
+  }
+
+  /** Opens (creating if needed) the store at `loc`. */
+  static open(loc: StoreLocation): LocalStore {
+    const realStore = realPath(loc, loc.storeDir);
+    const realState = realPath(loc, loc.stateDir);
+    try {
+      for (const d of [realStore, join(realState, "db"), join(realState, "gcroots"), join(realState, "temproots")]) {
+        fs.mkdirSync(d, { recursive: true });
+      }
+      fs.accessSync(realStore, fs.constants.W_OK);
+    } catch (e) {
+      throw new FerryError("FERRY_STORE_UNWRITABLE", `cannot use the store at ${realStore} (state ${realState}): ${(e as Error).message}`, {
+        hint: "run as a user who may write there, or put the store elsewhere with --root DIR (or --store-dir/--state-dir, FERRY_ROOT)",
+      });
+    }
+    const db = new Database(join(realState, "db", "db.sqlite"));
+    db.pragma("journal_mode = WAL");
+    db.pragma("synchronous = FULL");
+    db.pragma("foreign_keys = ON");
+    db.pragma("busy_timeout = 600000");
+    migrate(db);
+    return new LocalStore(loc, db);
+  }
+
+  close(): void {
+    this.#db.close();
+    if (this.#tempRootsFile) fs.rmSync(this.#tempRootsFile, { force: true });
+  }
+
+  realPathOf(storePath: string): string {
+    return realPath(this.loc, storePath);
+  }
+
+  /** Validates a full store path of this store and returns it in canonical form. */
+  parsePath(p: string): string {
+    return printStorePath(parseStorePath(this.storeDir, p));
+  }
+
+  // ---- queries ------------------------------------------------------------------------------
+
+  isValid(path: string): boolean {
+    return this.#db.prepare(SQL.idByPath).get(path) !== undefined;
+  }
+
+  queryPathInfo(path: string): PathInfo | undefined {
+    const row = this.#db.prepare(SQL.byPath).get(path) as Row | undefined;
+    if (!row) return undefined;
+    const refs = (this.#db.prepare(SQL.refsOf).all(row.id) as { path: string }[]).map((r) => r.path).sort();
+    return rowToInfo(row, refs);
+  }
+
+  /** Like queryPathInfo, but a missing path is a user error. */
+  requirePathInfo(path: string): PathInfo {
+    const info = this.queryPathInfo(this.parsePath(path));
+    if (!info) throw storeError("FERRY_STORE_NOT_VALID", `'${path}' is not a valid path in this store`, "add or build it first; `ferry store path-info` lists what is there");
+    return info;
+  }
+
+  referrers(path: string): string[] {
+    const row = this.#db.prepare(SQL.idByPath).get(path) as { id: number } | undefined;
+    if (!row) return [];
+    return (this.#db.prepare(SQL.referrersOf).all(row.id) as { path: string }[]).map((r) => r.path).sort();
+  }
+
+  /** The closure of `paths` under references, sorted. Every path must be valid. */
+  closure(paths: readonly string[]): string[] {
+    const seen = new Set<string>();
+    const stack = paths.map((p) => this.requirePathInfo(p).path);
+    const refsStmt = this.#db.prepare(SQL.refsOf);
+    const idStmt = this.#db.prepare(SQL.idByPath);
+    while (stack.length) {
+      const p = stack.pop()!;
+      if (seen.has(p)) continue;
+      seen.add(p);
+      const row = idStmt.get(p) as { id: number };
+      for (const r of refsStmt.all(row.id) as { path: string }[]) if (!seen.has(r.path)) stack.push(r.path);
+    }
+    return [...seen].sort();
+  }
+
+  allValidPaths(): string[] {
+    return (this.#db.prepare(SQL.allPaths).all() as { path: string }[]).map((r) => r.path);
+  }
+
+  /** `paths` ordered so that every path comes after the ones it references (among `paths`). */
+  topoSort(paths: readonly string[]): string[] {
+    const set = new Set(paths);
+    const out: string[] = [];
+    const state = new Map<string, 1 | 2>();
+    const visit = (p: string, trail: string[]) => {
+      const s = state.get(p);
+      if (s === 2) return;
+      if (s === 1) throw new Error(`reference cycle through ${[...trail, p].join(" -> ")}`);
+      state.set(p, 1);
+      for (const r of this.requirePathInfo(p).references) if (r !== p && set.has(r)) visit(r, [...trail, p]);
+      state.set(p, 2);
+      out.push(p);
+    };
+    for (const p of [...set].sort()) visit(p, []);
+    return out;
+  }
+
+  // ---- adding -------------------------------------------------------------------------------
+
+  /** A fresh temporary name in the store dir for an object being written. */
+  newTempPath(): string {
+    return join(this.realStoreDir, `${TMP_PREFIX}${randomSuffix()}`);
+  }
+
+  /**
+   * Protects `path` from GC for as long as this process lives (Nix's temp roots): called
+   * before checking validity, so a path found valid cannot be collected before it is used.
+   */
+  addTempRoot(path: string): void {
+    if (!this.#tempRootsFile) {
+      this.#tempRootsFile = join(this.realStateDir, "temproots", String(process.pid));
+      process.once("exit", () => fs.rmSync(this.#tempRootsFile!, { force: true }));
+    }
+    const fd = fs.openSync(this.#tempRootsFile, "a");
+    try {
+      fs.writeSync(fd, path + "\n");
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+
+  /**
+   * Moves a complete, canonicalised object from `tmpReal` to its place and registers it,
+   * atomically. If the path is already valid the temporary copy is dropped. References must
+   * be valid already (or be the path itself).
+   */
+  registerObject(tmpReal: string | undefined, obj: NewObject): boolean {
+    const path = this.parsePath(obj.path);
+    for (const r of obj.references) this.parsePath(r);
+    const finalReal = this.realPathOf(path);
+    const txn = this.#db.transaction((): boolean => {
+      if (this.isValid(path)) return false;
+      for (const r of obj.references) {
+        if (r !== path && !this.isValid(r)) {
+          throw storeError("FERRY_STORE_MISSING_REFERENCE", `cannot register '${path}': it references '${r}', which is not valid in this store`, "add or import the referenced paths first (its closure)");
+        }
+      }
+      if (tmpReal === undefined) {
+        if (!fs.existsSync(finalReal)) throw new Error(`no content for ${path}`);
+      } else {
+        if (fs.existsSync(finalReal) || isSymlink(finalReal)) this.#moveToTrash(finalReal);
+        fs.renameSync(tmpReal, finalReal);
+        fsyncPath(this.realStoreDir);
+      }
+      const info = this.#db.prepare(SQL.insertPath).run(
+        path,
+        `${obj.narHash.algo}:${toBase16(obj.narHash.digest)}`,
+        Math.floor(Date.now() / 1000),
+        obj.deriver ?? null,
+        obj.narSize,
+        obj.ultimate ? 1 : 0,
+        (obj.sigs ?? []).join(" ") || null,
+        obj.ca ? printContentAddress(obj.ca) : null,
+      );
+      const id = Number(info.lastInsertRowid);
+      const idStmt = this.#db.prepare(SQL.idByPath);
+      const refStmt = this.#db.prepare(SQL.insertRef);
+      for (const r of obj.references) {
+        const rid = r === path ? id : (idStmt.get(r) as { id: number }).id;
+        refStmt.run(id, rid);
+      }
+      return true;
+    });
+    try {
+      const added = txn.immediate();
+      if (!added && tmpReal !== undefined) removeTree(tmpReal);
+      return added;
+    } catch (e) {
+      if (tmpReal !== undefined) removeTree(tmpReal);
+      throw e;
+    }
+  }
+
+  #moveToTrash(real: string): void {
+    const trash = join(this.realStoreDir, `${TRASH_PREFIX}${randomSuffix()}`);
+    fs.renameSync(real, trash);
+    removeTree(trash);
+  }
+
+  /**
+   * Adds a file or tree as a source object (`nix-store --add`): one pass reads, copies and
+   * hashes it. With `dryRun` it only computes the path.
+   */
+  addPath(src: string, opts: { name?: string | undefined; dryRun?: boolean; onFile?: (size: number) => void } = {}): AddResult {
+    if (opts.dryRun) return computeSourcePath(this.storeDir, src, opts);
+    const name = checkName(opts.name ?? basenameOf(src));
+    const tmp = this.newTempPath();
+    let result: { hash: Hash; size: number };
+    try {
+      result = hashPath(src, "sha256", { copyTo: tmp, ...(opts.onFile ? { onFile: opts.onFile } : {}) });
+    } catch (e) {
+      removeTree(tmp);
+      throw e;
+    }
+    const path = printStorePath(makeSourcePath(this.storeDir, name, result.hash));
+    this.addTempRoot(path);
+    const added = this.registerObject(tmp, {
+      path, narHash: result.hash, narSize: result.size, references: [], ultimate: true,
+      ca: { kind: "fixed", method: "recursive", hash: result.hash },
+    });
+    return { path, added, narHash: result.hash, narSize: result.size };
+  }
+
+  /** `nix-store --add-fixed [--recursive] ALGO PATH`. Flat objects are stored non-executable. */
+  addFixed(src: string, opts: { recursive: boolean; algo: HashAlgo; name?: string | undefined; dryRun?: boolean }): AddResult {
+    const name = checkName(opts.name ?? basenameOf(src));
+    if (opts.recursive) {
+      if (opts.algo === "sha256") return this.addPath(src, { name, dryRun: opts.dryRun ?? false });
+      const ca = hashPath(src, opts.algo).hash;
+      return this.#addCopied(src, name, { kind: "fixed", method: "recursive", hash: ca }, opts.dryRun ?? false, true);
+    }
+    const st = fs.statSync(src, { throwIfNoEntry: false });
+    if (!st || !st.isFile()) {
+      throw storeError("FERRY_STORE_NOT_FILE", `'${src}' is not a regular file`, "flat fixed-output objects are single regular files; add a directory with --recursive");
+    }
+    const ca = hashFile(src, opts.algo);
+    return this.#addCopied(src, name, { kind: "fixed", method: "flat", hash: ca }, opts.dryRun ?? false, false);
+  }
+
+  #addCopied(src: string, name: string, ca: ContentAddress & { kind: "fixed" }, dryRun: boolean, recursive: boolean): AddResult {
+    const path = printStorePath(makeFixedOutputPath(this.storeDir, name, ca.method, ca.hash));
+    if (dryRun) {
+      const nar = hashPath(src, "sha256", { stripExecutable: !recursive });
+      return { path, added: false, narHash: nar.hash, narSize: nar.size };
+    }
+    const tmp = this.newTempPath();
+    let nar: { hash: Hash; size: number };
+    try {
+      if (recursive) {
+        nar = hashPath(src, "sha256", { copyTo: tmp });
+      } else {
+        fs.copyFileSync(src, tmp);
+        fs.chmodSync(tmp, 0o444);
+        fs.utimesSync(tmp, 1, 1);
+        fsyncPath(tmp);
+        nar = hashPath(tmp);
+      }
+    } catch (e) {
+      removeTree(tmp);
+      throw e;
+    }
+    this.addTempRoot(path);
+    const added = this.registerObject(tmp, { path, narHash: nar.hash, narSize: nar.size, references: [], ultimate: true, ca });
+    return { path, added, narHash: nar.hash, narSize: nar.size };
+  }
+
+  /** A text object (`builtins.toFile`, `.drv` files) with declared references. */
+  addText(name: string, contents: string | Uint8Array, references: readonly string[] = [], opts: { dryRun?: boolean } = {}): AddResult {
+    const bytes = typeof contents === "string" ? new TextEncoder().encode(contents) : contents;
+    const hash = makeHash("sha256", sha256(bytes));
+    const path = printStorePath(makeTextPath(this.storeDir, checkName(name), hash, references));
+    const nar = narHashOfBytes(bytes);
+    if (opts.dryRun || this.isValid(path)) return { path, added: false, narHash: nar.hash, narSize: nar.size };
+    const tmp = this.newTempPath();
+    try {
+      const fd = fs.openSync(tmp, "wx", 0o600);
+      try {
+        fs.writeSync(fd, bytes);
+        fs.fchmodSync(fd, 0o444);
+        fs.futimesSync(fd, 1, 1);
+        fs.fsyncSync(fd);
+      } finally {
+        fs.closeSync(fd);
+      }
+    } catch (e) {
+      removeTree(tmp);
+      throw e;
+    }
+    this.addTempRoot(path);
+    const added = this.registerObject(tmp, { path, narHash: nar.hash, narSize: nar.size, references, ultimate: true, ca: { kind: "text", hash } });
+    return { path, added, narHash: nar.hash, narSize: nar.size };
+  }
+
+  // ---- signatures ---------------------------------------------------------------------------
+
+  fingerprint(info: PathInfo): string {
+    return fingerprintPath(info.path, printPrefixedHash(info.narHash), info.narSize, info.references);
+  }
+
+  /** Adds `key`'s signature to each path (idempotent). */
+  sign(paths: readonly string[], key: SecretKey): ItemOutcome<string>[] {
+    return paths.map((p) => {
+      try {
+        const info = this.requirePathInfo(p);
+        const sig = signMessage(key, this.fingerprint(info));
+        if (!info.sigs.includes(sig)) this.addSignatures(info.path, [sig]);
+        return { status: "ok" as const, path: info.path, value: sig };
+      } catch (e) {
+        return { status: "error" as const, path: p, error: asFerryError(e) };
+      }
+    });
+  }
+
+  addSignatures(path: string, sigs: readonly string[]): void {
+    this.#db.transaction(() => {
+      const row = this.#db.prepare(SQL.byPath).get(path) as Row | undefined;
+      if (!row) throw storeError("FERRY_STORE_NOT_VALID", `'${path}' is not valid`);
+      const cur = new Set((row.sigs ?? "").split(" ").filter((s) => s));
+      for (const s of sigs) cur.add(s);
+      this.#db.prepare(SQL.setSigs).run([...cur].join(" "), row.id);
+    }).immediate();
+  }
+
+  // ---- export / import ----------------------------------------------------------------------
+
+  /** Writes `nix-store --export` bytes for `paths` (references first among them) to `write`. */
+  exportPaths(paths: readonly string[], write: (chunk: Uint8Array) => void): void {
+    const ordered = this.topoSort(paths.map((p) => this.requirePathInfo(p).path));
+    for (const p of ordered) {
+      const info = this.requirePathInfo(p);
+      write(exportEntryStart());
+      const h = createHasher("sha256");
+      const size = dumpPath(this.realPathOf(p), (c) => {
+        h.update(c);
+        write(c);
+      });
+      const actual = makeHash("sha256", h.digest());
+      if (size !== info.narSize || !hashEquals(actual, info.narHash)) {
+        throw storeError("FERRY_STORE_CORRUPT", `'${p}' changed on disk: its NAR hash is ${printHash(actual, "sri")}, the store recorded ${printHash(info.narHash, "sri")}`, "run `ferry store verify` to find every damaged path");
+      }
+      write(exportEntryTrailer({ storePath: p, references: info.references, deriver: info.deriver }));
+    }
+    write(exportEnd());
+  }
+
+  /**
+   * Imports a `nix-store --export` stream. Each object is unpacked to a temporary name,
+   * hashed while it streams, and registered atomically once complete; a corrupt or truncated
+   * stream stops the import with the objects before it imported and nothing half-done.
+   */
+  async importStream(source: AsyncIterable<Uint8Array>): Promise<{ results: ItemOutcome<{ added: boolean }>[]; error?: FerryError }> {
+    const results: ItemOutcome<{ added: boolean }>[] = [];
+    let restorer: NarRestorer | undefined;
+    let hasher = createHasher("sha256");
+    let narSize = 0;
+    const reader = new ExportReader({
+      onStart: () => {
+        restorer = new NarRestorer(this.newTempPath(), { canonical: true, fsync: true });
+        hasher = createHasher("sha256");
+        narSize = 0;
+      },
+      onNarBytes: (c) => {
+        hasher.update(c);
+        narSize += c.length;
+      },
+      onNarEvent: (e) => restorer!.onEvent(e),
+      onObject: (meta) => {
+        const r = restorer!;
+        restorer = undefined;
+        try {
+          r.finish();
+          const path = this.parsePath(meta.storePath);
+          this.addTempRoot(path);
+          const added = this.registerObject(r.tmpPath, {
+            path,
+            narHash: makeHash("sha256", hasher.digest()),
+            narSize,
+            references: meta.references.map((x) => this.parsePath(x)),
+            deriver: meta.deriver ? this.parsePath(meta.deriver) : undefined,
+          });
+          results.push({ status: "ok", path, value: { added } });
+        } catch (e) {
+          r.abort();
+          results.push({ status: "error", path: meta.storePath, error: asFerryError(e) });
+        }
+      },
+    });
+    try {
+      for await (const chunk of source) reader.push(chunk);
+      reader.end();
+      return { results };
+    } catch (e) {
+      restorer?.abort();
+      return { results, error: asFerryError(e) };
+    }
+  }
+
+  // ---- verification -------------------------------------------------------------------------
+
+  /** Re-hashes every valid path (or the given ones) and reports what is missing or corrupt. */
+  verify(paths?: readonly string[], onItem?: (item: VerifyItem) => void): VerifyItem[] {
+    const targets = paths ? paths.map((p) => this.requirePathInfo(p).path) : this.allValidPaths();
+    const out: VerifyItem[] = [];
+    for (const p of targets) {
+      const info = this.queryPathInfo(p)!;
+      const real = this.realPathOf(p);
+      let item: VerifyItem;
+      if (!fs.existsSync(real) && !isSymlink(real)) {
+        item = { path: p, status: "missing", expected: printHash(info.narHash, "sri") };
+      } else {
+        try {
+          const r = hashPath(real, info.narHash.algo);
+          item = hashEquals(r.hash, info.narHash) && r.size === info.narSize
+            ? { path: p, status: "ok" }
+            : { path: p, status: "corrupt", expected: printHash(info.narHash, "sri"), actual: printHash(r.hash, "sri") };
+        } catch (e) {
+          item = { path: p, status: "corrupt", expected: printHash(info.narHash, "sri"), actual: `unreadable: ${(e as Error).message}` };
+        }
+      }
+      onItem?.(item);
+      out.push(item);
+    }
+    return out;
+  }
+
+  // ---- roots and garbage collection ----------------------------------------------------------
+
+  get gcRootsDir(): string {
+    return join(this.realStateDir, "gcroots");
+  }
+
+  /** Makes `gcroots/NAME` a root for `path`. */
+  addRoot(name: string, path: string): string {
+    if (!/^[A-Za-z0-9+\-._=]+$/.test(name) || name.startsWith(".")) {
+      throw storeError("FERRY_STORE_BAD_ROOT_NAME", `'${name}' cannot name a GC root`, "use letters, digits and + - . _ =");
+    }
+    const info = this.requirePathInfo(path);
+    const link = join(this.gcRootsDir, name);
+    const tmp = `${link}.tmp-${randomSuffix()}`;
+    fs.symlinkSync(info.path, tmp);
+    fs.renameSync(tmp, link);
+    fsyncPath(this.gcRootsDir);
+    return link;
+  }
+
+  removeRoot(name: string): boolean {
+    try {
+      fs.unlinkSync(join(this.gcRootsDir, name));
+      return true;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === "ENOENT") return false;
+      throw e;
+    }
+  }
+
+  /** Root symlinks (recursively under gcroots/) and the store paths they keep alive. */
+  findRoots(): { link: string; path: string }[] {
+    const out: { link: string; path: string }[] = [];
+    const walk = (dir: string) => {
+      let names: string[];
+      try {
+        names = fs.readdirSync(dir);
+      } catch {
+        return;
+      }
+      for (const n of names) {
+        const link = join(dir, n);
+        const st = fs.lstatSync(link, { throwIfNoEntry: false });
+        if (!st) continue;
+        if (st.isDirectory()) walk(link);
+        else if (st.isSymbolicLink()) {
+          const p = this.#rootTarget(link, 0);
+          if (p) out.push({ link, path: p });
+        }
+      }
+    };
+    walk(this.gcRootsDir);
+    return out;
+  }
+
+  /** Follows a root symlink (and links it points at, for indirect roots) to a valid store path. */
+  #rootTarget(link: string, depth: number): string | undefined {
+    if (depth > 8) return undefined;
+    let target: string;
+    try {
+      target = fs.readlinkSync(link);
+    } catch {
+      return undefined;
+    }
+    if (target.startsWith(this.storeDir + "/")) {
+      const base = target.slice(this.storeDir.length + 1).split("/")[0]!;
+      const p = `${this.storeDir}/${base}`;
+      return this.isValid(p) ? p : undefined;
+    }
+    const next = target.startsWith("/") ? target : join(link, "..", target);
+    return isSymlink(next) ? this.#rootTarget(next, depth + 1) : undefined;
+  }
+
+  #tempRoots(): string[] {
+    const dir = join(this.realStateDir, "temproots");
+    const out: string[] = [];
+    for (const n of fs.readdirSync(dir)) {
+      const pid = Number(n);
+      const file = join(dir, n);
+      if (!Number.isInteger(pid) || (!processAlive(pid) && pid !== process.pid)) {
+        fs.rmSync(file, { force: true });
+        continue;
+      }
+      for (const line of fs.readFileSync(file, "utf8").split("\n")) if (line) out.push(line);
+    }
+    return out;
+  }
+
+  /**
+   * Deletes every object not reachable from a root (or a live process's temp root), and the
+   * leftovers of interrupted adds. The decision and the unlinking happen under the store's
+   * write lock, so an add in progress can neither lose its object nor see a half-deleted one.
+   */
+  gc(opts: { dryRun?: boolean } = {}): GcResult {
+    const plan = this.#db.transaction(() => {
+      const rootPaths = [...new Set([...this.findRoots().map((r) => r.path), ...this.#tempRoots().filter((p) => this.isValid(p))])];
+      const live = new Set(rootPaths.length ? this.closure(rootPaths) : []);
+      const dead = this.allValidPaths().filter((p) => !live.has(p));
+      const validNames = new Set(this.allValidPaths().map((p) => p.slice(this.storeDir.length + 1)));
+      const leftovers: string[] = [];
+      for (const n of fs.readdirSync(this.realStoreDir)) {
+        if (validNames.has(n)) continue;
+        const m = /^\.ferry-(?:tmp|trash)-(\d+)-/.exec(n);
+        if (m && processAlive(Number(m[1]))) continue;
+        leftovers.push(n);
+      }
+      let bytes = 0;
+      for (const p of dead) bytes += this.queryPathInfo(p)!.narSize;
+      if (!opts.dryRun) {
+        const idStmt = this.#db.prepare(SQL.idByPath);
+        const ids = dead.map((p) => (idStmt.get(p) as { id: number }).id);
+        for (const id of ids) this.#db.prepare(SQL.deleteRefsFrom).run(id);
+        for (const id of ids) this.#db.prepare(SQL.deletePath).run(id);
+        // Unlink under the lock: rename into a trash dir (cheap), delete the trash afterwards.
+        const trash = join(this.realStoreDir, `${TRASH_PREFIX}${randomSuffix()}`);
+        fs.mkdirSync(trash);
+        for (const p of dead) {
+          const real = this.realPathOf(p);
+          if (fs.existsSync(real) || isSymlink(real)) fs.renameSync(real, join(trash, p.slice(this.storeDir.length + 1)));
+        }
+        for (const n of leftovers) fs.renameSync(join(this.realStoreDir, n), join(trash, n));
+        return { dead, bytes, leftovers, roots: rootPaths.sort(), trash };
+      }
+      return { dead, bytes, leftovers, roots: rootPaths.sort(), trash: undefined };
+    }).immediate();
+    if (plan.trash) removeTree(plan.trash);
+    return { deleted: plan.dead, bytesFreed: plan.bytes, roots: plan.roots, leftovers: plan.leftovers };
+  }
+}
+
+/** The path `addPath` would give `src`, computed without a store (nothing is written). */
+export function computeSourcePath(storeDir: string, src: string, opts: { name?: string | undefined; onFile?: (size: number) => void } = {}): AddResult {
+  const name = checkName(opts.name ?? basenameOf(src));
+  const { hash, size } = hashPath(src, "sha256", opts.onFile ? { onFile: opts.onFile } : {});
+  return { path: printStorePath(makeSourcePath(storeDir, name, hash)), added: false, narHash: hash, narSize: size };
+}
+
+function migrate(db: Database.Database): void {
+  const version = db.pragma("user_version", { simple: true }) as number;
+  if (version > MIGRATIONS.length) {
+    throw new FerryError("FERRY_STORE_DB_TOO_NEW", `the store database is at schema ${version}; this Ferry knows ${MIGRATIONS.length}`, {
+      hint: "use a newer Ferry with this store",
+    });
+  }
+  for (let v = version; v < MIGRATIONS.length; v++) {
+    db.transaction(() => {
+      db.exec(MIGRATIONS[v]!);
+      db.pragma(`user_version = ${v + 1}`);
+    }).immediate();
+  }
+}
+
+function rowToInfo(row: Row, refs: string[]): PathInfo {
+  const colon = row.hash.indexOf(":");
+  const algo = row.hash.slice(0, colon) as HashAlgo;
+  const narHash = makeHash(algo, fromBase16(row.hash.slice(colon + 1)));
+  return Object.freeze({
+    path: row.path,
+    narHash,
+    narSize: row.narSize ?? 0,
+    references: refs,
+    ...(row.deriver ? { deriver: row.deriver } : {}),
+    registrationTime: row.registrationTime,
+    sigs: (row.sigs ?? "").split(" ").filter((s) => s),
+    ...(row.ca ? { ca: parseContentAddress(row.ca, (s) => parseHash(s)) } : {}),
+    ultimate: row.ultimate === 1,
+  });
+}
+
+function basenameOf(p: string): string {
+  const trimmed = p.replace(/\/+$/, "");
+  return trimmed.slice(trimmed.lastIndexOf("/") + 1);
+}
+
+function isSymlink(p: string): boolean {
+  try {
+    return fs.lstatSync(p).isSymbolicLink();
+  } catch {
+    return false;
+  }
+}
+
+/** The NAR hash and size of a single non-executable regular file holding `bytes`. */
+function narHashOfBytes(bytes: Uint8Array): { hash: Hash; size: number } {
+  const h = createHasher("sha256");
+  const w = new NarWriter((c) => h.update(c));
+  w.regular(false, bytes);
+  const size = w.end();
+  return { hash: makeHash("sha256", h.digest()), size };
+}
+
+export function asFerryError(e: unknown): FerryError {
+  if (e instanceof FerryError) return e;
+  const err = e as NodeJS.ErrnoException;
+  return new FerryError("FERRY_IO", err?.message ?? String(e), { hint: "see the message for the file and the system error", cause: e });
+}

@@ -1,0 +1,43 @@
+/**
+ * The local store's SQLite metadata: Nix's own layout (ValidPaths, Refs), with numbered
+ * migrations tracked in `PRAGMA user_version`. Hashes are stored as `sha256:<base16>` like Nix.
+ */
+export const MIGRATIONS: readonly string[] = [
+  // 1: valid paths and references
+  `
+  CREATE TABLE ValidPaths (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL,
+    path             TEXT UNIQUE NOT NULL,
+    hash             TEXT NOT NULL,
+    registrationTime INTEGER NOT NULL,
+    deriver          TEXT,
+    narSize          INTEGER,
+    ultimate         INTEGER,
+    sigs             TEXT,
+    ca               TEXT
+  );
+  CREATE TABLE Refs (
+    referrer  INTEGER NOT NULL,
+    reference INTEGER NOT NULL,
+    PRIMARY KEY (referrer, reference),
+    FOREIGN KEY (referrer) REFERENCES ValidPaths(id) ON DELETE CASCADE,
+    FOREIGN KEY (reference) REFERENCES ValidPaths(id) ON DELETE RESTRICT
+  );
+  CREATE INDEX IndexReferrer ON Refs(referrer);
+  CREATE INDEX IndexReference ON Refs(reference);
+  `,
+];
+
+export const SQL = {
+  byPath: `SELECT id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca FROM ValidPaths WHERE path = ?`,
+  idByPath: `SELECT id FROM ValidPaths WHERE path = ?`,
+  refsOf: `SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.reference WHERE r.referrer = ?`,
+  referrersOf: `SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.referrer WHERE r.reference = ?`,
+  insertPath: `INSERT INTO ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+  insertRef: `INSERT OR IGNORE INTO Refs (referrer, reference) VALUES (?, ?)`,
+  allPaths: `SELECT path FROM ValidPaths ORDER BY path`,
+  allRefs: `SELECT a.path AS referrer, b.path AS reference FROM Refs r JOIN ValidPaths a ON a.id = r.referrer JOIN ValidPaths b ON b.id = r.reference`,
+  setSigs: `UPDATE ValidPaths SET sigs = ? WHERE id = ?`,
+  deleteRefsFrom: `DELETE FROM Refs WHERE referrer = ?`,
+  deletePath: `DELETE FROM ValidPaths WHERE id = ?`,
+} as const;

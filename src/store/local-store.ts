@@ -15,7 +15,7 @@ import { FerryError } from "../core/errors.js";
 import { makeHash, parseHash, printHash, printPrefixedHash, toBase16, fromBase16, hashEquals, type Hash, type HashAlgo } from "../core/hash.js";
 import { createHasher, sha256 } from "../core/digest.js";
 import {
-  makeFixedOutputPath, makeSourcePath, makeTextPath, parseStorePath, printStorePath, checkName,
+  makeFixedOutputPath, makeSourcePath, makeTextPath, parseStorePath, printStorePath, checkNewName,
   parseContentAddress, printContentAddress, type ContentAddress,
 } from "../core/store-path.js";
 import { exportEnd, exportEntryStart, exportEntryTrailer, ExportReader } from "../core/export-stream.js";
@@ -226,12 +226,13 @@ export class LocalStore {
   }
 
   /**
-   * Protects `path` from GC for as long as this process lives (Nix's temp roots): called
+   * Protects `path` from GC while this handle is open (Nix's temp roots): called
    * before checking validity, so a path found valid cannot be collected before it is used.
    */
   addTempRoot(path: string): void {
     if (!this.#tempRootsFile) {
-      this.#tempRootsFile = join(this.realStateDir, "temproots", String(process.pid));
+      // One file per open handle, named <pid>-<random>: GC drops the files of dead processes.
+      this.#tempRootsFile = join(this.realStateDir, "temproots", randomSuffix());
       process.once("exit", () => fs.rmSync(this.#tempRootsFile!, { force: true }));
     }
     const fd = fs.openSync(this.#tempRootsFile, "a");
@@ -307,7 +308,7 @@ export class LocalStore {
    */
   addPath(src: string, opts: { name?: string | undefined; dryRun?: boolean; onFile?: (size: number) => void } = {}): AddResult {
     if (opts.dryRun) return computeSourcePath(this.storeDir, src, opts);
-    const name = checkName(opts.name ?? basenameOf(src));
+    const name = checkNewName(opts.name ?? basenameOf(src));
     const tmp = this.newTempPath();
     let result: { hash: Hash; size: number };
     try {
@@ -327,7 +328,7 @@ export class LocalStore {
 
   /** `nix-store --add-fixed [--recursive] ALGO PATH`. Flat objects are stored non-executable. */
   addFixed(src: string, opts: { recursive: boolean; algo: HashAlgo; name?: string | undefined; dryRun?: boolean }): AddResult {
-    const name = checkName(opts.name ?? basenameOf(src));
+    const name = checkNewName(opts.name ?? basenameOf(src));
     if (opts.recursive) {
       if (opts.algo === "sha256") return this.addPath(src, { name, dryRun: opts.dryRun ?? false });
       const ca = hashPath(src, opts.algo).hash;
@@ -372,7 +373,7 @@ export class LocalStore {
   addText(name: string, contents: string | Uint8Array, references: readonly string[] = [], opts: { dryRun?: boolean } = {}): AddResult {
     const bytes = typeof contents === "string" ? new TextEncoder().encode(contents) : contents;
     const hash = makeHash("sha256", sha256(bytes));
-    const path = printStorePath(makeTextPath(this.storeDir, checkName(name), hash, references));
+    const path = printStorePath(makeTextPath(this.storeDir, checkNewName(name), hash, references));
     const nar = narHashOfBytes(bytes);
     if (opts.dryRun || this.isValid(path)) return { path, added: false, narHash: nar.hash, narSize: nar.size };
     const tmp = this.newTempPath();
@@ -604,9 +605,9 @@ export class LocalStore {
     const dir = join(this.realStateDir, "temproots");
     const out: string[] = [];
     for (const n of fs.readdirSync(dir)) {
-      const pid = Number(n);
+      const pid = Number(n.split("-")[0]);
       const file = join(dir, n);
-      if (!Number.isInteger(pid) || (!processAlive(pid) && pid !== process.pid)) {
+      if (!Number.isInteger(pid) || (pid !== process.pid && !processAlive(pid))) {
         fs.rmSync(file, { force: true });
         continue;
       }
@@ -659,7 +660,7 @@ export class LocalStore {
 
 /** The path `addPath` would give `src`, computed without a store (nothing is written). */
 export function computeSourcePath(storeDir: string, src: string, opts: { name?: string | undefined; onFile?: (size: number) => void } = {}): AddResult {
-  const name = checkName(opts.name ?? basenameOf(src));
+  const name = checkNewName(opts.name ?? basenameOf(src));
   const { hash, size } = hashPath(src, "sha256", opts.onFile ? { onFile: opts.onFile } : {});
   return { path: printStorePath(makeSourcePath(storeDir, name, hash)), added: false, narHash: hash, narSize: size };
 }

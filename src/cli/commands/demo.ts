@@ -40,7 +40,7 @@ export function demoCommand(): Command {
           const ok = signed.sigs.some((sig) => verifySignature([publicKeyOf(key)], store.fingerprint(signed), sig));
           say(`2. signed it with ${printPublicKey(key)}: signature ${ok ? "verifies" : "DOES NOT verify"}`);
           const chunks: Uint8Array[] = [];
-          store.exportPaths([added.path], (c) => chunks.push(c.slice()));
+          store.exportPaths([added.path], (c) => chunks.push(new Uint8Array(c))); // copy: the chunk is reused after the call
           const other = LocalStore.open(resolveStoreLocation({ storeDir: loc.storeDir, stateDir: loc.stateDir, root: join(work, "second-store") }));
           try {
             const { results, error } = await other.importStream((async function* () { yield* chunks; })());

@@ -1,0 +1,262 @@
+import { test, describe, before, after } from "node:test";
+import assert from "node:assert/strict";
+import * as fs from "node:fs";
+import { join } from "node:path";
+import { LocalStore } from "../../src/store/local-store.js";
+import { resolveStoreLocation } from "../../src/store/config.js";
+import { printHash } from "../../src/core/hash.js";
+import { generateSecretKey, publicKeyOf, verifySignature } from "../../src/core/signing.js";
+import { hashPath } from "../../src/store/nar-dump.js";
+import { isFerryError } from "../../src/core/errors.js";
+import { tempDir, writeRandomTree } from "../helpers/fs-trees.js";
+
+function openStore(root: string): LocalStore {
+  return LocalStore.open(resolveStoreLocation({ storeDir: "/ferry/store", stateDir: "/ferry/var", root }, {}));
+}
+
+async function* chunksOf(parts: Uint8Array[], size = 7): AsyncGenerator<Uint8Array> {
+  const all = Buffer.concat(parts);
+  for (let i = 0; i < all.length; i += size) yield all.subarray(i, i + size);
+}
+
+function storeEntries(s: LocalStore): string[] {
+  return fs.readdirSync(s.realStoreDir).sort();
+}
+
+describe("local store", () => {
+  let dir: string;
+  let store: LocalStore;
+  before(() => {
+    dir = tempDir();
+    store = openStore(join(dir, "root"));
+  });
+  after(() => {
+    store.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  test("adding a tree registers it read-only with its NAR hash; adding again is a no-op", () => {
+    const src = join(dir, "src1");
+    writeRandomTree(src, 11);
+    const a = store.addPath(src);
+    assert.equal(a.added, true);
+    const b = store.addPath(src);
+    assert.equal(b.added, false);
+    assert.equal(a.path, b.path);
+    const info = store.requirePathInfo(a.path);
+    assert.deepEqual(info.narHash.digest, hashPath(src).hash.digest);
+    assert.equal(info.ca?.kind, "fixed");
+    const real = store.realPathOf(a.path);
+    assert.deepEqual(hashPath(real).hash.digest, info.narHash.digest, "the stored copy has the same NAR as the source");
+    const st = fs.statSync(real);
+    assert.equal(st.mode & 0o222, 0, "store objects are not writable");
+    assert.equal(Math.floor(st.mtimeMs / 1000), 1, "mtime is normalised to 1");
+    assert.ok(!storeEntries(store).some((n) => n.startsWith(".ferry-tmp")), "no temporary copy is left behind");
+  });
+
+  test("a dry run computes the same path and writes nothing", () => {
+    const src = join(dir, "src-dry");
+    writeRandomTree(src, 12);
+    const before = storeEntries(store);
+    const r = store.addPath(src, { dryRun: true });
+    assert.deepEqual(storeEntries(store), before);
+    assert.equal(store.isValid(r.path), false);
+    assert.equal(store.addPath(src).path, r.path);
+  });
+
+  test("invalid names are refused before anything is written", () => {
+    const src = join(dir, "src-name");
+    fs.writeFileSync(src, "x");
+    assert.throws(() => store.addPath(src, { name: "bad name" }), (e) => isFerryError(e, "FERRY_STORE_BAD_NAME"));
+    assert.throws(() => store.addPath(src, { name: ".hidden" }), (e) => isFerryError(e, "FERRY_STORE_BAD_NAME"));
+  });
+
+  test("text objects carry references; closures and topological order follow them", () => {
+    const a = store.addText("a.txt", "leaf");
+    const b = store.addText("b.txt", `uses ${a.path}`, [a.path]);
+    const c = store.addText("c.txt", `uses ${b.path} and ${a.path}`, [a.path, b.path]);
+    assert.deepEqual(store.closure([c.path]), [a.path, b.path, c.path].sort());
+    assert.deepEqual(store.topoSort([c.path, a.path, b.path]), [a.path, b.path, c.path]);
+    assert.deepEqual(store.referrers(a.path), [b.path, c.path].sort());
+    assert.equal(store.requirePathInfo(c.path).ca?.kind, "text");
+  });
+
+  test("registering an object whose reference is missing fails and leaves nothing", () => {
+    const before = storeEntries(store);
+    assert.throws(
+      () => store.addText("orphan.txt", "x", ["/ferry/store/00000000000000000000000000000000-missing"]),
+      (e) => isFerryError(e, "FERRY_STORE_MISSING_REFERENCE"),
+    );
+    assert.deepEqual(storeEntries(store), before);
+  });
+
+  test("flat and recursive fixed-output adds", () => {
+    const f = join(dir, "fixed.bin");
+    fs.writeFileSync(f, "fixed contents\n", { mode: 0o755 });
+    const flat = store.addFixed(f, { recursive: false, algo: "sha1" });
+    const info = store.requirePathInfo(flat.path);
+    assert.equal(info.ca?.kind === "fixed" && info.ca.method, "flat");
+    assert.equal(fs.statSync(store.realPathOf(flat.path)).mode & 0o111, 0, "flat objects are stored non-executable");
+    assert.equal(store.addFixed(f, { recursive: false, algo: "sha1", dryRun: true }).path, flat.path);
+    const rec = store.addFixed(f, { recursive: true, algo: "sha256" });
+    assert.equal(rec.path, store.addPath(f).path, "recursive sha256 is the same as a plain add");
+    assert.throws(() => store.addFixed(dir, { recursive: false, algo: "sha256" }), (e) => isFerryError(e, "FERRY_STORE_NOT_FILE"));
+  });
+
+  test("signatures verify against the fingerprint and are kept once", () => {
+    const k = generateSecretKey("test-key-1");
+    const p = store.addText("signed.txt", "sign me").path;
+    store.sign([p], k);
+    store.sign([p], k);
+    const info = store.requirePathInfo(p);
+    assert.equal(info.sigs.length, 1);
+    assert.ok(verifySignature([publicKeyOf(k)], store.fingerprint(info), info.sigs[0]!));
+    const bad = store.sign(["/ferry/store/00000000000000000000000000000000-nope"], k);
+    assert.equal(bad[0]!.status, "error");
+  });
+
+  test("export and import between stores keep contents, references and deriver", async () => {
+    const src = join(dir, "exp-src");
+    writeRandomTree(src, 21, { largeFileChance: 0.2 });
+    const tree = store.addPath(src).path;
+    const leaf = store.addText("leaf.txt", "leaf").path;
+    const top = store.addText("top.txt", `${tree} ${leaf}`, [tree, leaf]).path;
+    const parts: Uint8Array[] = [];
+    store.exportPaths([top, leaf, tree], (c) => parts.push(new Uint8Array(c)));
+    const other = openStore(join(dir, "root2"));
+    try {
+      const { results, error } = await other.importStream(chunksOf(parts, 4093));
+      assert.equal(error, undefined);
+      assert.deepEqual(results.map((r) => r.status), ["ok", "ok", "ok"]);
+      for (const p of [tree, leaf, top]) {
+        const a = store.requirePathInfo(p);
+        const b = other.requirePathInfo(p);
+        assert.equal(printHash(b.narHash, "sri"), printHash(a.narHash, "sri"));
+        assert.deepEqual(b.references, a.references);
+      }
+      assert.ok(other.verify().every((v) => v.status === "ok"));
+      const again: Uint8Array[] = [];
+      other.exportPaths([top, leaf, tree], (c) => again.push(new Uint8Array(c)));
+      assert.deepEqual(Buffer.concat(again), Buffer.concat(parts), "re-export is byte-identical");
+    } finally {
+      other.close();
+    }
+  });
+
+  test("a truncated or corrupt import keeps the objects before the damage and nothing half-done", async () => {
+    const a = store.addText("first.txt", "first").path;
+    const src = join(dir, "big-exp");
+    writeRandomTree(src, 5, { largeFileChance: 0.5 });
+    const b = store.addPath(src).path;
+    const parts: Uint8Array[] = [];
+    store.exportPaths([a, b], (c) => parts.push(new Uint8Array(c)));
+    const whole = Buffer.concat(parts);
+    for (const cut of [whole.length - 3, Math.floor(whole.length * 0.6)]) {
+      const other = openStore(join(dir, `root-trunc-${cut}`));
+      try {
+        const { results, error } = await other.importStream(chunksOf([whole.subarray(0, cut)], 65536));
+        assert.ok(error, "truncation is reported");
+        assert.equal(error.code, "FERRY_EXPORT_INVALID");
+        assert.deepEqual(other.allValidPaths(), results.filter((r) => r.status === "ok").map((r) => r.path).sort());
+        assert.ok(!storeEntries(other).some((n) => n.startsWith(".ferry-tmp")), "no partial object is left");
+        assert.ok(other.verify().every((v) => v.status === "ok"));
+      } finally {
+        other.close();
+      }
+    }
+    // a flipped byte inside the first object's NAR framing
+    const corrupt = Buffer.from(whole);
+    corrupt[20] = 0x41;
+    const other = openStore(join(dir, "root-corrupt"));
+    try {
+      const { error } = await other.importStream(chunksOf([corrupt]));
+      assert.ok(error);
+      assert.deepEqual(other.allValidPaths(), []);
+    } finally {
+      other.close();
+    }
+  });
+
+  test("importing an object whose references are absent is a per-item error", async () => {
+    const leaf = store.addText("leaf2.txt", "leaf2").path;
+    const top = store.addText("top2.txt", leaf, [leaf]).path;
+    const parts: Uint8Array[] = [];
+    store.exportPaths([top], (c) => parts.push(new Uint8Array(c)));
+    const other = openStore(join(dir, "root-missing-ref"));
+    try {
+      const { results, error } = await other.importStream(chunksOf(parts));
+      assert.equal(error, undefined);
+      assert.equal(results[0]!.status, "error");
+      assert.equal(results[0]!.status === "error" && results[0]!.error.code, "FERRY_STORE_MISSING_REFERENCE");
+      assert.equal(other.isValid(top), false);
+    } finally {
+      other.close();
+    }
+  });
+
+  test("verify finds corrupt and missing paths", () => {
+    const s2 = openStore(join(dir, "root-verify"));
+    try {
+      const f = join(dir, "v.txt");
+      fs.writeFileSync(f, "original");
+      const p = s2.addPath(f).path;
+      const q = s2.addText("gone.txt", "gone").path;
+      assert.ok(s2.verify().every((v) => v.status === "ok"));
+      const real = s2.realPathOf(p);
+      fs.chmodSync(real, 0o644);
+      fs.writeFileSync(real, "tampered");
+      fs.rmSync(s2.realPathOf(q));
+      const byPath = new Map(s2.verify().map((v) => [v.path, v]));
+      assert.equal(byPath.get(p)!.status, "corrupt");
+      assert.notEqual(byPath.get(p)!.actual, byPath.get(p)!.expected);
+      assert.equal(byPath.get(q)!.status, "missing");
+    } finally {
+      s2.close();
+    }
+  });
+
+  test("gc keeps rooted closures and deletes the rest, including leftovers of interrupted adds", () => {
+    const w = openStore(join(dir, "root-gc"));
+    const leaf = w.addText("l.txt", "l").path;
+    const kept = w.addText("k.txt", leaf, [leaf]).path;
+    const junk = w.addText("j.txt", "junk").path;
+    w.addRoot("keep", kept);
+    w.close(); // its temp roots go with it
+    const s = openStore(join(dir, "root-gc"));
+    try {
+      fs.mkdirSync(join(s.realStoreDir, ".ferry-tmp-999999999-dead"));
+      fs.writeFileSync(join(s.realStoreDir, "00000000000000000000000000000000-unregistered"), "x");
+      const dry = s.gc({ dryRun: true });
+      assert.deepEqual(dry.deleted, [junk]);
+      assert.equal(s.isValid(junk), true, "a dry run deletes nothing");
+      const r = s.gc();
+      assert.deepEqual(r.deleted, [junk]);
+      assert.deepEqual([...r.leftovers].sort(), ["00000000000000000000000000000000-unregistered", ".ferry-tmp-999999999-dead"].sort());
+      assert.equal(s.isValid(junk), false);
+      assert.equal(fs.existsSync(s.realPathOf(junk)), false);
+      assert.ok(s.isValid(kept) && s.isValid(leaf));
+      assert.deepEqual(storeEntries(s), [kept, leaf].map((p) => p.slice("/ferry/store/".length)).sort());
+      s.removeRoot("keep");
+      assert.deepEqual([...s.gc().deleted].sort(), [kept, leaf].sort());
+    } finally {
+      s.close();
+    }
+  });
+
+  test("a live process's temp roots protect the paths it is using", () => {
+    const s = openStore(join(dir, "root-temproot"));
+    try {
+      const p = s.addText("t.txt", "temp-rooted").path; // addText registers a temp root for this process
+      assert.deepEqual(s.gc().deleted, []);
+      assert.ok(s.isValid(p));
+    } finally {
+      s.close();
+    }
+    const s2 = openStore(join(dir, "root-temproot"));
+    try {
+      assert.deepEqual(s2.gc().deleted.length, 1, "once the first handle is closed its temp roots are gone");
+    } finally {
+      s2.close();
+    }
+  });
+});

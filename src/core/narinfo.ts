@@ -50,7 +50,9 @@ export function parseNarInfo(storeDir: string, text: string): NarInfo {
   const storePath = need("StorePath");
   const sp = parseStorePath(storeDir, storePath);
   const url = need("URL");
-  const compression = fields.get("Compression") ?? "bzip2";
+  if (url === "") bad("narinfo has an empty URL");
+  // Nix reads a missing or empty Compression as bzip2
+  const compression = fields.get("Compression") || "bzip2";
   const parseH = (k: string, v: string): Hash => {
     try {
       return parseHash(v);
@@ -63,11 +65,8 @@ export function parseNarInfo(storeDir: string, text: string): NarInfo {
   const narSize = Number(narSizeText);
   if (!/^\d+$/.test(narSizeText) || !Number.isSafeInteger(narSize) || narSize <= 0) bad(`narinfo NarSize '${narSizeText}' is not a positive integer`);
   const refsText = fields.get("References") ?? "";
-  const references = refsText
-    .split(" ")
-    .filter((r) => r !== "")
-    .map((r) => printStorePath(parseBaseName(storeDir, r)))
-    .sort();
+  // a set, as in Nix: a repeated reference is one reference (and is signed once)
+  const references = [...new Set(refsText.split(" ").filter((r) => r !== ""))].map((r) => printStorePath(parseBaseName(storeDir, r))).sort();
   const deriverText = fields.get("Deriver");
   let deriver: string | undefined;
   if (deriverText !== undefined && deriverText !== "" && deriverText !== "unknown-deriver") {

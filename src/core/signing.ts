@@ -123,8 +123,11 @@ export function verifySignature(keys: readonly PublicKey[], message: string, sig
   return false;
 }
 
-/** The signed message of a store object (SPEC §9.4): `1;path;sha256:<nix32>;size;ref,ref`. */
+/**
+ * The signed message of a store object (SPEC §9.4): `1;path;sha256:<nix32>;size;ref,ref`, with
+ * the references (full paths) sorted and each listed once, as Nix's path set is.
+ */
 export function fingerprintPath(path: string, narHashPrefixedNix32: string, narSize: number, references: readonly string[]): string {
   if (!narHashPrefixedNix32.startsWith("sha256:")) throw new Error("fingerprints take a sha256:<nix32> NAR hash");
-  return `1;${path};${narHashPrefixedNix32};${narSize};${[...references].sort().join(",")}`;
+  return `1;${path};${narHashPrefixedNix32};${narSize};${[...new Set(references)].sort().join(",")}`;
 }

@@ -16,23 +16,45 @@ export interface StorePath {
   readonly name: string;
 }
 
-/** Why `name` is not a valid store path name, or undefined when it is. */
+/**
+ * Why Nix 2.8 refuses `name` as a store path name, or undefined when it accepts it (SPEC §3.1):
+ * 1-211 characters from `[A-Za-z0-9+\-._?=]`. This is the rule for reading paths (narinfo,
+ * export streams, another store's database) and for computing the path of an object, so that
+ * every path Nix 2.8 makes, `.hidden` included, can be read and checked.
+ */
 export function invalidNameReason(name: string): string | undefined {
   if (name.length === 0) return "the name is empty";
   if (name.length > MAX_NAME_LENGTH) return `the name is ${name.length} characters long; the limit is ${MAX_NAME_LENGTH}`;
-  if (name.startsWith(".")) return "the name starts with '.'";
-  const bad = /[^A-Za-z0-9+\-._?=]/.exec(name);
+  const bad = /[^A-Za-z0-9+\-._?=]/u.exec(name);
   if (bad) return `the name contains the illegal character ${JSON.stringify(bad[0])}`;
   return undefined;
 }
 
+/**
+ * The stricter rule for names Ferry gives to objects it creates: Nix 2.8's rule, and no leading
+ * `.`, which Nix 2.8 accepts but other Nix releases treat differently (SPEC §3.1: never generate one).
+ */
+export function invalidNewNameReason(name: string): string | undefined {
+  return invalidNameReason(name) ?? (name.startsWith(".") ? "the name starts with '.'" : undefined);
+}
+
+function nameError(name: string, why: string): FerryError {
+  return new FerryError("FERRY_STORE_BAD_NAME", `'${name}' cannot be a store path name: ${why}`, {
+    hint: "store path names use letters, digits and + - . _ ? = only, at most 211 characters; Ferry gives none a leading '.'",
+  });
+}
+
+/** Returns `name` if Nix 2.8 accepts it as a store path name; throws FERRY_STORE_BAD_NAME otherwise. */
 export function checkName(name: string): string {
   const why = invalidNameReason(name);
-  if (why) {
-    throw new FerryError("FERRY_STORE_BAD_NAME", `'${name}' cannot be a store path name: ${why}`, {
-      hint: "store path names use letters, digits and + - . _ ? = only, at most 211 characters, and do not start with '.'",
-    });
-  }
+  if (why) throw nameError(name, why);
+  return name;
+}
+
+/** Returns `name` if Ferry may give it to a new object (see `invalidNewNameReason`); throws FERRY_STORE_BAD_NAME otherwise. */
+export function checkNewName(name: string): string {
+  const why = invalidNewNameReason(name);
+  if (why) throw nameError(name, why);
   return name;
 }
 
@@ -110,11 +132,21 @@ export function makeTextPath(storeDir: string, name: string, contentsHash: Hash,
 export type FileIngestionMethod = "flat" | "recursive";
 
 /**
- * A fixed-output object: recursive sha256 is a source path; anything else is `output:out`
- * over `fixed:out:[r:]<algo>:<hex>:`.
+ * A fixed-output object: recursive sha256 is a source path (which may have references and a
+ * self-reference); anything else is `output:out` over `fixed:out:[r:]<algo>:<hex>:`, and has no
+ * references (a bug in the caller if it does).
  */
-export function makeFixedOutputPath(storeDir: string, name: string, method: FileIngestionMethod, hash: Hash): StorePath {
-  if (method === "recursive" && hash.algo === "sha256") return makeSourcePath(storeDir, name, hash);
+export function makeFixedOutputPath(
+  storeDir: string,
+  name: string,
+  method: FileIngestionMethod,
+  hash: Hash,
+  refs: { readonly references?: readonly string[]; readonly selfReference?: boolean } = {},
+): StorePath {
+  const references = refs.references ?? [];
+  const selfReference = refs.selfReference ?? false;
+  if (method === "recursive" && hash.algo === "sha256") return makeSourcePath(storeDir, name, hash, references, selfReference);
+  if (references.length > 0 || selfReference) throw new Error("only recursive sha256 fixed-output paths can have references");
   const inner = sha256(`fixed:out:${method === "recursive" ? "r:" : ""}${hash.algo}:${toBase16(hash.digest)}:`);
   return makeStorePath(storeDir, "output:out", inner, name);
 }
@@ -140,17 +172,46 @@ export function printContentAddress(ca: ContentAddress): string {
   return `fixed:${ca.method === "recursive" ? "r:" : ""}${ca.hash.algo}:${printHash(ca.hash, "nix32")}`;
 }
 
+/**
+ * Parses a content-address descriptor; `parse` reads the `algo:digest` part. A text address must
+ * use sha256, as Nix requires.
+ */
 export function parseContentAddress(s: string, parse: (algoAndDigest: string) => Hash): ContentAddress {
-  if (s.startsWith("text:")) return { kind: "text", hash: parse(s.slice(5)) };
+  if (s.startsWith("text:")) {
+    const hash = parse(s.slice(5));
+    if (hash.algo !== "sha256") {
+      throw new FerryError("FERRY_STORE_BAD_CA", `'${s}' is not a valid content address: text addresses use sha256, not ${hash.algo}`);
+    }
+    return { kind: "text", hash };
+  }
   if (s.startsWith("fixed:r:")) return { kind: "fixed", method: "recursive", hash: parse(s.slice(8)) };
   if (s.startsWith("fixed:")) return { kind: "fixed", method: "flat", hash: parse(s.slice(6)) };
   throw new FerryError("FERRY_STORE_BAD_CA", `'${s}' is not a content address`, { hint: "expected text:sha256:… or fixed:[r:]algo:…" });
 }
 
-/** The path a content address implies, for checking that a CA object is what it claims. */
-export function pathOfContentAddress(storeDir: string, name: string, ca: ContentAddress, references: readonly string[]): StorePath {
+/**
+ * The path a content address implies, for checking that a CA object is what it claims (as Nix
+ * 2.8's `isContentAddressed` does). `references` are the object's full reference paths; one equal
+ * to `claimedPath` is a self-reference. Only a `fixed:r:sha256` (source) object can have
+ * references besides text objects, so any other fixed address with references is rejected with
+ * FERRY_STORE_BAD_CA (Nix 2.8 aborts on it).
+ */
+export function pathOfContentAddress(
+  storeDir: string,
+  name: string,
+  ca: ContentAddress,
+  references: readonly string[],
+  claimedPath?: string,
+): StorePath {
   if (ca.kind === "text") return makeTextPath(storeDir, name, ca.hash, references);
-  return makeFixedOutputPath(storeDir, name, ca.method, ca.hash);
+  const others = references.filter((r) => r !== claimedPath);
+  const selfReference = others.length !== references.length;
+  if ((others.length > 0 || selfReference) && !(ca.method === "recursive" && ca.hash.algo === "sha256")) {
+    throw new FerryError("FERRY_STORE_BAD_CA", `a ${printContentAddress(ca)} object cannot have references`, {
+      hint: "only text and recursive sha256 content-addressed objects have references; the object's metadata is corrupt",
+    });
+  }
+  return makeFixedOutputPath(storeDir, name, ca.method, ca.hash, { references: others, selfReference });
 }
 
 export { nix32Length };

@@ -56,7 +56,8 @@ export function treeOfEvents(events: Iterable<import("./parser.js").NarEvent>): 
   let file: { executable: boolean; parts: Uint8Array[]; path: readonly Uint8Array[] } | undefined;
   const place = (path: readonly Uint8Array[], node: NarTree) => {
     if (path.length === 0) root = node;
-    else dirs[path.length - 1]!.entries[dec.decode(path[path.length - 1]!)] = node;
+    // defineProperty, not assignment: an entry named `__proto__` must become an own property
+    else Object.defineProperty(dirs[path.length - 1]!.entries, dec.decode(path[path.length - 1]!), { value: node, enumerable: true, writable: true, configurable: true });
   };
   for (const e of events) {
     switch (e.kind) {

@@ -43,7 +43,9 @@ export class NarWriter {
   /** Last entry name per open directory, to enforce strict ascending order. */
   readonly #dirs: (Uint8Array | null)[] = [];
 
+  /** `bufferSize` is the batch size (at least 8 bytes, one length prefix); it never changes the output. */
   constructor(sink: NarSink, bufferSize = 256 * 1024) {
+    if (!Number.isInteger(bufferSize) || bufferSize < 8) throw new Error(`NAR writer: a batch buffer of ${bufferSize} bytes cannot hold a length prefix`);
     this.#sink = sink;
     this.#buf = new Uint8Array(bufferSize);
     this.#view = new DataView(this.#buf.buffer);
@@ -67,7 +69,8 @@ export class NarWriter {
   }
 
   #raw(bytes: Uint8Array): void {
-    if (bytes.length >= DIRECT_WRITE_MIN) {
+    // Large pieces, and pieces that could not fit even an empty batch buffer, go out as they are.
+    if (bytes.length >= DIRECT_WRITE_MIN || bytes.length > this.#buf.length) {
       this.flush();
       this.#sink(bytes);
       this.#written += bytes.length;

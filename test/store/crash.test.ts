@@ -1,0 +1,84 @@
+/**
+ * The store under hostile timing: processes killed with SIGKILL in the middle of `store add`,
+ * and several processes adding the same tree at once. The store must stay valid throughout.
+ */
+import { test, describe, before, after } from "node:test";
+import assert from "node:assert/strict";
+import * as fs from "node:fs";
+import { join } from "node:path";
+import { ferry, ferryOk, spawnFerry } from "../helpers/cli.js";
+import { prng, tempDir } from "../helpers/fs-trees.js";
+
+function writeBulkyTree(dir: string, files: number, size: number): void {
+  for (let i = 0; i < files; i++) {
+    const sub = join(dir, `d${i % 20}`);
+    fs.mkdirSync(sub, { recursive: true });
+    const b = Buffer.alloc(size, i & 255);
+    b.writeUInt32LE(i, 0);
+    fs.writeFileSync(join(sub, `f${i}`), b);
+  }
+}
+
+function waitExit(p: ReturnType<typeof spawnFerry>): Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }> {
+  let stdout = "";
+  let stderr = "";
+  p.stdout!.on("data", (d: Buffer) => (stdout += d.toString()));
+  p.stderr!.on("data", (d: Buffer) => (stderr += d.toString()));
+  return new Promise((resolve) => p.on("exit", (code, signal) => resolve({ code, signal, stdout, stderr })));
+}
+
+describe("crash safety and concurrency of store add", () => {
+  let dir: string;
+  let src: string;
+  before(() => {
+    dir = tempDir("ferry-crash-");
+    src = join(dir, "bulky");
+    writeBulkyTree(src, 1500, 16 * 1024);
+  });
+  after(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  test("kill -9 at random moments of an add leaves a valid store, and the next add completes it", async () => {
+    const root = join(dir, "crash-root");
+    const flags = ["--root", root];
+    const expected = ferryOk(["store", "add", "--dry-run", src]).trim();
+    const rnd = prng(42);
+    let killedMidway = 0;
+    for (let i = 0; i < 6; i++) {
+      const p = spawnFerry(["store", "add", ...flags, src]);
+      const done = waitExit(p);
+      await new Promise((r) => setTimeout(r, 80 + Math.floor(rnd() * 700)));
+      p.kill("SIGKILL");
+      const r = await done;
+      if (r.signal === "SIGKILL") killedMidway++;
+      // Whatever happened, the store is consistent: every registered path verifies.
+      const v = ferry(["store", "verify", "--json", ...flags]);
+      assert.equal(v.status, 0, `verify after kill ${i}: ${v.stderr}`);
+      const items = JSON.parse(v.stdout.toString()) as { path: string; status: string }[];
+      assert.ok(items.every((x) => x.status === "ok"));
+      assert.ok(items.every((x) => x.path === expected), "only the expected path can be registered");
+      if (r.signal !== "SIGKILL") {
+        // the add finished before the kill; start again from an empty store
+        ferryOk(["store", "gc", ...flags]);
+      }
+    }
+    assert.ok(killedMidway > 0, "at least one add was killed midway");
+    assert.equal(ferryOk(["store", "add", ...flags, src]).trim(), expected);
+    assert.equal(ferry(["store", "verify", ...flags]).status, 0);
+    ferryOk(["store", "add-root", ...flags, "keep", expected]);
+    const gc = JSON.parse(ferryOk(["store", "gc", "--json", ...flags])) as { deleted: string[]; leftovers: string[] };
+    assert.deepEqual(gc.deleted, []);
+    const entries = fs.readdirSync(join(root, "ferry", "store"));
+    assert.deepEqual(entries, [expected.slice("/ferry/store/".length)], "leftovers of killed adds are gone");
+  });
+
+  test("four processes adding the same tree at once end with one valid copy and no error", async () => {
+    const root = join(dir, "race-root");
+    const runs = await Promise.all([0, 1, 2, 3].map(() => waitExit(spawnFerry(["store", "add", "--root", root, src]))));
+    for (const r of runs) assert.equal(r.code, 0, r.stderr);
+    const paths = new Set(runs.map((r) => r.stdout.trim()));
+    assert.equal(paths.size, 1);
+    const entries = fs.readdirSync(join(root, "ferry", "store"));
+    assert.deepEqual(entries, [[...paths][0]!.slice("/ferry/store/".length)]);
+    assert.equal(ferry(["store", "verify", "--root", root]).status, 0);
+  });
+});

@@ -20,7 +20,7 @@ describe("ferry CLI", () => {
       const text = ferryOk([...args, "--help"]);
       const section = text.split(/\nCommands:\n/)[1];
       if (!section) return [];
-      return section.split("\n").map((l) => /^  ([a-z][a-z0-9-]*)/.exec(l)?.[1]).filter((x): x is string => !!x && x !== "help");
+      return section.split("\n").map((l) => /^ {2}([a-z][a-z0-9-]*)/.exec(l)?.[1]).filter((x): x is string => !!x && x !== "help");
     };
     const seen: string[] = [];
     const visit = (args: string[]) => {
@@ -68,7 +68,7 @@ describe("ferry CLI", () => {
       const r = ferry(args);
       assert.equal(r.status, 1, `${args.join(" ")}: ${r.stderr}`);
       assert.match(r.stderr, new RegExp(`^error \\[${code}\\]: `), args.join(" "));
-      assert.match(r.stderr, /\n  hint: /, `${args.join(" ")} has a hint`);
+      assert.match(r.stderr, /\n {2}hint: /, `${args.join(" ")} has a hint`);
       assert.doesNotMatch(r.stderr, /at .*\.js:\d+/, "no stack trace");
     }
     const usage = ferry(["store", "add"]);

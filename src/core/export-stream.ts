@@ -124,7 +124,7 @@ export class ExportReader {
       this.#state = "done";
     } else if (v === 1) {
       this.#state = "nar";
-      this.#nar = new NarParser((e) => this.#h.onNarEvent(e), this.#limits);
+      this.#nar = new NarParser((e) => this.#h.onNarEvent(e), this.#limits, this.#offset + 8);
       this.#h.onStart();
     } else {
       bad(`expected 0 or 1 before an object, found ${v}`, this.#offset);

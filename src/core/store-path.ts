@@ -104,6 +104,7 @@ export function parseBaseName(storeDir: string, base: string, fail?: (why: strin
 
 /** The path for a fingerprint `type:sha256:<hex inner>:<storeDir>:<name>` (SPEC §3.2). */
 export function makeStorePath(storeDir: string, type: string, inner: Uint8Array, name: string): StorePath {
+  checkStoreDir(storeDir);
   checkName(name);
   const fingerprint = `${type}:sha256:${toBase16(inner)}:${storeDir}:${name}`;
   const hashPart = toNix32(compressHash(sha256(fingerprint), 20));

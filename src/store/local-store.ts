@@ -131,11 +131,11 @@ export class LocalStore {
         hint: "run as a user who may write there, or put the store elsewhere with --root DIR (or --store-dir/--state-dir, FERRY_ROOT)",
       });
     }
-    const db = new Database(join(realState, "db", "db.sqlite"));
+    // Wait for other writers (up to 10 minutes) rather than failing with SQLITE_BUSY.
+    const db = new Database(join(realState, "db", "db.sqlite"), { timeout: 600_000 });
     db.pragma("journal_mode = WAL");
     db.pragma("synchronous = FULL");
     db.pragma("foreign_keys = ON");
-    db.pragma("busy_timeout = 600000");
     migrate(db);
     return new LocalStore(loc, db);
   }
@@ -665,19 +665,21 @@ export function computeSourcePath(storeDir: string, src: string, opts: { name?: 
   return { path: printStorePath(makeSourcePath(storeDir, name, hash)), added: false, narHash: hash, narSize: size };
 }
 
+/** Brings the schema up to date. The version is read under the write lock, so processes
+ * opening a new store at the same moment migrate it once. */
 function migrate(db: Database.Database): void {
-  const version = db.pragma("user_version", { simple: true }) as number;
-  if (version > MIGRATIONS.length) {
-    throw new FerryError("FERRY_STORE_DB_TOO_NEW", `the store database is at schema ${version}; this Ferry knows ${MIGRATIONS.length}`, {
-      hint: "use a newer Ferry with this store",
-    });
-  }
-  for (let v = version; v < MIGRATIONS.length; v++) {
-    db.transaction(() => {
-      db.exec(MIGRATIONS[v]!);
-      db.pragma(`user_version = ${v + 1}`);
-    }).immediate();
-  }
+  const read = () => db.pragma("user_version", { simple: true }) as number;
+  if (read() === MIGRATIONS.length) return;
+  db.transaction(() => {
+    const version = read();
+    if (version > MIGRATIONS.length) {
+      throw new FerryError("FERRY_STORE_DB_TOO_NEW", `the store database is at schema ${version}; this Ferry knows ${MIGRATIONS.length}`, {
+        hint: "use a newer Ferry with this store",
+      });
+    }
+    for (let v = version; v < MIGRATIONS.length; v++) db.exec(MIGRATIONS[v]!);
+    db.pragma(`user_version = ${MIGRATIONS.length}`);
+  }).immediate();
 }
 
 function rowToInfo(row: Row, refs: string[]): PathInfo {

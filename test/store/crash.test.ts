@@ -81,4 +81,40 @@ describe("crash safety and concurrency of store add", () => {
     assert.deepEqual(entries, [[...paths][0]!.slice("/ferry/store/".length)]);
     assert.equal(ferry(["store", "verify", "--root", root]).status, 0);
   });
+
+  test("garbage collection running all the time never takes a path that is being added", async () => {
+    const root = join(dir, "gc-race-root");
+    const inputs = [0, 1, 2, 3, 4, 5].map((i) => {
+      const d = join(dir, `gc-race-${i}`);
+      writeBulkyTree(d, 200 + i, 4096);
+      return d;
+    });
+    let stop = false;
+    let gcRuns = 0;
+    const gcFailures: string[] = [];
+    const gcLoop = (async () => {
+      while (!stop && gcFailures.length === 0) {
+        const r = await waitExit(spawnFerry(["store", "gc", "--root", root]));
+        if (r.code !== 0) gcFailures.push(r.stderr);
+        gcRuns++;
+      }
+    })();
+    const added: string[] = [];
+    for (const [i, d] of inputs.entries()) {
+      const r = await waitExit(spawnFerry(["store", "add", "--root", root, "--add-root", `r${i}`, d]));
+      if (r.code !== 0) {
+        stop = true;
+        await gcLoop;
+        assert.fail(r.stderr);
+      }
+      added.push(r.stdout.trim());
+    }
+    stop = true;
+    await gcLoop;
+    assert.deepEqual(gcFailures, []);
+    assert.ok(gcRuns > 1, "GC ran while the adds did");
+    const v = JSON.parse(ferryOk(["store", "verify", "--json", "--root", root])) as { path: string; status: string }[];
+    assert.deepEqual(v.map((x) => x.path).sort(), [...added].sort(), "every added path survived, intact");
+    assert.ok(v.every((x) => x.status === "ok"));
+  });
 });

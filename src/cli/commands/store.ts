@@ -49,7 +49,8 @@ export function storeCommand(): Command {
       .argument("<path>")
       .option("--name <name>", "store path name (default: the basename of PATH)")
       .option("--dry-run", "compute and print the store path without writing anything")
-      .action(async (path: string, f: StoreFlags & { name?: string; dryRun?: boolean }) => {
+      .option("--add-root <name>", "also make it a GC root called NAME, with no window in which GC could take it")
+      .action(async (path: string, f: StoreFlags & { name?: string; dryRun?: boolean; addRoot?: string }) => {
         const prog = countingProgress(f.dryRun ? "hashing" : "adding");
         if (f.dryRun) {
           // No store is opened: a dry run works without write access.
@@ -61,6 +62,8 @@ export function storeCommand(): Command {
         await withStore(f, (s) => {
           const r = s.addPath(path, { name: f.name, onFile: prog.onFile });
           prog.done();
+          // The handle's temp root protects the path until the root exists.
+          if (f.addRoot) s.addRoot(f.addRoot, r.path);
           out(r.path);
         });
       }),

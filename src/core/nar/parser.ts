@@ -88,8 +88,13 @@ export class NarParser {
   #executable = false;
   #pendingName: Uint8Array | null = null;
 
-  constructor(emit: (e: NarEvent) => void, limits: NarParserLimits = {}) {
+  /**
+   * `startOffset` is where the archive begins in a larger stream (an export stream), so that
+   * error offsets point into that stream.
+   */
+  constructor(emit: (e: NarEvent) => void, limits: NarParserLimits = {}, startOffset = 0) {
     this.#emit = emit;
+    this.#offset = startOffset;
     this.#maxToken = limits.maxTokenLength ?? 4096;
     this.#maxFile = limits.maxFileSize ?? Number.MAX_SAFE_INTEGER;
     this.#maxDepth = limits.maxDepth ?? 256;

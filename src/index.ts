@@ -1,2 +1,3 @@
-/** Ferry's public library surface. Internal modules are not part of the API. */
+/** Ferry's public library surface: what package sets import from "ferry". */
 export { FerryError, isFerryError } from "./core/errors.js";
+export * from "./dsl/index.js";

@@ -250,48 +250,67 @@ export class LocalStore {
    * be valid already (or be the path itself).
    */
   registerObject(tmpReal: string | undefined, obj: NewObject): boolean {
-    const path = this.parsePath(obj.path);
-    for (const r of obj.references) this.parsePath(r);
-    const finalReal = this.realPathOf(path);
-    const txn = this.#db.transaction((): boolean => {
-      if (this.isValid(path)) return false;
-      for (const r of obj.references) {
-        if (r !== path && !this.isValid(r)) {
-          throw storeError("FERRY_STORE_MISSING_REFERENCE", `cannot register '${path}': it references '${r}', which is not valid in this store`, "add or import the referenced paths first (its closure)");
+    return this.registerObjects([{ tmpReal, obj }])[0]!;
+  }
+
+  /**
+   * Registers several objects in one write transaction (in order, so later ones may reference
+   * earlier ones). All or nothing: on any error none is registered and every temporary copy is
+   * removed. Returns, per object, whether it was added (false: it was valid already).
+   */
+  registerObjects(items: readonly { tmpReal: string | undefined; obj: NewObject }[]): boolean[] {
+    const prepared = items.map(({ tmpReal, obj }) => {
+      const path = this.parsePath(obj.path);
+      for (const r of obj.references) this.parsePath(r);
+      return { tmpReal, obj, path, finalReal: this.realPathOf(path) };
+    });
+    const insert = this.#db.prepare(SQL.insertPath);
+    const idStmt = this.#db.prepare(SQL.idByPath);
+    const refStmt = this.#db.prepare(SQL.insertRef);
+    const moved: string[] = [];
+    const txn = this.#db.transaction((): boolean[] => {
+      const added = prepared.map(({ tmpReal, obj, path, finalReal }) => {
+        if (this.isValid(path)) return false;
+        for (const r of obj.references) {
+          if (r !== path && !this.isValid(r)) {
+            throw storeError("FERRY_STORE_MISSING_REFERENCE", `cannot register '${path}': it references '${r}', which is not valid in this store`, "add or import the referenced paths first (its closure)");
+          }
         }
-      }
-      if (tmpReal === undefined) {
-        if (!fs.existsSync(finalReal)) throw new Error(`no content for ${path}`);
-      } else {
-        if (fs.existsSync(finalReal) || isSymlink(finalReal)) this.#moveToTrash(finalReal);
-        fs.renameSync(tmpReal, finalReal);
-        fsyncPath(this.realStoreDir);
-      }
-      const info = this.#db.prepare(SQL.insertPath).run(
-        path,
-        `${obj.narHash.algo}:${toBase16(obj.narHash.digest)}`,
-        Math.floor(Date.now() / 1000),
-        obj.deriver ?? null,
-        obj.narSize,
-        obj.ultimate ? 1 : 0,
-        (obj.sigs ?? []).join(" ") || null,
-        obj.ca ? printContentAddress(obj.ca) : null,
-      );
-      const id = Number(info.lastInsertRowid);
-      const idStmt = this.#db.prepare(SQL.idByPath);
-      const refStmt = this.#db.prepare(SQL.insertRef);
-      for (const r of obj.references) {
-        const rid = r === path ? id : (idStmt.get(r) as { id: number }).id;
-        refStmt.run(id, rid);
-      }
-      return true;
+        if (tmpReal === undefined) {
+          if (!fs.existsSync(finalReal) && !isSymlink(finalReal)) throw new Error(`no content for ${path}`);
+        } else {
+          if (fs.existsSync(finalReal) || isSymlink(finalReal)) this.#moveToTrash(finalReal);
+          fs.renameSync(tmpReal, finalReal);
+          moved.push(finalReal);
+        }
+        const info = insert.run(
+          path,
+          `${obj.narHash.algo}:${toBase16(obj.narHash.digest)}`,
+          Math.floor(Date.now() / 1000),
+          obj.deriver ?? null,
+          obj.narSize,
+          obj.ultimate ? 1 : 0,
+          (obj.sigs ?? []).join(" ") || null,
+          obj.ca ? printContentAddress(obj.ca) : null,
+        );
+        const id = Number(info.lastInsertRowid);
+        for (const r of obj.references) refStmt.run(id, r === path ? id : (idStmt.get(r) as { id: number }).id);
+        return true;
+      });
+      if (moved.length) fsyncPath(this.realStoreDir);
+      return added;
     });
     try {
       const added = txn.immediate();
-      if (!added && tmpReal !== undefined) removeTree(tmpReal);
+      prepared.forEach((p, k) => {
+        if (!added[k] && p.tmpReal !== undefined) removeTree(p.tmpReal);
+      });
       return added;
     } catch (e) {
-      if (tmpReal !== undefined) removeTree(tmpReal);
+      // The transaction rolled back: objects already renamed into place are unregistered
+      // leftovers now; remove them with the temporary copies.
+      for (const m of moved) removeTree(m);
+      for (const p of prepared) if (p.tmpReal !== undefined) removeTree(p.tmpReal);
       throw e;
     }
   }
@@ -369,6 +388,38 @@ export class LocalStore {
     return { path, added, narHash: nar.hash, narSize: nar.size };
   }
 
+  /**
+   * Adds many text objects (an evaluation's .drv files) with one transaction per batch. Each
+   * must come after the ones it references. If `expectedPath` is given it must match.
+   */
+  addTexts(items: readonly { name: string; text: string; references: readonly string[]; expectedPath?: string }[]): AddResult[] {
+    const out: AddResult[] = [];
+    const pending: { tmpReal: string; obj: NewObject }[] = [];
+    try {
+      for (const it of items) {
+        const bytes = new TextEncoder().encode(it.text);
+        const hash = makeHash("sha256", sha256(bytes));
+        const path = printStorePath(makeTextPath(this.storeDir, checkNewName(it.name), hash, it.references));
+        if (it.expectedPath !== undefined && it.expectedPath !== path) {
+          throw storeError("FERRY_STORE_PATH_MISMATCH", `text object '${it.name}' hashes to ${path}, not the expected ${it.expectedPath}`);
+        }
+        const nar = narHashOfBytes(bytes);
+        out.push({ path, added: false, narHash: nar.hash, narSize: nar.size });
+        if (this.isValid(path)) continue;
+        const tmp = this.newTempPath();
+        writeReadOnlyFile(tmp, bytes);
+        pending.push({ tmpReal: tmp, obj: { path, narHash: nar.hash, narSize: nar.size, references: it.references, ultimate: true, ca: { kind: "text", hash } } });
+      }
+      for (const p of pending) this.addTempRoot(p.obj.path);
+    } catch (e) {
+      for (const p of pending) removeTree(p.tmpReal);
+      throw e;
+    }
+    const added = this.registerObjects(pending);
+    const byPath = new Map(pending.map((p, k) => [p.obj.path, added[k]!]));
+    return out.map((r) => ({ ...r, added: byPath.get(r.path) ?? false }));
+  }
+
   /** A text object (`builtins.toFile`, `.drv` files) with declared references. */
   addText(name: string, contents: string | Uint8Array, references: readonly string[] = [], opts: { dryRun?: boolean } = {}): AddResult {
     const bytes = typeof contents === "string" ? new TextEncoder().encode(contents) : contents;
@@ -377,20 +428,7 @@ export class LocalStore {
     const nar = narHashOfBytes(bytes);
     if (opts.dryRun || this.isValid(path)) return { path, added: false, narHash: nar.hash, narSize: nar.size };
     const tmp = this.newTempPath();
-    try {
-      const fd = fs.openSync(tmp, "wx", 0o600);
-      try {
-        fs.writeSync(fd, bytes);
-        fs.fchmodSync(fd, 0o444);
-        fs.futimesSync(fd, 1, 1);
-        fs.fsyncSync(fd);
-      } finally {
-        fs.closeSync(fd);
-      }
-    } catch (e) {
-      removeTree(tmp);
-      throw e;
-    }
+    writeReadOnlyFile(tmp, bytes);
     this.addTempRoot(path);
     const added = this.registerObject(tmp, { path, narHash: nar.hash, narSize: nar.size, references, ultimate: true, ca: { kind: "text", hash } });
     return { path, added, narHash: nar.hash, narSize: nar.size };
@@ -709,6 +747,24 @@ function isSymlink(p: string): boolean {
     return fs.lstatSync(p).isSymbolicLink();
   } catch {
     return false;
+  }
+}
+
+/** Writes a new canonical (0444, mtime 1), fsync'ed file; removes it again on failure. */
+function writeReadOnlyFile(path: string, bytes: Uint8Array): void {
+  try {
+    const fd = fs.openSync(path, "wx", 0o600);
+    try {
+      fs.writeSync(fd, bytes);
+      fs.fchmodSync(fd, 0o444);
+      fs.futimesSync(fd, 1, 1);
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+  } catch (e) {
+    removeTree(path);
+    throw e;
   }
 }
 

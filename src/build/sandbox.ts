@@ -1,0 +1,78 @@
+/**
+ * How a builder process is started: the command line, as a value. With the sandbox, the
+ * builder runs under bubblewrap in fresh namespaces and sees only its input closure (read-only,
+ * at their store paths), a writable store dir for its outputs, its build directory at /build,
+ * a private /tmp, minimal /proc and /dev, and the host paths it declared (read-only). The
+ * network is cut off except for fixed-output derivations, whose result is checked by hash.
+ */
+import { spawnSync } from "node:child_process";
+import * as fs from "node:fs";
+import { FerryError } from "../core/errors.js";
+
+export const SANDBOX_BUILD_DIR = "/build";
+
+export interface SandboxSpec {
+  /** Logical store dir the builder sees its inputs and outputs under. */
+  readonly storeDir: string;
+  /** Real, writable directory mounted at storeDir: the builder creates its outputs there. */
+  readonly outputStoreReal: string;
+  /** Input closure: logical store path -> real location. */
+  readonly inputs: readonly { readonly logical: string; readonly real: string }[];
+  /** Real build directory, mounted at /build. */
+  readonly buildDirReal: string;
+  /** Host paths made visible read-only at the same place (e.g. /usr, /bin for declared host tools). */
+  readonly hostPaths: readonly string[];
+  /** Files to place in the sandbox (e.g. /etc/passwd), real path -> sandbox path. */
+  readonly files: readonly { readonly real: string; readonly at: string }[];
+  readonly network: boolean;
+  readonly builder: string;
+  readonly args: readonly string[];
+}
+
+/** The bwrap argument vector that runs the builder as `spec` says. */
+export function bwrapArgs(spec: SandboxSpec): string[] {
+  const a: string[] = [
+    "--unshare-all",
+    ...(spec.network ? ["--share-net"] : []),
+    "--die-with-parent",
+    "--new-session",
+    "--hostname", "localhost",
+    "--uid", "1000",
+    "--gid", "100",
+    "--proc", "/proc",
+    "--dev", "/dev",
+    "--tmpfs", "/tmp",
+  ];
+  for (const h of spec.hostPaths) if (fs.existsSync(h)) a.push("--ro-bind", h, h);
+  a.push("--bind", spec.outputStoreReal, spec.storeDir);
+  for (const i of spec.inputs) a.push("--ro-bind", i.real, i.logical);
+  a.push("--bind", spec.buildDirReal, SANDBOX_BUILD_DIR);
+  for (const f of spec.files) a.push("--ro-bind", f.real, f.at);
+  if (spec.network && fs.existsSync("/etc/resolv.conf")) a.push("--ro-bind", "/etc/resolv.conf", "/etc/resolv.conf");
+  a.push("--chdir", SANDBOX_BUILD_DIR, "--", spec.builder, ...spec.args);
+  return a;
+}
+
+let bwrapChecked: { ok: boolean; why?: string } | undefined;
+
+/** Whether bubblewrap is installed and can make the namespaces it needs here. */
+export function sandboxAvailable(): { ok: boolean; why?: string } {
+  if (bwrapChecked) return bwrapChecked;
+  const r = spawnSync("bwrap", ["--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "true"], { encoding: "utf8" });
+  if (r.error) bwrapChecked = { ok: false, why: "bubblewrap (bwrap) is not installed" };
+  else if (r.status !== 0) bwrapChecked = { ok: false, why: `bubblewrap cannot create namespaces here: ${r.stderr.trim()}` };
+  else bwrapChecked = { ok: true };
+  return bwrapChecked;
+}
+
+export function requireSandbox(): void {
+  const s = sandboxAvailable();
+  if (!s.ok) {
+    throw new FerryError("FERRY_BUILD_NO_SANDBOX", `cannot build in a sandbox: ${s.why}`, {
+      hint: "install bubblewrap (apt-get install bubblewrap), or build without isolation with --no-sandbox if you trust every builder",
+    });
+  }
+}
+
+/** Host directories that declared host tools need (the tools, their libraries and loader). */
+export const HOST_TOOL_PATHS: readonly string[] = ["/bin", "/usr", "/lib", "/lib64", "/lib32", "/libx32", "/etc/ld.so.cache", "/etc/alternatives"];

@@ -1,0 +1,107 @@
+/**
+ * The evaluation subprocess: loads a package set (TypeScript or JavaScript), evaluates the
+ * requested attributes, and streams what it found to the parent over file descriptor 3 as
+ * newline-delimited JSON. It never writes to the store; the parent does, from this plan.
+ * Anything the package code prints goes to stderr.
+ *
+ * argv: FILE ATTR|"" STORE_DIR HOST_SYSTEM
+ */
+import { register } from "node:module";
+import { pathToFileURL } from "node:url";
+import { dirname, resolve } from "node:path";
+import { FerryError } from "../core/errors.js";
+import { writeAllSync } from "../store/fs-util.js";
+import { hashPath } from "../store/nar-dump.js";
+import { EvalContext, setEvalContext } from "./context.js";
+import { Package } from "./values.js";
+import { isLazySet, forceAttr } from "./package-set.js";
+
+const PROTOCOL_FD = 3;
+
+function send(msg: unknown): void {
+  writeAllSync(PROTOCOL_FD, Buffer.from(JSON.stringify(msg) + "\n"));
+}
+
+/** Walks exported values, yielding every package with its attribute path. */
+function* jobsOf(value: unknown, path: string[], seen: Set<unknown>): Generator<[string, Package]> {
+  if (value instanceof Package) {
+    yield [path.join("."), value];
+    return;
+  }
+  if (value === null || typeof value !== "object" || seen.has(value)) return;
+  seen.add(value);
+  if (isLazySet(value)) {
+    for (const k of Object.keys(value)) yield* jobsOf(forceAttr(value, k, path), [...path, k], seen);
+    return;
+  }
+  if (Array.isArray(value)) return;
+  for (const [k, v] of Object.entries(value)) yield* jobsOf(v, [...path, k], seen);
+}
+
+function select(root: Record<string, unknown>, attr: string): unknown {
+  let v: unknown = root;
+  const trail: string[] = [];
+  for (const part of attr.split(".")) {
+    if (v === null || typeof v !== "object" || !(part in (v as object))) {
+      throw new FerryError("FERRY_EVAL_NO_ATTR", `attribute '${[...trail, part].join(".")}' is not in the package set`, {
+        hint: `the package set exports: ${Object.keys(root).join(", ") || "nothing"}`,
+      });
+    }
+    v = isLazySet(v) ? forceAttr(v, part, trail) : (v as Record<string, unknown>)[part];
+    trail.push(part);
+  }
+  return v;
+}
+
+async function main(): Promise<void> {
+  const [file, attr, storeDir, hostSystem] = process.argv.slice(2) as [string, string, string, string];
+  // User code's console output must not mix with the protocol.
+  console.log = console.error;
+  console.info = console.error;
+  register("./loader-hooks.js", import.meta.url);
+  const abs = resolve(file);
+  const ctx = new EvalContext({ storeDir, hostSystem, baseDir: dirname(abs) }, { hashSource: (p) => hashPath(p) }, {
+    onSource: (s) => send({ t: "source", ...s }),
+    onText: (t) => send({ t: "text", ...t }),
+  });
+  setEvalContext(ctx);
+  let mod: Record<string, unknown>;
+  try {
+    mod = (await import(pathToFileURL(abs).href)) as Record<string, unknown>;
+  } catch (e) {
+    if (e instanceof FerryError) throw e;
+    const err = e as NodeJS.ErrnoException;
+    if (err?.code === "ERR_MODULE_NOT_FOUND" && String(err.message).includes(abs)) {
+      throw new FerryError("FERRY_EVAL_NO_FILE", `cannot find the package set '${file}'`, { hint: "give the path of a .ts or .js module" });
+    }
+    throw e;
+  }
+  const exported: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(mod)) {
+    if (k === "default" && v && typeof v === "object" && !(v instanceof Package)) Object.assign(exported, v);
+    else exported[k] = v;
+  }
+  const root = attr ? select(exported, attr) : exported;
+  let n = 0;
+  for (const [path, pkg] of jobsOf(root, attr ? attr.split(".") : [], new Set())) {
+    send({ t: "job", attr: path, name: pkg.name, system: pkg.system, drvPath: pkg.drvPath, outputs: pkg.outputs, meta: pkg.meta });
+    n++;
+  }
+  send({ t: "done", jobs: n });
+}
+
+main().then(
+  () => process.exit(0),
+  (e: unknown) => {
+    const fe = e instanceof FerryError ? e : undefined;
+    const err = e as Error;
+    send({
+      t: "error",
+      code: fe?.code ?? "FERRY_EVAL_FAILED",
+      message: fe ? fe.message : `${err?.name ?? "Error"}: ${err?.message ?? String(e)}`,
+      hint: fe?.hint,
+      stack: fe ? undefined : err?.stack,
+    });
+    process.exit(1);
+  },
+);

@@ -1,0 +1,144 @@
+/**
+ * Evaluates a package set in a subprocess (time and memory limits; the package code cannot
+ * touch the parent's state), then carries out the plan it streams back: sources and .drv files
+ * are written to the store through a narrow port, in the order they were made.
+ */
+import { spawn } from "node:child_process";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
+import { existsSync } from "node:fs";
+import { resolve } from "node:path";
+import { FerryError } from "../core/errors.js";
+import type { PlannedSource, PlannedText } from "./context.js";
+
+/** How evaluation results reach a store. */
+export interface EvalStorePort {
+  /** Adds a source object; must produce `expectedPath`. */
+  addSource(s: PlannedSource): void;
+  /** Adds text objects (in order); each must produce its `storePath`. */
+  addTexts(ts: readonly PlannedText[]): void;
+}
+
+export interface EvalJob {
+  readonly attr: string;
+  readonly name: string;
+  readonly system: string;
+  readonly drvPath: string;
+  /** Output name -> store path. */
+  readonly outputs: Readonly<Record<string, string>>;
+  readonly meta: Readonly<Record<string, unknown>>;
+}
+
+export interface EvalOptions {
+  readonly file: string;
+  readonly attr?: string | undefined;
+  readonly storeDir: string;
+  readonly hostSystem?: string;
+  /** Wall-clock limit in seconds (default 600). */
+  readonly timeoutSeconds?: number;
+  /** Heap limit of the evaluator in MiB (default 4096). */
+  readonly memoryMiB?: number;
+  /** Where the plan goes; without one nothing is written (a dry evaluation). */
+  readonly store?: EvalStorePort;
+  /** Called for each job as it is found. */
+  readonly onJob?: (job: EvalJob) => void;
+  readonly textBatch?: number;
+}
+
+export interface EvalResult {
+  readonly jobs: EvalJob[];
+  readonly texts: number;
+  readonly sources: number;
+}
+
+export function hostSystemOf(): string {
+  const arch = process.arch === "x64" ? "x86_64" : process.arch === "arm64" ? "aarch64" : process.arch;
+  return `${arch}-linux`;
+}
+
+const WORKER = fileURLToPath(new URL("./eval-worker.js", import.meta.url));
+
+export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
+  const file = resolve(opts.file);
+  if (!existsSync(file)) {
+    throw new FerryError("FERRY_EVAL_NO_FILE", `the package set '${opts.file}' does not exist`, { hint: "give the path of a .ts or .js module that exports packages" });
+  }
+  const child = spawn(process.execPath, [`--max-old-space-size=${opts.memoryMiB ?? 4096}`, "--enable-source-maps", WORKER, file, opts.attr ?? "", opts.storeDir, opts.hostSystem ?? hostSystemOf()], {
+    stdio: ["ignore", 2, 2, "pipe"],
+  });
+  const timeoutMs = (opts.timeoutSeconds ?? 600) * 1000;
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    child.kill("SIGKILL");
+  }, timeoutMs);
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((res) => child.on("exit", (code, signal) => res({ code, signal })));
+  const jobs: EvalJob[] = [];
+  let texts = 0;
+  let sources = 0;
+  let failure: FerryError | undefined;
+  let finished = false;
+  const batch: PlannedText[] = [];
+  const flush = () => {
+    if (batch.length && opts.store) opts.store.addTexts(batch.splice(0));
+    batch.length = 0;
+  };
+  try {
+    const lines = createInterface({ input: child.stdio[3] as NodeJS.ReadableStream, crlfDelay: Infinity });
+    for await (const line of lines) {
+      if (failure) continue;
+      const m = JSON.parse(line) as { t: string } & Record<string, unknown>;
+      try {
+        switch (m.t) {
+          case "source":
+            flush();
+            sources++;
+            opts.store?.addSource(m as unknown as PlannedSource);
+            break;
+          case "text":
+            texts++;
+            batch.push(m as unknown as PlannedText);
+            if (batch.length >= (opts.textBatch ?? 2000)) flush();
+            break;
+          case "job": {
+            const job = m as unknown as EvalJob;
+            jobs.push(job);
+            opts.onJob?.(job);
+            break;
+          }
+          case "done":
+            flush();
+            finished = true;
+            break;
+          case "error":
+            failure = new FerryError(String(m.code), String(m.message), {
+              ...(m.hint ? { hint: String(m.hint) } : { hint: "fix the package set; the message says where" }),
+              details: m.stack ? { stack: m.stack } : {},
+            });
+            break;
+        }
+      } catch (e) {
+        failure = e instanceof FerryError ? e : new FerryError("FERRY_EVAL_STORE", `could not record the evaluation: ${(e as Error).message}`);
+        child.kill("SIGKILL");
+      }
+    }
+  } finally {
+    clearTimeout(timer);
+  }
+  const { code, signal } = await exited;
+  if (failure) throw failure;
+  if (timedOut) {
+    throw new FerryError("FERRY_EVAL_TIMEOUT", `evaluating ${opts.file} took longer than ${opts.timeoutSeconds ?? 600} s and was stopped`, {
+      hint: "look for an endless loop in the package set, or raise --eval-timeout",
+    });
+  }
+  if (!finished) {
+    const oom = signal === "SIGABRT" || code === 134;
+    throw new FerryError(oom ? "FERRY_EVAL_OUT_OF_MEMORY" : "FERRY_EVAL_CRASHED", oom
+      ? `evaluating ${opts.file} needed more than ${opts.memoryMiB ?? 4096} MiB and was stopped`
+      : `the evaluator of ${opts.file} stopped unexpectedly (${signal ?? `exit code ${code}`})`, {
+      hint: oom ? "raise --eval-memory, or look for a package set that grows without end" : "run again; if it repeats, report it with the package set",
+    });
+  }
+  return { jobs, texts, sources };
+}

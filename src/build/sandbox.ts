@@ -55,10 +55,19 @@ export function bwrapArgs(spec: SandboxSpec): string[] {
 
 let bwrapChecked: { ok: boolean; why?: string } | undefined;
 
+/** The absolute path of bwrap (the builder's PATH is not the caller's). */
+export function bwrapPath(): string {
+  for (const d of (process.env.PATH ?? "/usr/bin:/bin").split(":")) {
+    const p = `${d}/bwrap`;
+    if (d && fs.existsSync(p)) return p;
+  }
+  return "/usr/bin/bwrap";
+}
+
 /** Whether bubblewrap is installed and can make the namespaces it needs here. */
 export function sandboxAvailable(): { ok: boolean; why?: string } {
   if (bwrapChecked) return bwrapChecked;
-  const r = spawnSync("bwrap", ["--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "true"], { encoding: "utf8" });
+  const r = spawnSync(bwrapPath(), ["--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "true"], { encoding: "utf8" });
   if (r.error) bwrapChecked = { ok: false, why: "bubblewrap (bwrap) is not installed" };
   else if (r.status !== 0) bwrapChecked = { ok: false, why: `bubblewrap cannot create namespaces here: ${r.stderr.trim()}` };
   else bwrapChecked = { ok: true };

@@ -7,6 +7,7 @@ import { storeCommand } from "./commands/store.js";
 import { keyCommand } from "./commands/key.js";
 import { demoCommand } from "./commands/demo.js";
 import { evalCommand, derivationCommand } from "./commands/eval.js";
+import { buildCommand, logCommand } from "./commands/build.js";
 import { printError } from "./output.js";
 
 export function makeProgram(): Command {
@@ -15,7 +16,7 @@ export function makeProgram(): Command {
     .version("0.1.0")
     .showHelpAfterError("(run with --help for usage)")
     .exitOverride();
-  for (const c of [hashCommand(), narCommand(), storeCommand(), keyCommand(), evalCommand(), derivationCommand(), demoCommand()]) program.addCommand(c);
+  for (const c of [hashCommand(), narCommand(), storeCommand(), keyCommand(), evalCommand(), derivationCommand(), buildCommand(), logCommand(), demoCommand()]) program.addCommand(c);
   const strict = (c: Command) => {
     c.exitOverride();
     c.allowExcessArguments(false);

@@ -7,52 +7,11 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import { join } from "node:path";
 import { evaluate, type EvalJob } from "../../src/dsl/evaluate.js";
-import { nixVectorsDir } from "../helpers/paths.js";
+import { nixVectorsDir, repoRoot } from "../helpers/paths.js";
 import { tempDir } from "../helpers/fs-trees.js";
 
 interface DrvVector { attr: string; store_dir: string; drv_path: string; drv_text: string; outputs: Record<string, string> }
 
-const MODULE = `
-import { derivation, source } from "ferry";
-const sys = "x86_64-linux";
-export const simple = derivation({ name: "simple", system: sys, builder: "/bin/sh", args: ["-c", "echo hello > $out"] });
-export const multi = derivation({
-  name: "multi-out", system: sys, builder: "/bin/sh",
-  outputs: ["out", "dev"],
-  anInt: 42, aTrue: true, aFalse: false, aNull: null, aFloat: 0.1,
-  aList: ["x", 1, true, false, null, "y z"],
-  weird: "q\\" b\\\\ n\\n t\\t r\\r c\\u0001 ü 😀",
-  src: source("./unicode-tree"),
-  args: ["-c", "printf '%s' \\"$weird\\" > $out; /bin/mkdir $dev; echo $out > $dev/out-path"],
-});
-export const fixedFlat = derivation({
-  name: "fixed-flat", system: sys, builder: "/bin/sh",
-  args: ["-c", "echo 'fixed content' > $out"],
-  outputHashMode: "flat", outputHashAlgo: "sha256",
-  outputHash: "0rcnqrrdvppl92i39a6njnzq1icsqcqc9ffsy080qg40w8d7kkxd",
-});
-export const fixedFlatAlt = derivation({
-  name: "fixed-flat", system: sys, builder: "/bin/sh",
-  args: ["-c", "printf 'fixed content\\\\n' > $out"],
-  outputHashMode: "flat", outputHashAlgo: "sha256",
-  outputHash: "adcf791ae2803c0c10f0dab9c430c39ac580bf95d6a834a248f4dedd72c69665",
-});
-export const fixedRec = derivation({
-  name: "fixed-rec", system: sys, builder: "/bin/sh",
-  args: ["-c", "/bin/mkdir $out; echo data > $out/data; /bin/ln -s data $out/link; printf '#!/bin/sh\\\\n' > $out/run; /bin/chmod +x $out/run"],
-  outputHashMode: "recursive",
-  outputHash: "sha256-t/eurinaLUE+qrm6OucqRnfbDFjpOfVxmqxejZOMqsg=",
-});
-const builderScript = source("./dependent-builder.sh");
-export const dependent = derivation({
-  name: "dependent", system: sys, builder: "/bin/sh", args: [builderScript],
-  simpleOut: simple, devOut: multi.outputs.dev, fixedFile: fixedFlat, fixedDir: fixedRec,
-});
-export const dependentViaAlt = derivation({
-  name: "dependent", system: sys, builder: "/bin/sh", args: [builderScript],
-  simpleOut: simple, devOut: multi.outputs.dev, fixedFile: fixedFlatAlt, fixedDir: fixedRec,
-});
-`;
 
 type Tree = { type: "regular"; executable: boolean; contents?: string; contents_base64?: string } | { type: "symlink"; target: string } | { type: "directory"; entries: Record<string, Tree> };
 
@@ -74,7 +33,7 @@ describe("DSL against the derivation vectors", () => {
     fs.writeFileSync(join(dir, "dependent-builder.sh"), drvs.nix_expressions["dependent-builder.sh"]);
     const nar = JSON.parse(fs.readFileSync(join(nixVectorsDir, "nar.json"), "utf8"));
     writeTree(join(dir, "unicode-tree"), nar.vectors.find((v: { name: string }) => v.name === "unicode-tree").tree);
-    fs.writeFileSync(join(dir, "drvs.ts"), MODULE);
+    fs.copyFileSync(join(repoRoot, "test", "fixtures", "vector-drvs.ts"), join(dir, "drvs.ts"));
   });
   after(() => fs.rmSync(dir, { recursive: true, force: true }));
 

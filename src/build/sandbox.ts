@@ -57,6 +57,7 @@ let bwrapChecked: { ok: boolean; why?: string } | undefined;
 
 /** The absolute path of bwrap (the builder's PATH is not the caller's). */
 export function bwrapPath(): string {
+  if (process.env.FERRY_BWRAP) return process.env.FERRY_BWRAP;
   for (const d of (process.env.PATH ?? "/usr/bin:/bin").split(":")) {
     const p = `${d}/bwrap`;
     if (d && fs.existsSync(p)) return p;
@@ -68,7 +69,7 @@ export function bwrapPath(): string {
 export function sandboxAvailable(): { ok: boolean; why?: string } {
   if (bwrapChecked) return bwrapChecked;
   const r = spawnSync(bwrapPath(), ["--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "true"], { encoding: "utf8" });
-  if (r.error) bwrapChecked = { ok: false, why: "bubblewrap (bwrap) is not installed" };
+  if (r.error) bwrapChecked = { ok: false, why: `bubblewrap (${bwrapPath()}) is not installed` };
   else if (r.status !== 0) bwrapChecked = { ok: false, why: `bubblewrap cannot create namespaces here: ${r.stderr.trim()}` };
   else bwrapChecked = { ok: true };
   return bwrapChecked;

@@ -7,7 +7,7 @@ import { readLog } from "../../build/logs.js";
 import { withStore, withStoreOptions, type StoreFlags } from "../store-options.js";
 import { evaluateToStore, withEvalOptions, type EvalFlags } from "./eval.js";
 import { attachProgress, BuildHistory } from "../progress.js";
-import { out, outJson } from "../output.js";
+import { out } from "../output.js";
 
 interface BuildFlags extends EvalFlags {
   maxJobs: number;
@@ -68,7 +68,8 @@ export function buildCommand(): Command {
           progress.stop();
         }
         const mine = outcomes.filter((o) => drvs.includes(o.drvPath));
-        if (f.json) outJson({ results: outcomes.map((o) => ("error" in o ? { ...o, error: { code: o.error.code, message: o.error.message } } : o)) });
+        // With --json, stdout is JSON lines: the events, then one line with every outcome.
+        if (f.json) out(JSON.stringify({ results: outcomes.map((o) => ("error" in o ? { ...o, error: { code: o.error.code, message: o.error.message, hint: o.error.hint } } : o)) }));
         else for (const p of new Set(mine.flatMap((o) => ("outputs" in o ? Object.values(o.outputs) : [])))) out(p);
         const bad = outcomes.filter((o) => o.status === "failed" || o.status === "dependency-failed");
         const irreproducible = outcomes.some((o) => "checked" in o && o.checked && !o.checked.reproducible);

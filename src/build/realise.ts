@@ -250,7 +250,7 @@ async function buildOne(store: LocalStore, node: PlanNode, opts: BuildOneOptions
       ev.emit("build:finished", { drvPath, name, outputs: outputsOf(drv), durationMs: Date.now() - t0, checked });
       return { drvPath, status: "built", outputs: outputsOf(drv), checked };
     }
-    for (const o of objects) store.addTempRoot(o.obj.path);
+    store.addTempRoots(objects.map((o) => o.obj.path));
     store.registerObjects(orderByReferences(objects, name));
     ev.emit("build:finished", { drvPath, name, outputs: outputsOf(drv), durationMs: Date.now() - t0 });
     return { drvPath, status: "built", outputs: outputsOf(drv) };

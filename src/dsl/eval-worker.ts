@@ -18,8 +18,22 @@ import { isLazySet, forceAttr } from "./package-set.js";
 
 const PROTOCOL_FD = 3;
 
+let pending: string[] = [];
+let pendingBytes = 0;
+
+/** Queues a message; messages go out in batches of about 256 KiB (one write each). */
 function send(msg: unknown): void {
-  writeAllSync(PROTOCOL_FD, Buffer.from(JSON.stringify(msg) + "\n"));
+  const line = JSON.stringify(msg) + "\n";
+  pending.push(line);
+  pendingBytes += line.length;
+  if (pendingBytes >= 256 * 1024) flushMessages();
+}
+
+function flushMessages(): void {
+  if (!pending.length) return;
+  writeAllSync(PROTOCOL_FD, Buffer.from(pending.join("")));
+  pending = [];
+  pendingBytes = 0;
 }
 
 /** Walks exported values, yielding every package with its attribute path. */
@@ -88,6 +102,7 @@ async function main(): Promise<void> {
     n++;
   }
   send({ t: "done", jobs: n });
+  flushMessages();
 }
 
 main().then(
@@ -102,6 +117,7 @@ main().then(
       hint: fe?.hint,
       stack: fe ? undefined : err?.stack,
     });
+    flushMessages();
     process.exit(1);
   },
 );

@@ -1,10 +1,10 @@
 /**
  * Module loader hooks for evaluating package sets: `import … from "ferry"` resolves to this
- * Ferry (whatever directory the package set lives in), and TypeScript files are transpiled on
- * the fly (types are not checked here; editors and `tsc` do that).
+ * Ferry (whatever directory the package set lives in), and TypeScript files have their types
+ * stripped on the fly (types are not checked here; editors and `tsc` do that).
  */
 import { readFile } from "node:fs/promises";
-import ts from "typescript";
+import { transform } from "sucrase";
 
 const FERRY_INDEX = new URL("../index.js", import.meta.url).href;
 
@@ -32,11 +32,10 @@ export async function load(url: string, context: { format?: string | null }, nex
   if (url.startsWith("file:") && (url.endsWith(".ts") || url.endsWith(".mts"))) {
     const path = new URL(url).pathname;
     const text = await readFile(path, "utf8");
-    const out = ts.transpileModule(text, {
-      fileName: path,
-      compilerOptions: { module: ts.ModuleKind.ESNext, target: ts.ScriptTarget.ES2022, inlineSourceMap: true, inlineSources: false },
-    });
-    return { format: "module", source: out.outputText, shortCircuit: true };
+    // Types are stripped, not checked (fast: no compiler is loaded); line numbers are kept so
+    // errors point at the user's lines.
+    const out = transform(text, { transforms: ["typescript"], filePath: path, keepUnusedImports: false, disableESTransforms: true });
+    return { format: "module", source: out.code, shortCircuit: true };
   }
   return nextLoad(url, context);
 }

@@ -9,6 +9,7 @@
  * lock; the second finds it valid and drops its copy.
  */
 import * as fs from "node:fs";
+import { spawnSync } from "node:child_process";
 import { join } from "node:path";
 import Database from "better-sqlite3";
 import { FerryError } from "../core/errors.js";
@@ -104,6 +105,7 @@ export class LocalStore {
   readonly realStoreDir: string;
   readonly realStateDir: string;
   readonly #db: Database.Database;
+  readonly #stmts = new Map<string, Database.Statement>();
   #tempRootsFile: string | undefined;
 
   private constructor(loc: StoreLocation, db: Database.Database) {
@@ -115,6 +117,13 @@ export class LocalStore {
 
   get storeDir(): string {
     return this.loc.storeDir;
+  }
+
+  /** Prepared statements are made once per handle. */
+  #stmt(sql: string): Database.Statement {
+    let st = this.#stmts.get(sql);
+    if (!st) this.#stmts.set(sql, (st = this.#db.prepare(sql)));
+    return st;
   }
 
   /** Opens (creating if needed) the store at `loc`. */
@@ -157,13 +166,13 @@ export class LocalStore {
   // ---- queries ------------------------------------------------------------------------------
 
   isValid(path: string): boolean {
-    return this.#db.prepare(SQL.idByPath).get(path) !== undefined;
+    return this.#stmt(SQL.idByPath).get(path) !== undefined;
   }
 
   queryPathInfo(path: string): PathInfo | undefined {
-    const row = this.#db.prepare(SQL.byPath).get(path) as Row | undefined;
+    const row = this.#stmt(SQL.byPath).get(path) as Row | undefined;
     if (!row) return undefined;
-    const refs = (this.#db.prepare(SQL.refsOf).all(row.id) as { path: string }[]).map((r) => r.path).sort();
+    const refs = (this.#stmt(SQL.refsOf).all(row.id) as { path: string }[]).map((r) => r.path).sort();
     return rowToInfo(row, refs);
   }
 
@@ -175,17 +184,17 @@ export class LocalStore {
   }
 
   referrers(path: string): string[] {
-    const row = this.#db.prepare(SQL.idByPath).get(path) as { id: number } | undefined;
+    const row = this.#stmt(SQL.idByPath).get(path) as { id: number } | undefined;
     if (!row) return [];
-    return (this.#db.prepare(SQL.referrersOf).all(row.id) as { path: string }[]).map((r) => r.path).sort();
+    return (this.#stmt(SQL.referrersOf).all(row.id) as { path: string }[]).map((r) => r.path).sort();
   }
 
   /** The closure of `paths` under references, sorted. Every path must be valid. */
   closure(paths: readonly string[]): string[] {
     const seen = new Set<string>();
     const stack = paths.map((p) => this.requirePathInfo(p).path);
-    const refsStmt = this.#db.prepare(SQL.refsOf);
-    const idStmt = this.#db.prepare(SQL.idByPath);
+    const refsStmt = this.#stmt(SQL.refsOf);
+    const idStmt = this.#stmt(SQL.idByPath);
     while (stack.length) {
       const p = stack.pop()!;
       if (seen.has(p)) continue;
@@ -197,7 +206,7 @@ export class LocalStore {
   }
 
   allValidPaths(): string[] {
-    return (this.#db.prepare(SQL.allPaths).all() as { path: string }[]).map((r) => r.path);
+    return (this.#stmt(SQL.allPaths).all() as { path: string }[]).map((r) => r.path);
   }
 
   /** `paths` ordered so that every path comes after the ones it references (among `paths`). */
@@ -230,6 +239,12 @@ export class LocalStore {
    * before checking validity, so a path found valid cannot be collected before it is used.
    */
   addTempRoot(path: string): void {
+    this.addTempRoots([path]);
+  }
+
+  /** Like `addTempRoot` for many paths, with one write and one fsync. */
+  addTempRoots(paths: readonly string[]): void {
+    if (paths.length === 0) return;
     if (!this.#tempRootsFile) {
       // One file per open handle, named <pid>-<random>: GC drops the files of dead processes.
       this.#tempRootsFile = join(this.realStateDir, "temproots", randomSuffix());
@@ -237,7 +252,7 @@ export class LocalStore {
     }
     const fd = fs.openSync(this.#tempRootsFile, "a");
     try {
-      fs.writeSync(fd, path + "\n");
+      fs.writeSync(fd, paths.join("\n") + "\n");
       fs.fsyncSync(fd);
     } finally {
       fs.closeSync(fd);
@@ -264,9 +279,9 @@ export class LocalStore {
       for (const r of obj.references) this.parsePath(r);
       return { tmpReal, obj, path, finalReal: this.realPathOf(path) };
     });
-    const insert = this.#db.prepare(SQL.insertPath);
-    const idStmt = this.#db.prepare(SQL.idByPath);
-    const refStmt = this.#db.prepare(SQL.insertRef);
+    const insert = this.#stmt(SQL.insertPath);
+    const idStmt = this.#stmt(SQL.idByPath);
+    const refStmt = this.#stmt(SQL.insertRef);
     const moved: string[] = [];
     const txn = this.#db.transaction((): boolean[] => {
       const added = prepared.map(({ tmpReal, obj, path, finalReal }) => {
@@ -394,7 +409,10 @@ export class LocalStore {
    */
   addTexts(items: readonly { name: string; text: string; references: readonly string[]; expectedPath?: string }[]): AddResult[] {
     const out: AddResult[] = [];
-    const pending: { tmpReal: string; obj: NewObject }[] = [];
+    const pending: { tmpReal: string | undefined; obj: NewObject }[] = [];
+    /** Files written straight at their final names (removed again if registration fails). */
+    const direct: string[] = [];
+    const seen = new Set<string>();
     try {
       for (const it of items) {
         const bytes = new TextEncoder().encode(it.text);
@@ -405,17 +423,32 @@ export class LocalStore {
         }
         const nar = narHashOfBytes(bytes);
         out.push({ path, added: false, narHash: nar.hash, narSize: nar.size });
-        if (this.isValid(path)) continue;
-        const tmp = this.newTempPath();
-        writeReadOnlyFile(tmp, bytes);
-        pending.push({ tmpReal: tmp, obj: { path, narHash: nar.hash, narSize: nar.size, references: it.references, ultimate: true, ca: { kind: "text", hash } } });
+        if (seen.has(path) || this.isValid(path)) continue;
+        seen.add(path);
+        // Small content-addressed files go straight to their final names: a file there that is
+        // not registered is not valid, and registration happens only after the batch is synced.
+        // A name already taken (another writer, a leftover) goes the temporary-name way.
+        const finalReal = this.realPathOf(path);
+        let tmpReal: string | undefined;
+        if (writeReadOnlyFile(finalReal, bytes, false, true)) direct.push(finalReal);
+        else writeReadOnlyFile((tmpReal = this.newTempPath()), bytes, false);
+        pending.push({ tmpReal, obj: { path, narHash: nar.hash, narSize: nar.size, references: it.references, ultimate: true, ca: { kind: "text", hash } } });
       }
-      for (const p of pending) this.addTempRoot(p.obj.path);
+      // One filesystem sync for the whole batch instead of one fsync per file.
+      if (pending.length) syncFilesystem(this.realStoreDir);
+      this.addTempRoots(pending.map((p) => p.obj.path));
     } catch (e) {
-      for (const p of pending) removeTree(p.tmpReal);
+      for (const p of pending) if (p.tmpReal) removeTree(p.tmpReal);
+      for (const d of direct) removeTree(d);
       throw e;
     }
-    const added = this.registerObjects(pending);
+    let added: boolean[];
+    try {
+      added = this.registerObjects(pending);
+    } catch (e) {
+      for (const d of direct) removeTree(d);
+      throw e;
+    }
     const byPath = new Map(pending.map((p, k) => [p.obj.path, added[k]!]));
     return out.map((r) => ({ ...r, added: byPath.get(r.path) ?? false }));
   }
@@ -456,11 +489,11 @@ export class LocalStore {
 
   addSignatures(path: string, sigs: readonly string[]): void {
     this.#db.transaction(() => {
-      const row = this.#db.prepare(SQL.byPath).get(path) as Row | undefined;
+      const row = this.#stmt(SQL.byPath).get(path) as Row | undefined;
       if (!row) throw storeError("FERRY_STORE_NOT_VALID", `'${path}' is not valid`);
       const cur = new Set((row.sigs ?? "").split(" ").filter((s) => s));
       for (const s of sigs) cur.add(s);
-      this.#db.prepare(SQL.setSigs).run([...cur].join(" "), row.id);
+      this.#stmt(SQL.setSigs).run([...cur].join(" "), row.id);
     }).immediate();
   }
 
@@ -675,10 +708,10 @@ export class LocalStore {
       let bytes = 0;
       for (const p of dead) bytes += this.queryPathInfo(p)!.narSize;
       if (!opts.dryRun) {
-        const idStmt = this.#db.prepare(SQL.idByPath);
+        const idStmt = this.#stmt(SQL.idByPath);
         const ids = dead.map((p) => (idStmt.get(p) as { id: number }).id);
-        for (const id of ids) this.#db.prepare(SQL.deleteRefsFrom).run(id);
-        for (const id of ids) this.#db.prepare(SQL.deletePath).run(id);
+        for (const id of ids) this.#stmt(SQL.deleteRefsFrom).run(id);
+        for (const id of ids) this.#stmt(SQL.deletePath).run(id);
         // Unlink under the lock: rename into a trash dir (cheap), delete the trash afterwards.
         const trash = join(this.realStoreDir, `${TRASH_PREFIX}${randomSuffix()}`);
         fs.mkdirSync(trash);
@@ -750,15 +783,32 @@ function isSymlink(p: string): boolean {
   }
 }
 
-/** Writes a new canonical (0444, mtime 1), fsync'ed file; removes it again on failure. */
-function writeReadOnlyFile(path: string, bytes: Uint8Array): void {
+/**
+ * Makes everything written to the filesystem holding `dir` durable (syncfs(2), through
+ * coreutils' `sync -f`): one call for a batch of files.
+ */
+function syncFilesystem(dir: string): void {
+  const r = spawnSync("sync", ["-f", dir]);
+  if (r.status !== 0) throw new FerryError("FERRY_STORE_SYNC", `could not sync the file system of ${dir}: ${r.stderr?.toString() || r.error?.message}`);
+}
+
+/**
+ * Writes a new canonical (0444, mtime 1) file, fsync'ed unless the caller syncs a batch;
+ * removes it again on failure. With `mayExist`, a name that is taken returns false untouched.
+ */
+function writeReadOnlyFile(path: string, bytes: Uint8Array, fsync = true, mayExist = false): boolean {
+  let fd: number;
   try {
-    const fd = fs.openSync(path, "wx", 0o600);
+    fd = fs.openSync(path, "wx", 0o444);
+  } catch (e) {
+    if (mayExist && (e as NodeJS.ErrnoException).code === "EEXIST") return false;
+    throw e;
+  }
+  try {
     try {
       fs.writeSync(fd, bytes);
-      fs.fchmodSync(fd, 0o444);
       fs.futimesSync(fd, 1, 1);
-      fs.fsyncSync(fd);
+      if (fsync) fs.fsyncSync(fd);
     } finally {
       fs.closeSync(fd);
     }
@@ -766,12 +816,13 @@ function writeReadOnlyFile(path: string, bytes: Uint8Array): void {
     removeTree(path);
     throw e;
   }
+  return true;
 }
 
 /** The NAR hash and size of a single non-executable regular file holding `bytes`. */
 function narHashOfBytes(bytes: Uint8Array): { hash: Hash; size: number } {
   const h = createHasher("sha256");
-  const w = new NarWriter((c) => h.update(c));
+  const w = new NarWriter((c) => h.update(c), 256);
   w.regular(false, bytes);
   const size = w.end();
   return { hash: makeHash("sha256", h.digest()), size };

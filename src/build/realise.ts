@@ -11,7 +11,7 @@ import { FerryError } from "../core/errors.js";
 import type { Derivation } from "../core/derivation.js";
 import { isFixedOutput, parseDerivation } from "../core/derivation.js";
 import { asFerryError, type LocalStore, type NewObject } from "../store/local-store.js";
-import { removeTree } from "../store/fs-util.js";
+import { removeTree, writeFileAtomic } from "../store/fs-util.js";
 import { BuildEmitter } from "./events.js";
 import { LogWriter, logPathOf } from "./logs.js";
 import { builtinFetchurl } from "./fetchurl.js";
@@ -308,6 +308,30 @@ function inputClosure(store: LocalStore, drv: Derivation): string[] {
   return roots.length ? store.closure(roots) : [];
 }
 
+const etcDirs = new WeakMap<LocalStore, string>();
+
+/**
+ * The sandbox's /etc/passwd, /etc/group and /etc/hosts, written once per store handle (in the
+ * state dir, where GC does not look) and shared read-only by every build.
+ */
+function sandboxEtc(store: LocalStore): string {
+  let dir = etcDirs.get(store);
+  if (dir) return dir;
+  dir = join(store.realStateDir, "sandbox-etc");
+  fs.mkdirSync(dir, { recursive: true });
+  const files: Record<string, string> = {
+    passwd: "root:x:0:0:Nix build user:/build:/noshell\nnixbld:x:1000:100:Nix build user:/build:/noshell\nnobody:x:65534:65534:Nobody:/:/noshell\n",
+    group: "root:x:0:\nnixbld:!:100:\nnogroup:x:65534:\n",
+    hosts: "127.0.0.1 localhost\n::1 localhost\n",
+  };
+  for (const [n, text] of Object.entries(files)) {
+    const p = join(dir, n);
+    if (!fs.existsSync(p) || fs.readFileSync(p, "utf8") !== text) writeFileAtomic(p, text);
+  }
+  etcDirs.set(store, dir);
+  return dir;
+}
+
 interface RunContext {
   readonly closure: readonly string[];
   readonly buildDir: string;
@@ -348,11 +372,7 @@ async function runBuilder(store: LocalStore, drv: Derivation, rc: RunContext): P
   let args: string[];
   let env: Record<string, string>;
   if (opts.sandbox) {
-    const etc = join(rc.buildDir, "..", "etc");
-    fs.mkdirSync(etc, { recursive: true });
-    fs.writeFileSync(join(etc, "passwd"), "root:x:0:0:Nix build user:/build:/noshell\nnixbld:x:1000:100:Nix build user:/build:/noshell\nnobody:x:65534:65534:Nobody:/:/noshell\n");
-    fs.writeFileSync(join(etc, "group"), "root:x:0:\nnixbld:!:100:\nnogroup:x:65534:\n");
-    fs.writeFileSync(join(etc, "hosts"), "127.0.0.1 localhost\n::1 localhost\n");
+    const etc = sandboxEtc(store);
     cmd = bwrapPath();
     args = bwrapArgs({
       storeDir: store.storeDir,

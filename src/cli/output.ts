@@ -16,6 +16,8 @@ export function note(line: string): void {
 
 /** The one top-level error printer: coded errors briefly with their hint, bugs with a stack. */
 export function printError(e: unknown): number {
+  // The reader of our output went away (`ferry … | head`): stop quietly, as Unix tools do.
+  if ((e as NodeJS.ErrnoException)?.code === "EPIPE") return 0;
   if (e instanceof FerryError) {
     let s = `error [${e.code}]: ${e.message}`;
     if (e.hint) s += `\n  hint: ${e.hint}`;

@@ -26,6 +26,15 @@ export interface DerivationAttrs {
   readonly [attr: string]: AttrValue | readonly AttrValue[];
 }
 
+/** Ferry's own source and build folders: stack frames there are not the user's. */
+const FERRY_ROOT = new URL("../../..", import.meta.url).pathname.replace(/\/$/, "");
+const OWN_DIRS = [`${FERRY_ROOT}/dist/`, `${FERRY_ROOT}/src/`, "/node_modules/"];
+
+/** True when a stack frame's file is Ferry's own code (or a dependency's), not the user's. */
+export function isOwnFrame(file: string): boolean {
+  return OWN_DIRS.some((d) => file.includes(d)) || file.startsWith("node:");
+}
+
 /** Where package code called us: the first stack frame outside Ferry itself. */
 export function callSite(): string | undefined {
   const stack = new Error().stack?.split("\n").slice(1) ?? [];
@@ -33,7 +42,7 @@ export function callSite(): string | undefined {
     const m = /\(?((?:file:\/\/)?\/[^()]+?):(\d+):(\d+)\)?$/.exec(line.trim());
     if (!m) continue;
     const file = m[1]!.replace(/^file:\/\//, "");
-    if (file.includes("/dist/src/") || file.includes("/node_modules/") || file.startsWith("node:")) continue;
+    if (isOwnFrame(file)) continue;
     return `${file}:${m[2]}`;
   }
   return undefined;

@@ -15,6 +15,7 @@ import { hashPath } from "../store/nar-dump.js";
 import { EvalContext, setEvalContext } from "./context.js";
 import { Package } from "./values.js";
 import { isLazySet, forceAttr } from "./package-set.js";
+import { isOwnFrame } from "./derivation.js";
 
 const PROTOCOL_FD = 3;
 
@@ -92,8 +93,13 @@ async function main(): Promise<void> {
   }
   const exported: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(mod)) {
-    if (k === "default" && v && typeof v === "object" && !(v instanceof Package)) Object.assign(exported, v);
-    else exported[k] = v;
+    if (k === "default" && v && typeof v === "object" && !(v instanceof Package)) {
+      // Members of a default-exported set become top-level attributes; lazy members stay lazy.
+      for (const key of Object.keys(v)) {
+        if (isLazySet(v)) Object.defineProperty(exported, key, { enumerable: true, get: () => forceAttr(v, key, []) });
+        else exported[key] = (v as Record<string, unknown>)[key];
+      }
+    } else exported[k] = v;
   }
   const root = attr ? select(exported, attr) : exported;
   let n = 0;
@@ -110,10 +116,13 @@ main().then(
   (e: unknown) => {
     const fe = e instanceof FerryError ? e : undefined;
     const err = e as Error;
+    // Point at the package set's own line where the error happened.
+    const userFrame = (err?.stack ?? "").split("\n").map((l) => /(?:file:\/\/)?(\/[^():]+):(\d+):\d+\)?$/.exec(l.trim())).find((m) => m && !isOwnFrame(m[1]!));
+    const where = userFrame ? `${userFrame[1]}:${userFrame[2]}: ` : "";
     send({
       t: "error",
       code: fe?.code ?? "FERRY_EVAL_FAILED",
-      message: fe ? fe.message : `${err?.name ?? "Error"}: ${err?.message ?? String(e)}`,
+      message: fe ? fe.message : `${where}${err?.name ?? "Error"}: ${err?.message ?? String(e)}`,
       hint: fe?.hint,
       stack: fe ? undefined : err?.stack,
     });

@@ -10,6 +10,7 @@ import { existsSync } from "node:fs";
 import { resolve } from "node:path";
 import { FerryError } from "../core/errors.js";
 import type { PlannedSource, PlannedText } from "./context.js";
+import { bwrapPath, sandboxAvailable } from "../build/sandbox.js";
 
 /** How evaluation results reach a store. */
 export interface EvalStorePort {
@@ -43,6 +44,8 @@ export interface EvalOptions {
   /** Called for each job as it is found. */
   readonly onJob?: (job: EvalJob) => void;
   readonly textBatch?: number;
+  /** Run the evaluator read-only and offline under bubblewrap when available (default true). */
+  readonly sandbox?: boolean;
 }
 
 export interface EvalResult {
@@ -63,9 +66,14 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
   if (!existsSync(file)) {
     throw new FerryError("FERRY_EVAL_NO_FILE", `the package set '${opts.file}' does not exist`, { hint: "give the path of a .ts or .js module that exports packages" });
   }
-  const child = spawn(process.execPath, [`--max-old-space-size=${opts.memoryMiB ?? 4096}`, "--enable-source-maps", WORKER, file, opts.attr ?? "", opts.storeDir, opts.hostSystem ?? hostSystemOf()], {
-    stdio: ["ignore", 2, 2, "pipe"],
-  });
+  const nodeArgs = [`--max-old-space-size=${opts.memoryMiB ?? 4096}`, "--enable-source-maps", WORKER, file, opts.attr ?? "", opts.storeDir, opts.hostSystem ?? hostSystemOf()];
+  // Package code runs with the whole filesystem read-only and no network, when bubblewrap is
+  // there: evaluation can read its sources and nothing else can happen.
+  const sandboxed = (opts.sandbox ?? true) && sandboxAvailable().ok;
+  const [cmd, args] = sandboxed
+    ? [bwrapPath(), ["--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--", process.execPath, ...nodeArgs]]
+    : [process.execPath, nodeArgs];
+  const child = spawn(cmd, args, { stdio: ["ignore", 2, 2, "pipe"] });
   const timeoutMs = (opts.timeoutSeconds ?? 600) * 1000;
   let timedOut = false;
   const timer = setTimeout(() => {

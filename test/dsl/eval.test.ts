@@ -1,0 +1,130 @@
+/** `ferry eval` as users meet it: errors that point at their line, limits, purity, cycles. */
+import { test, describe, before, after } from "node:test";
+import assert from "node:assert/strict";
+import * as fs from "node:fs";
+import { join } from "node:path";
+import { ferry, ferryOk } from "../helpers/cli.js";
+import { tempDir } from "../helpers/fs-trees.js";
+import { drvVectors, writeVectorPackageSet } from "../helpers/vector-fixture.js";
+
+describe("ferry eval", () => {
+  let dir: string;
+  before(() => {
+    dir = tempDir("ferry-eval-");
+  });
+  after(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  const write = (name: string, text: string) => {
+    const p = join(dir, name);
+    fs.writeFileSync(p, text);
+    return p;
+  };
+
+  test("writes .drv files and prints derivations and outputs; -A selects; --json", () => {
+    const pkgs = writeVectorPackageSet(fs.mkdtempSync(join(dir, "vec-")));
+    const root = join(dir, "r1");
+    const flags = ["--root", root, "--store-dir", "/nix/store", "--state-dir", "/nix/var"];
+    const one = ferryOk(["eval", ...flags, "-A", "simple", pkgs]).trim().split("\t");
+    const v = drvVectors().find((x) => x.attr === "simple" && x.store_dir === "/nix/store")!;
+    assert.deepEqual(one, ["simple", v.drv_path, v.outputs.out]);
+    assert.equal(fs.readFileSync(join(root, v.drv_path), "utf8"), v.drv_text);
+    const all = JSON.parse(ferryOk(["eval", "--json", ...flags, pkgs])) as { attr: string; drvPath: string }[];
+    assert.equal(all.length, 7);
+    // The .drv of a dependency is in the store with its references.
+    const dep = all.find((j) => j.attr === "dependent")!;
+    const info = JSON.parse(ferryOk(["store", "path-info", "--json", ...flags, dep.drvPath]))[0];
+    assert.ok(info.references.some((r: string) => r.endsWith("-simple.drv")));
+    assert.ok(info.references.some((r: string) => r.endsWith("-dependent-builder.sh")));
+  });
+
+  test("errors name the file and line in the package set, with a code and a hint", () => {
+    const badName = write("bad-name.ts", `import { derivation } from "ferry";\n\nexport const x = derivation({ name: "has space", system: "x86_64-linux", builder: "/bin/sh" });\n`);
+    const r = ferry(["eval", "--dry-run", badName]);
+    assert.equal(r.status, 1);
+    assert.match(r.stderr, new RegExp(`error \\[FERRY_STORE_BAD_NAME\\]: ${badName}:3: `));
+    const thrown = write("throws.ts", `import { derivation } from "ferry";\nconst n: number = 1;\nif (n) throw new Error("boom in the package set");\nexport const x = derivation({ name: "x", system: "x86_64-linux", builder: "/bin/sh" });\n`);
+    const t = ferry(["eval", "--dry-run", thrown]);
+    assert.match(t.stderr, new RegExp(`${thrown}:3: Error: boom in the package set`));
+    const missing = ferry(["eval", "--dry-run", "-A", "nope", badName.replace("bad-name", "../vec-x/none")]);
+    assert.match(missing.stderr, /FERRY_EVAL_NO_FILE/);
+    const ok = write("ok.ts", `import { derivation } from "ferry";\nexport const x = derivation({ name: "x", system: "x86_64-linux", builder: "/bin/sh" });\n`);
+    const noAttr = ferry(["eval", "--dry-run", "-A", "y", ok]);
+    assert.match(noAttr.stderr, /FERRY_EVAL_NO_ATTR.*'y'/);
+    assert.match(noAttr.stderr, /hint: the package set exports: x/);
+    const noHash = write("nohash.ts", `import { fetchurl } from "ferry";\nexport const src = fetchurl({ url: "https://example.org/x.tar.gz", hash: "" });\n`);
+    assert.match(ferry(["eval", "--dry-run", noHash]).stderr, /FERRY_EVAL_NO_HASH/);
+  });
+
+  test("a dependency cycle in a package set is reported with the cycle and the attribute", () => {
+    const cyc = write("cycle.ts", `import { packageSet, derivation } from "ferry";
+      const mk = (name: string, dep?: unknown) => derivation({ name, system: "x86_64-linux", builder: "/bin/sh", dep: dep as string });
+      export default packageSet((self: any) => ({
+        a: () => mk("a", self.b),
+        b: () => mk("b", self.c),
+        c: () => mk("c", self.a),
+        fine: () => mk("fine"),
+      }));
+    `);
+    const r = ferry(["eval", "--dry-run", cyc]);
+    assert.equal(r.status, 1);
+    assert.match(r.stderr, /FERRY_EVAL_CYCLE\]: dependency cycle: a -> b -> c -> a \(while evaluating the attribute 'a'\)/);
+    // Members that refer to each other without a cycle evaluate in any order.
+    const ok = write("set.ts", `import { packageSet, derivation } from "ferry";
+      export default packageSet((self: any) => ({
+        top: () => derivation({ name: "top", system: "x86_64-linux", builder: "/bin/sh", dep: self.base }),
+        base: () => derivation({ name: "base", system: "x86_64-linux", builder: "/bin/sh" }),
+      }));
+    `);
+    const jobs = JSON.parse(ferryOk(["eval", "--dry-run", "--json", ok])) as { attr: string }[];
+    assert.deepEqual(jobs.map((j) => j.attr).sort(), ["base", "top"]);
+  });
+
+  test("evaluation is pure: package code cannot write files or reach the network", () => {
+    const target = join(dir, "side-effect");
+    const evil = write("evil.ts", `import { writeFileSync } from "node:fs";\nwriteFileSync(${JSON.stringify(target)}, "x");\nexport {};\n`);
+    const r = ferry(["eval", "--dry-run", evil]);
+    assert.equal(r.status, 1);
+    assert.match(r.stderr, /EROFS/);
+    assert.ok(!fs.existsSync(target));
+  });
+
+  test("time and memory limits stop runaway evaluations", () => {
+    const loop = write("loop.ts", `while (true) { /* forever */ }\nexport {};\n`);
+    const t0 = Date.now();
+    const r = ferry(["eval", "--dry-run", "--eval-timeout", "2", loop]);
+    assert.equal(r.status, 1);
+    assert.match(r.stderr, /FERRY_EVAL_TIMEOUT/);
+    assert.ok(Date.now() - t0 < 15000);
+    const hog = write("hog.ts", `const keep: number[][] = [];\nfor (;;) keep.push(new Array(1e6).fill(1));\nexport {};\n`);
+    const m = ferry(["eval", "--dry-run", "--eval-memory", "64", hog]);
+    assert.equal(m.status, 1);
+    assert.match(m.stderr, /FERRY_EVAL_OUT_OF_MEMORY/);
+  });
+
+  test("derivation show prints Nix's JSON; derivation add accepts a true .drv and refuses a forged one", () => {
+    const pkgs = writeVectorPackageSet(fs.mkdtempSync(join(dir, "vec-")));
+    const root = join(dir, "r-show");
+    const flags = ["--root", root, "--store-dir", "/nix/store", "--state-dir", "/nix/var"];
+    ferryOk(["eval", ...flags, pkgs]);
+    const v = drvVectors().find((x) => x.attr === "dependent" && x.store_dir === "/nix/store")!;
+    const shown = JSON.parse(ferryOk(["derivation", "show", "--json", ...flags, v.drv_path]));
+    const all = JSON.parse(fs.readFileSync(join(new URL("../../../..", import.meta.url).pathname, "shared", "conformance", "nix", "vectors", "derivations.json"), "utf8"));
+    const expected = all.vectors.find((x: { drv_path: string }) => x.drv_path === v.drv_path).nix_show_derivation;
+    assert.deepEqual(shown[v.drv_path], expected);
+    // A second store with the inputs but not the .drv: add it from its text.
+    const root2 = join(dir, "r-add");
+    const flags2 = ["--root", root2, "--store-dir", "/nix/store", "--state-dir", "/nix/var"];
+    ferryOk(["eval", ...flags2, "-A", "simple", pkgs]);
+    const simple = drvVectors().find((x) => x.attr === "simple" && x.store_dir === "/nix/store")!;
+    const multi = drvVectors().find((x) => x.attr === "multi" && x.store_dir === "/nix/store")!;
+    ferryOk(["eval", ...flags2, "-A", "multi", pkgs]);
+    assert.equal(ferryOk(["derivation", "add", ...flags2], { input: Buffer.from(simple.drv_text) }).trim(), simple.drv_path);
+    const forged = simple.drv_text.replace(/94f9f6i31zwzwbf0kclq1naqxxi4c7v9/g, "0000000000000000000000000000000a");
+    const r = ferry(["derivation", "add", ...flags2], { input: Buffer.from(forged) });
+    assert.equal(r.status, 1);
+    assert.match(r.stderr, /FERRY_DRV_WRONG_OUTPUTS/);
+    const noInputs = ferry(["derivation", "add", "--root", join(dir, "empty"), "--store-dir", "/nix/store", "--state-dir", "/nix/var"], { input: Buffer.from(v.drv_text) });
+    assert.match(noInputs.stderr, /FERRY_DRV_MISSING_INPUT/);
+    void multi;
+  });
+});

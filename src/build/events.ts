@@ -10,7 +10,9 @@ export interface BuildEvents {
   "build:failed": { drvPath: string; name: string; error: { code: string; message: string; hint?: string }; logPath?: string; durationMs: number; keptBuildDir?: string };
   "build:skipped": { drvPath: string; name: string; reason: string };
   "fetch:progress": { drvPath: string; url: string; bytes: number; total?: number };
-  "realise:finished": { built: number; failed: number; skipped: number; durationMs: number };
+  "substitute:started": { drvPath: string; name: string };
+  "substitute:finished": { drvPath: string; name: string; durationMs: number };
+  "realise:finished": { built: number; substituted: number; failed: number; skipped: number; durationMs: number };
 }
 
 export class BuildEmitter extends TypedEmitter<BuildEvents> {}

@@ -1,6 +1,7 @@
 /**
- * The build plan, a value: which derivations of a request need building, in what dependency
- * order, and which are already valid. Computed from the .drv files alone, before anything runs.
+ * The build plan, a value: which derivations of a request are built, which are substituted
+ * from a cache, in what dependency order, and which are valid already. Computed from the .drv
+ * files and one batched question to the substituters, before anything runs.
  */
 import type { Derivation } from "../core/derivation.js";
 
@@ -8,12 +9,14 @@ export interface PlanNode {
   readonly drvPath: string;
   readonly drv: Derivation;
   readonly name: string;
-  /** Input derivations that need building first (a subset of inputDrvs). */
+  /** "substitute": every output comes from a substituter, so its inputs are not needed. */
+  readonly kind: "build" | "substitute";
+  /** Planned derivations that must finish first (a subset of inputDrvs). */
   readonly waitsFor: readonly string[];
 }
 
 export interface BuildPlan {
-  /** Derivations to build, every one after those it waits for. */
+  /** Derivations to build or substitute, every one after those it waits for. */
   readonly nodes: readonly PlanNode[];
   /** Requested derivations whose outputs are all valid already. */
   readonly valid: readonly string[];
@@ -24,41 +27,81 @@ export interface PlanPorts {
   isValid(path: string): boolean;
 }
 
-/**
- * Plans the realisation of `targets`. With `check`, the targets themselves are rebuilt even when
- * valid (their inputs are not).
- */
-export function planBuild(targets: readonly string[], ports: PlanPorts, opts: { check?: boolean } = {}): BuildPlan {
+export interface PlanOptions {
+  /** Rebuild the targets themselves even when valid (their inputs are not). */
+  readonly check?: boolean;
+  /** Output paths some substituter has. */
+  readonly substitutable?: ReadonlySet<string>;
+}
+
+/** Every output path of the request's derivations (and their inputs) that is not valid. */
+export function missingOutputs(targets: readonly string[], ports: PlanPorts): string[] {
+  const seen = new Set<string>();
+  const missing: string[] = [];
+  const stack = [...targets];
+  while (stack.length) {
+    const p = stack.pop()!;
+    if (seen.has(p)) continue;
+    seen.add(p);
+    const drv = ports.readDerivation(p);
+    const outs = [...drv.outputs.values()].map((o) => o.path);
+    const absent = outs.filter((o) => !ports.isValid(o));
+    missing.push(...absent);
+    if (absent.length) stack.push(...drv.inputDrvs.keys());
+  }
+  return missing;
+}
+
+export function planBuild(targets: readonly string[], ports: PlanPorts, opts: PlanOptions = {}): BuildPlan {
   const drvs = new Map<string, Derivation>();
-  const needed = new Map<string, boolean>();
+  const kind = new Map<string, "valid" | "build" | "substitute">();
   const order: string[] = [];
   const targetSet = new Set(targets);
-  // Iterative post-order walk: inputs are visited before the derivations that use them.
+  const subst = opts.substitutable ?? new Set<string>();
+  const read = (p: string) => {
+    let d = drvs.get(p);
+    if (!d) drvs.set(p, (d = ports.readDerivation(p)));
+    return d;
+  };
+  const classify = (p: string): "valid" | "build" | "substitute" => {
+    const outs = [...read(p).outputs.values()].map((o) => o.path);
+    const checking = opts.check === true && targetSet.has(p);
+    if (!checking && outs.every((o) => o !== "" && ports.isValid(o))) return "valid";
+    if (!checking && outs.every((o) => ports.isValid(o) || subst.has(o))) return "substitute";
+    return "build";
+  };
+  // Iterative post-order walk: the inputs of a derivation that is built are visited before it;
+  // those of a valid or substituted one are not needed at all.
   const stack: { path: string; expanded: boolean }[] = [...targets].reverse().map((path) => ({ path, expanded: false }));
   while (stack.length) {
     const top = stack.pop()!;
-    if (needed.has(top.path)) continue;
-    let drv = drvs.get(top.path);
-    if (!drv) drvs.set(top.path, (drv = ports.readDerivation(top.path)));
+    if (kind.has(top.path)) continue;
     if (!top.expanded) {
+      const k = classify(top.path);
+      if (k !== "build") {
+        kind.set(top.path, k);
+        order.push(top.path);
+        continue;
+      }
       stack.push({ path: top.path, expanded: true });
-      for (const input of drv.inputDrvs.keys()) if (!needed.has(input)) stack.push({ path: input, expanded: false });
+      for (const input of read(top.path).inputDrvs.keys()) if (!kind.has(input)) stack.push({ path: input, expanded: false });
       continue;
     }
-    const outputsValid = [...drv.outputs.values()].every((o) => o.path !== "" && ports.isValid(o.path));
-    needed.set(top.path, !outputsValid || (opts.check === true && targetSet.has(top.path)));
+    kind.set(top.path, "build");
     order.push(top.path);
   }
   const nodes: PlanNode[] = [];
   for (const p of order) {
-    if (!needed.get(p)) continue;
+    const k = kind.get(p)!;
+    if (k === "valid") continue;
     const drv = drvs.get(p)!;
     nodes.push(Object.freeze({
       drvPath: p,
       drv,
       name: drv.env.get("name") ?? p,
-      waitsFor: Object.freeze([...drv.inputDrvs.keys()].filter((i) => needed.get(i))),
+      kind: k,
+      waitsFor: Object.freeze(k === "build" ? [...drv.inputDrvs.keys()].filter((i) => kind.get(i) === "build" || kind.get(i) === "substitute") : []),
     }));
   }
-  return Object.freeze({ nodes: Object.freeze(nodes), valid: Object.freeze(targets.filter((t) => !needed.get(t))) });
+  return Object.freeze({ nodes: Object.freeze(nodes), valid: Object.freeze(targets.filter((t) => kind.get(t) === "valid")) });
 }

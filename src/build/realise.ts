@@ -16,13 +16,19 @@ import { BuildEmitter } from "./events.js";
 import { LogWriter, logPathOf } from "./logs.js";
 import { builtinFetchurl } from "./fetchurl.js";
 import { canonicalise, checkFixedOutput, diffTrees, scanOutput } from "./outputs.js";
-import { planBuild, type PlanNode } from "./plan.js";
+import { missingOutputs, planBuild, type PlanNode } from "./plan.js";
 import { HOST_TOOL_PATHS, SANDBOX_BUILD_DIR, bwrapArgs, bwrapPath, requireSandbox } from "./sandbox.js";
 import { supportedSystems } from "./systems.js";
 
-/** Where substitutes come from; the binary cache issue provides one. */
+/**
+ * Where substitutes come from (a binary cache, another store). Lookups are batched; a
+ * substituter registers a path only once it is complete and checked, and fetches whatever the
+ * path references that the store lacks.
+ */
 export interface Substituter {
-  /** Fetches and registers `path` if the substituter has it; returns whether it did. */
+  /** Which of `paths` this substituter can provide. */
+  has(paths: readonly string[]): Promise<Set<string>>;
+  /** Fetches `path` (and its missing references) into the store; returns whether it is valid now. */
   substitute(path: string): Promise<boolean>;
 }
 
@@ -60,10 +66,20 @@ export async function realise(store: LocalStore, targets: readonly string[], opt
   if (sandbox) requireSandbox();
   const started = Date.now();
   const readDrv = (p: string) => readStoreDerivation(store, p);
-  const plan = planBuild(targets, { readDerivation: readDrv, isValid: (p) => store.isValid(p) }, { check: opts.check ?? false });
+  const ports = { readDerivation: readDrv, isValid: (p: string) => store.isValid(p) };
+  const substitutable = new Set<string>();
+  if (opts.substituters?.length && !opts.check) {
+    const missing = missingOutputs(targets, ports);
+    for (const s of opts.substituters) {
+      const wanted = missing.filter((p) => !substitutable.has(p));
+      if (wanted.length) for (const p of await s.has(wanted)) substitutable.add(p);
+    }
+  }
+  const plan = planBuild(targets, ports, { check: opts.check ?? false, substitutable });
   const outcomes = new Map<string, BuildOutcome>();
   for (const v of plan.valid) outcomes.set(v, { drvPath: v, status: "valid", outputs: outputsOf(readDrv(v)) });
-  events.emit("realise:planned", { toBuild: plan.nodes.length, toSubstitute: 0, valid: plan.valid.length });
+  const toSubstitute = plan.nodes.filter((n) => n.kind === "substitute").length;
+  events.emit("realise:planned", { toBuild: plan.nodes.length - toSubstitute, toSubstitute, valid: plan.valid.length });
 
   const jobs = Math.max(1, opts.jobs ?? 1);
   const waiting = new Map(plan.nodes.map((n) => [n.drvPath, new Set(n.waitsFor)]));
@@ -98,7 +114,8 @@ export async function realise(store: LocalStore, targets: readonly string[], opt
         const node = ready.shift()!;
         if (outcomes.has(node.drvPath)) continue;
         running++;
-        buildOne(store, node, { ...opts, sandbox, events, check: checkSet.has(node.drvPath) })
+        const work = node.kind === "substitute" ? substituteOne(store, node, opts.substituters ?? [], events) : buildOne(store, node, { ...opts, sandbox, events, check: checkSet.has(node.drvPath) });
+        work
           .catch((e: unknown) => ({ drvPath: node.drvPath, status: "failed" as const, error: asFerryError(e) }))
           .then((outcome) => {
             running--;
@@ -114,6 +131,7 @@ export async function realise(store: LocalStore, targets: readonly string[], opt
   const list = [...targets.map((t) => outcomes.get(t)!), ...plan.nodes.filter((n) => !targets.includes(n.drvPath)).map((n) => outcomes.get(n.drvPath)!)];
   events.emit("realise:finished", {
     built: list.filter((o) => o.status === "built").length,
+    substituted: list.filter((o) => o.status === "substituted").length,
     failed: list.filter((o) => o.status === "failed").length,
     skipped: list.filter((o) => o.status === "dependency-failed").length,
     durationMs: Date.now() - started,
@@ -134,6 +152,36 @@ export function readStoreDerivation(store: LocalStore, drvPath: string): Derivat
     m.set(drvPath, d);
   }
   return d;
+}
+
+/** Substitutes every output of a planned node; a substituter that fails over to the next. */
+async function substituteOne(store: LocalStore, node: PlanNode, substituters: readonly Substituter[], ev: BuildEmitter): Promise<BuildOutcome> {
+  const t0 = Date.now();
+  ev.emit("substitute:started", { drvPath: node.drvPath, name: node.name });
+  const errors: string[] = [];
+  for (const out of node.drv.outputs.values()) {
+    if (store.isValid(out.path)) continue;
+    let ok = false;
+    for (const s of substituters) {
+      try {
+        if (await s.substitute(out.path)) {
+          ok = true;
+          break;
+        }
+      } catch (e) {
+        errors.push((e as Error).message);
+      }
+    }
+    if (!ok) {
+      const error = new FerryError("FERRY_SUBSTITUTE_FAILED", `could not substitute ${out.path}${errors.length ? `: ${errors.join("; ")}` : ""}`, {
+        hint: "the substituter announced it but could not deliver it; build it with the substituter disabled",
+      });
+      ev.emit("build:failed", { drvPath: node.drvPath, name: node.name, error: { code: error.code, message: error.message, ...(error.hint ? { hint: error.hint } : {}) }, durationMs: Date.now() - t0 });
+      return { drvPath: node.drvPath, status: "failed", error };
+    }
+  }
+  ev.emit("substitute:finished", { drvPath: node.drvPath, name: node.name, durationMs: Date.now() - t0 });
+  return { drvPath: node.drvPath, status: "substituted", outputs: outputsOf(node.drv) };
 }
 
 interface BuildOneOptions extends RealiseOptions {

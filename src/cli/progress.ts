@@ -77,7 +77,7 @@ export function attachProgress(events: BuildEmitter, mode: "tty" | "plain" | "js
     if (mode !== "tty") return;
     clear();
     const width = process.stderr.columns || 100;
-    const lines = [`\x1b[1m${done}/${total} built\x1b[0m, ${running.size} running, ${Math.max(0, total - done - failed - skipped - running.size)} queued, ${failed} failed${skipped ? `, ${skipped} skipped` : ""}`];
+    const lines = [`\x1b[1m${done}/${total} done\x1b[0m, ${running.size} running, ${Math.max(0, total - done - failed - skipped - running.size)} queued, ${failed} failed${skipped ? `, ${skipped} skipped` : ""}`];
     for (const r of running.values()) {
       const el = Date.now() - r.started;
       const est = history?.estimate(r.name);
@@ -89,8 +89,17 @@ export function attachProgress(events: BuildEmitter, mode: "tty" | "plain" | "js
   };
   const timer = mode === "tty" ? setInterval(draw, 200) : undefined;
   offs.push(events.on("realise:planned", (p) => {
-    total = p.toBuild;
-    if (mode === "plain") say(`ferry: ${p.toBuild} to build, ${p.valid} already valid`);
+    total = p.toBuild + p.toSubstitute;
+    if (mode === "plain") say(`ferry: ${p.toBuild} to build, ${p.toSubstitute} to substitute, ${p.valid} already valid`);
+  }));
+  offs.push(events.on("substitute:started", (b) => {
+    running.set(b.drvPath, { name: `${b.name} (substituting)`, started: Date.now(), lastLine: "" });
+    if (mode === "plain") say(`substituting ${b.name}`);
+  }));
+  offs.push(events.on("substitute:finished", (b) => {
+    running.delete(b.drvPath);
+    done++;
+    if (mode === "plain") say(`substituted ${b.name}`);
   }));
   offs.push(events.on("build:started", (b) => {
     running.set(b.drvPath, { name: b.name, started: Date.now(), lastLine: "" });
@@ -125,7 +134,7 @@ export function attachProgress(events: BuildEmitter, mode: "tty" | "plain" | "js
   }));
   offs.push(events.on("realise:finished", (r) => {
     clear();
-    say(`ferry: ${r.built} built, ${r.failed} failed, ${r.skipped} skipped because a dependency failed, in ${secs(r.durationMs)}`);
+    say(`ferry: ${r.built} built, ${r.substituted ? `${r.substituted} substituted, ` : ""}${r.failed} failed, ${r.skipped} skipped because a dependency failed, in ${secs(r.durationMs)}`);
     for (const f of failures) {
       say(`  ✗ ${f.name}: ${f.message.split("\n")[0]}`);
       if (f.logPath) say(`    log: ${f.logPath}`);

@@ -8,10 +8,14 @@ import { GENERIC_BUILDER } from "./generic-builder.js";
 import { builderPath, type StoreThing } from "./builders.js";
 import type { Package } from "./values.js";
 
-/** What C packages need from the host when they use its compiler; override with `hostTools`. */
+/**
+ * What C packages need from the host when they use its compiler (autoconf's configure, make,
+ * libtool and the generic builder's own phases); override with `hostTools`.
+ */
 export const DEFAULT_HOST_TOOLS: readonly string[] = [
-  "sh", "gcc", "g++", "cc", "ld", "ar", "as", "strip", "make", "tar", "gzip", "bzip2", "xz",
-  "sed", "grep", "awk", "find", "cmp", "diff", "patch", "cat", "cp", "mv", "rm", "mkdir", "chmod", "ln", "sort", "tr", "od", "head", "cut", "expr",
+  "sh", "gcc", "g++", "cc", "cpp", "ld", "ar", "as", "ranlib", "nm", "strip", "make", "tar", "gzip", "bzip2", "xz",
+  "sed", "grep", "awk", "find", "cmp", "diff", "patch", "cat", "cp", "mv", "rm", "mkdir", "rmdir", "chmod", "ln", "ls", "touch",
+  "install", "sort", "uniq", "tr", "od", "head", "tail", "cut", "expr", "wc", "uname", "basename", "dirname", "env", "sleep", "date",
 ];
 
 /** GNU triplets of the systems Ferry cross-compiles to with the host's cross toolchains. */
@@ -45,6 +49,13 @@ export interface PackageArgs extends Partial<Record<Phase | Hook, string>> {
   readonly system?: string;
   /** Cross-compile for this system with the host's cross toolchain (e.g. aarch64-linux). */
   readonly crossSystem?: string;
+  /**
+   * In a cross build, which of configure's `--build`/`--host` flags to pass (default both).
+   * `[]` for configure scripts that are not autoconf's (zlib's), which take the compiler from $CC.
+   */
+  readonly configurePlatforms?: readonly ("build" | "host")[];
+  /** The directory to build in, relative to where the source was unpacked (default: the one directory the archive holds). */
+  readonly sourceRoot?: string;
   /** More environment variables for the build. */
   readonly env?: Readonly<Record<string, AttrValue>>;
   readonly meta?: Readonly<Record<string, unknown>>;
@@ -61,19 +72,23 @@ export function mkPackage(a: PackageArgs): Package {
   const ctx = evalContext();
   if (!a.pname || !a.version) throw evalError("FERRY_EVAL_BAD_VALUE", "mkPackage needs a pname and a version");
   if (a.src === undefined) throw evalError("FERRY_EVAL_BAD_VALUE", `package ${a.pname} has no src`, "use fetchurl({ url, hash }) or source(\"./dir\")");
+  const system = a.system ?? ctx.settings.hostSystem;
   let triplet: string | undefined;
-  if (a.crossSystem && a.crossSystem !== (a.system ?? ctx.settings.hostSystem)) {
+  if (a.crossSystem && a.crossSystem !== system) {
     triplet = CROSS_TRIPLETS[a.crossSystem];
     if (!triplet) throw evalError("FERRY_EVAL_NO_CROSS", `no cross toolchain is known for ${a.crossSystem}`, `known: ${Object.keys(CROSS_TRIPLETS).join(", ")}`);
   }
-  const hostTools = [...(a.hostTools ?? DEFAULT_HOST_TOOLS), ...(triplet ? [`${triplet}-gcc`] : [])];
+  const buildTriplet = triplet ? CROSS_TRIPLETS[system] : undefined;
+  if (triplet && !buildTriplet) throw evalError("FERRY_EVAL_NO_CROSS", `cannot cross-compile from ${system}: its GNU triplet is not known`, `known: ${Object.keys(CROSS_TRIPLETS).join(", ")}`);
+  const crossTools = triplet ? ["gcc", "ar", "ranlib", "strip"].map((t) => `${triplet}-${t}`) : [];
+  const hostTools = [...(a.hostTools ?? DEFAULT_HOST_TOOLS), ...crossTools];
   const buildInputs = a.buildInputs ?? [];
   const attrs: Record<string, AttrValue> = {
     ...(a.env ?? {}),
     name: `${a.pname}-${a.version}`,
     pname: a.pname,
     version: a.version,
-    system: a.system ?? ctx.settings.hostSystem,
+    system,
     builder: "/bin/sh",
     args: [genericBuilderPath()],
     src: a.src,
@@ -82,7 +97,12 @@ export function mkPackage(a: PackageArgs): Package {
     ferryHostPath: builderPath([], hostTools) || undefined,
   };
   if (a.outputs) attrs.outputs = [...a.outputs];
-  if (triplet) attrs.ferryCrossHost = triplet;
+  if (triplet) {
+    attrs.ferryCrossHost = triplet;
+    attrs.ferryCrossBuild = buildTriplet;
+    if (a.configurePlatforms) attrs.configurePlatforms = [...a.configurePlatforms];
+  }
+  if (a.sourceRoot) attrs.sourceRoot = a.sourceRoot;
   if (a.configureFlags) attrs.configureFlags = [...a.configureFlags];
   if (a.makeFlags) attrs.makeFlags = [...a.makeFlags];
   if (a.installFlags) attrs.installFlags = [...a.installFlags];

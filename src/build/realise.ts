@@ -46,6 +46,8 @@ export interface RealiseOptions {
   readonly hashedMirrors?: readonly string[];
   readonly substituters?: readonly Substituter[];
   readonly events?: BuildEmitter;
+  /** Cancels the realisation: running builds are killed (whole process trees), none start. */
+  readonly signal?: AbortSignal;
 }
 
 export type BuildOutcome =
@@ -113,6 +115,12 @@ export async function realise(store: LocalStore, targets: readonly string[], opt
       while (running < jobs && ready.length) {
         const node = ready.shift()!;
         if (outcomes.has(node.drvPath)) continue;
+        if (opts.signal?.aborted) {
+          const error = new FerryError("FERRY_BUILD_CANCELLED", `${node.name} was not started: the build was cancelled`);
+          events.emit("build:failed", { drvPath: node.drvPath, name: node.name, error: { code: error.code, message: error.message }, durationMs: 0 });
+          finish(node, { drvPath: node.drvPath, status: "failed", error });
+          continue;
+        }
         running++;
         const work = node.kind === "substitute" ? substituteOne(store, node, opts.substituters ?? [], events) : buildOne(store, node, { ...opts, sandbox, events, check: checkSet.has(node.drvPath) });
         work
@@ -469,15 +477,14 @@ async function runBuilder(store: LocalStore, drv: Derivation, rc: RunContext): P
     };
     child.stdout!.on("data", onData);
     child.stderr!.on("data", onData);
-    const onSignal = () => killTree(new FerryError("FERRY_BUILD_CANCELLED", `${name} was cancelled`));
-    process.once("SIGINT", onSignal);
-    process.once("SIGTERM", onSignal);
+    const onSignal = () => killTree(new FerryError("FERRY_BUILD_CANCELLED", `${name} was cancelled`, { hint: "run the build again to continue; finished outputs are kept" }));
+    if (opts.signal?.aborted) onSignal();
+    opts.signal?.addEventListener("abort", onSignal, { once: true });
     child.on("error", (e) => reject(new FerryError("FERRY_BUILD_SPAWN", `cannot start the builder of ${name} (${cmd}): ${e.message}`, { hint: "check that the builder exists on this machine" })));
     child.on("close", (code, signal) => {
       if (silentTimer) clearTimeout(silentTimer);
       if (total) clearTimeout(total);
-      process.removeListener("SIGINT", onSignal);
-      process.removeListener("SIGTERM", onSignal);
+      opts.signal?.removeEventListener("abort", onSignal);
       if (partial) opts.events.emit("build:log", { drvPath, line: partial });
       if (killedFor) return reject(killedFor);
       if (code === 0) return resolve();

@@ -6,7 +6,7 @@ import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import { join } from "node:path";
-import { ferry, ferryOk } from "../helpers/cli.js";
+import { ferry, ferryOk, spawnFerry } from "../helpers/cli.js";
 import { tempDir } from "../helpers/fs-trees.js";
 import { drvVectors, writeVectorPackageSet } from "../helpers/vector-fixture.js";
 
@@ -191,5 +191,30 @@ describe("realiser", () => {
     const r = ferry(["build", ...storeFlags(join(dir, "sys")), mod]);
     assert.equal(r.status, 1);
     assert.match(r.stderr, /x is for riscv64-linux, and this machine builds for x86_64-linux/);
+  });
+
+  test("Ctrl-C cancels: the builders' process trees die and nothing new starts", async () => {
+    const root = join(dir, "cancel");
+    const mod = join(dir, "cancel.ts");
+    fs.writeFileSync(mod, `
+      import { derivation } from "ferry";
+      export const slow = derivation({ name: "slow", system: "x86_64-linux", builder: "/bin/sh", args: ["-c", "(/bin/sleep 3; echo alive > /build/late) & echo started; /bin/sleep 30"] });
+      export const later = derivation({ name: "later", system: "x86_64-linux", builder: "/bin/sh", args: ["-c", "echo $slow > $out"], slow });
+    `);
+    const p = spawnFerry(["build", "--json", "--keep-failed", ...storeFlags(root), mod]);
+    let stdout = "";
+    p.stdout!.on("data", (d: Buffer) => (stdout += d.toString()));
+    const exited = new Promise<number | null>((res) => p.on("exit", (code) => res(code)));
+    while (!stdout.includes('"build:started"')) await new Promise((r) => setTimeout(r, 50));
+    await new Promise((r) => setTimeout(r, 300));
+    p.kill("SIGINT");
+    assert.equal(await exited, 130);
+    const failed = stdout.split("\n").filter((l) => l.includes('"build:failed"')).map((l) => JSON.parse(l));
+    assert.equal(failed[0].error.code, "FERRY_BUILD_CANCELLED");
+    await new Promise((r) => setTimeout(r, 3500));
+    assert.ok(!fs.existsSync(join(failed[0].keptBuildDir, "build", "late")), "no process of the build survives");
+    const results = JSON.parse(stdout.split("\n").find((l) => l.startsWith('{"results"'))!).results as { drvPath: string; status: string }[];
+    assert.ok(results.every((r) => r.status !== "built"));
+    fs.rmSync(failed[0].keptBuildDir, { recursive: true, force: true });
   });
 });

@@ -57,14 +57,22 @@ export function buildCommand(): Command {
         const mode = f.json ? "json" : process.stderr.isTTY ? "tty" : "plain";
         const progress = attachProgress(events, mode, new BuildHistory(s.realStateDir));
         let outcomes;
+        // Ctrl-C (or SIGTERM) cancels: builders are killed with their whole process trees.
+        const cancel = new AbortController();
+        const onSignal = () => cancel.abort();
+        process.on("SIGINT", onSignal);
+        process.on("SIGTERM", onSignal);
         try {
           outcomes = await realise(s, drvs, {
             jobs: f.maxJobs, cores: f.cores, sandbox: f.sandbox, keepFailed: !!f.keepFailed, check: !!f.check,
             ...(f.maxSilentTime ? { maxSilentTime: f.maxSilentTime } : {}), ...(f.timeout ? { timeout: f.timeout } : {}),
             hashedMirrors: [...f.hashedMirror, ...(process.env.FERRY_HASHED_MIRRORS ?? "").split(" ").filter((x) => x)],
             events,
+            signal: cancel.signal,
           });
         } finally {
+          process.removeListener("SIGINT", onSignal);
+          process.removeListener("SIGTERM", onSignal);
           progress.stop();
         }
         const mine = outcomes.filter((o) => drvs.includes(o.drvPath));
@@ -73,7 +81,8 @@ export function buildCommand(): Command {
         else for (const p of new Set(mine.flatMap((o) => ("outputs" in o ? Object.values(o.outputs) : [])))) out(p);
         const bad = outcomes.filter((o) => o.status === "failed" || o.status === "dependency-failed");
         const irreproducible = outcomes.some((o) => "checked" in o && o.checked && !o.checked.reproducible);
-        if (bad.length || irreproducible) process.exitCode = 1;
+        if (cancel.signal.aborted) process.exitCode = 130;
+        else if (bad.length || irreproducible) process.exitCode = 1;
       });
     });
 }

@@ -2,7 +2,7 @@
  * The one place core/ reaches for a hash function. node:crypto is pure computation here (no I/O);
  * a browser bundle replaces this module with a WebCrypto/JS implementation of the same surface.
  */
-import { createHash, type Hash as NodeHash } from "node:crypto";
+import { createHash, hash as oneShotHash, type Hash as NodeHash } from "node:crypto";
 
 export type HashAlgo = "md5" | "sha1" | "sha256" | "sha512";
 
@@ -32,7 +32,8 @@ export function createHasher(algo: HashAlgo): Hasher {
 }
 
 export function digestOf(algo: HashAlgo, data: Uint8Array | string): Uint8Array {
-  return new Uint8Array(createHash(algo).update(data).digest());
+  const b = oneShotHash(algo, data, "buffer");
+  return new Uint8Array(b.buffer, b.byteOffset, b.byteLength);
 }
 
 export function sha256(data: Uint8Array | string): Uint8Array {

@@ -18,6 +18,9 @@ export interface EvalStorePort {
   addSource(s: PlannedSource): void;
   /** Adds text objects (in order); each must produce its `storePath`. */
   addTexts(ts: readonly PlannedText[]): void;
+  /** For ports that write in the background: resolves once everything is written. */
+  finish?(): Promise<void>;
+  abort?(): Promise<void>;
 }
 
 export interface EvalJob {
@@ -106,7 +109,7 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
           case "text":
             texts++;
             batch.push(m as unknown as PlannedText);
-            if (batch.length >= (opts.textBatch ?? 2000)) flush();
+            if (batch.length >= (opts.textBatch ?? 5000)) flush();
             break;
           case "job": {
             const job = m as unknown as EvalJob;
@@ -134,6 +137,8 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
     clearTimeout(timer);
   }
   const { code, signal } = await exited;
+  if (failure || timedOut || !finished) await opts.store?.abort?.();
+  else await opts.store?.finish?.();
   if (failure) throw failure;
   if (timedOut) {
     throw new FerryError("FERRY_EVAL_TIMEOUT", `evaluating ${opts.file} took longer than ${opts.timeoutSeconds ?? 600} s and was stopped`, {

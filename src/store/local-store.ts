@@ -106,6 +106,13 @@ export class LocalStore {
   readonly realStateDir: string;
   readonly #db: Database.Database;
   readonly #stmts = new Map<string, Database.Statement>();
+  /**
+   * Row ids of paths seen valid inside write transactions. Only GC removes valid paths, and it
+   * bumps the GC generation when it does; a write transaction that sees a new generation drops
+   * the memo, so ids found here are valid for the rest of that transaction.
+   */
+  readonly #idMemo = new Map<string, number>();
+  #memoGeneration = -1;
   #tempRootsFile: string | undefined;
 
   private constructor(loc: StoreLocation, db: Database.Database) {
@@ -262,7 +269,8 @@ export class LocalStore {
   /**
    * Moves a complete, canonicalised object from `tmpReal` to its place and registers it,
    * atomically. If the path is already valid the temporary copy is dropped. References must
-   * be valid already (or be the path itself).
+   * be valid already (or be the path itself). With `tmpReal` undefined the caller has put the
+   * content at its final place already.
    */
   registerObject(tmpReal: string | undefined, obj: NewObject): boolean {
     return this.registerObjects([{ tmpReal, obj }])[0]!;
@@ -284,16 +292,27 @@ export class LocalStore {
     const refStmt = this.#stmt(SQL.insertRef);
     const moved: string[] = [];
     const txn = this.#db.transaction((): boolean[] => {
+      const generation = (this.#stmt(SQL.gcGeneration).get() as { generation: number }).generation;
+      if (generation !== this.#memoGeneration) {
+        this.#idMemo.clear();
+        this.#memoGeneration = generation;
+      }
+      const idOf = (p: string): number | undefined => {
+        let id = this.#idMemo.get(p);
+        if (id === undefined) {
+          id = (idStmt.get(p) as { id: number } | undefined)?.id;
+          if (id !== undefined) this.#idMemo.set(p, id);
+        }
+        return id;
+      };
       const added = prepared.map(({ tmpReal, obj, path, finalReal }) => {
-        if (this.isValid(path)) return false;
+        if (idOf(path) !== undefined) return false;
         for (const r of obj.references) {
-          if (r !== path && !this.isValid(r)) {
+          if (r !== path && idOf(r) === undefined) {
             throw storeError("FERRY_STORE_MISSING_REFERENCE", `cannot register '${path}': it references '${r}', which is not valid in this store`, "add or import the referenced paths first (its closure)");
           }
         }
-        if (tmpReal === undefined) {
-          if (!fs.existsSync(finalReal) && !isSymlink(finalReal)) throw new Error(`no content for ${path}`);
-        } else {
+        if (tmpReal !== undefined) {
           if (fs.existsSync(finalReal) || isSymlink(finalReal)) this.#moveToTrash(finalReal);
           fs.renameSync(tmpReal, finalReal);
           moved.push(finalReal);
@@ -309,7 +328,8 @@ export class LocalStore {
           obj.ca ? printContentAddress(obj.ca) : null,
         );
         const id = Number(info.lastInsertRowid);
-        for (const r of obj.references) refStmt.run(id, r === path ? id : (idStmt.get(r) as { id: number }).id);
+        this.#idMemo.set(path, id);
+        for (const r of obj.references) refStmt.run(id, r === path ? id : idOf(r)!);
         return true;
       });
       if (moved.length) fsyncPath(this.realStoreDir);
@@ -322,6 +342,7 @@ export class LocalStore {
       });
       return added;
     } catch (e) {
+      this.#idMemo.clear();
       // The transaction rolled back: objects already renamed into place are unregistered
       // leftovers now; remove them with the temporary copies.
       for (const m of moved) removeTree(m);
@@ -712,6 +733,7 @@ export class LocalStore {
         const ids = dead.map((p) => (idStmt.get(p) as { id: number }).id);
         for (const id of ids) this.#stmt(SQL.deleteRefsFrom).run(id);
         for (const id of ids) this.#stmt(SQL.deletePath).run(id);
+        if (ids.length) this.#stmt(SQL.bumpGcGeneration).run();
         // Unlink under the lock: rename into a trash dir (cheap), delete the trash afterwards.
         const trash = join(this.realStoreDir, `${TRASH_PREFIX}${randomSuffix()}`);
         fs.mkdirSync(trash);

@@ -26,6 +26,11 @@ export const MIGRATIONS: readonly string[] = [
   CREATE INDEX IndexReferrer ON Refs(referrer);
   CREATE INDEX IndexReference ON Refs(reference);
   `,
+  // 2: a counter GC bumps whenever it deletes paths (lets writers memoise validity safely)
+  `
+  CREATE TABLE GcGeneration (id INTEGER PRIMARY KEY CHECK (id = 0), generation INTEGER NOT NULL);
+  INSERT INTO GcGeneration (id, generation) VALUES (0, 0);
+  `,
 ];
 
 export const SQL = {
@@ -40,4 +45,6 @@ export const SQL = {
   setSigs: `UPDATE ValidPaths SET sigs = ? WHERE id = ?`,
   deleteRefsFrom: `DELETE FROM Refs WHERE referrer = ?`,
   deletePath: `DELETE FROM ValidPaths WHERE id = ?`,
+  gcGeneration: `SELECT generation FROM GcGeneration WHERE id = 0`,
+  bumpGcGeneration: `UPDATE GcGeneration SET generation = generation + 1 WHERE id = 0`,
 } as const;

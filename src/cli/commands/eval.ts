@@ -4,7 +4,8 @@ import * as fs from "node:fs";
 import { FerryError } from "../../core/errors.js";
 import { checkDerivationOutputs, derivationToJson, parseDerivation, printDerivation, type Derivation } from "../../core/derivation.js";
 import { evaluate, type EvalJob, type EvalStorePort } from "../../dsl/evaluate.js";
-import type { LocalStore } from "../../store/local-store.js";
+import { LocalStore } from "../../store/local-store.js";
+import { StoreWriterThread } from "../../store/writer-thread.js";
 import { storeLocation, withStore, withStoreOptions, type StoreFlags } from "../store-options.js";
 import { out, outJson } from "../output.js";
 
@@ -42,7 +43,9 @@ export async function evaluateToStore(file: string, attr: string | undefined, f:
   const run = (port?: EvalStorePort) =>
     evaluate({ file, attr, storeDir: loc.storeDir, timeoutSeconds: f.evalTimeout, memoryMiB: f.evalMemory, ...(port ? { store: port } : {}), ...(onJob ? { onJob } : {}) });
   if (f.dryRun) return (await run()).jobs;
-  return withStore(f, async (s) => (await run(storePort(s))).jobs);
+  // Opening the store here first creates it and reports an unusable one before evaluating.
+  LocalStore.open(loc).close();
+  return (await run(new StoreWriterThread(loc))).jobs;
 }
 
 /** Reads a .drv from the store (the file, under the store's root). */

@@ -1,32 +1,38 @@
 /**
  * The NAR of a filesystem object, streamed from disk (SPEC §2), optionally copied on the way.
  *
- * Speed. The walk is synchronous (a syscall costs a few microseconds; promises would cost more
- * than the work). It runs a bounded distance ahead of the writer: a lister reads directories
- * (with file types, so nothing is stat'ed twice) and queues the regular files it meets; a
- * read-ahead worker thread opens, stats and reads the queued files into a shared ring while
- * this thread frames and hashes what is ready. When the worker has not reached the next file
- * yet, this thread takes that file and reads it itself (straight into the writer's batch
- * buffer), so the two threads share the reading and neither waits on the other for long; on a
- * one-CPU machine or a small tree no worker is started at all. A large root file is streamed
- * by the worker in 1 MiB chunks, overlapping the read of one chunk with the hash of the last.
+ * Speed. Everything is synchronous: a syscall costs a few microseconds, promises would cost
+ * more than the work. Directory listings come with file types, so nothing is stat'ed twice;
+ * small files are read straight into the writer's batch buffer and large ones in 256 KiB reads
+ * (the size that keeps both the read and the hash in cache), so the hash sees large batches.
  *
- * Memory is bounded whatever the size of the tree: a 1 MiB ring of queued paths, an 8 MiB ring
- * of file contents, at most 4096 queued files, the writer's batch buffer and one read buffer.
+ * Large trees are walked by two threads. This thread starts the walk alone; once it has met a
+ * few hundred files it starts a walker worker (kept, asleep, for later walks of this thread)
+ * and, when the worker is up, hands it the rest of the walk from where it stands. The worker
+ * then does the metadata syscalls: it lists and sorts directories, reads symlinks, opens and
+ * stats each regular file, and sends this thread a stream of records (names, targets, and an
+ * open descriptor with mode and size per file) through a shared ring. This thread reads the
+ * contents through those descriptors, frames and hashes; the worker closes the descriptors
+ * behind it. When this thread is about to run out of records, the worker leaves the next files
+ * for it to open itself, so neither thread idles for long. File contents never cross threads:
+ * hashing bytes another core just wrote is slower than reading them from the page cache.
+ *
+ * Memory is bounded whatever the size of the tree: a 1 MiB record ring, at most 512 descriptors
+ * in flight, the open directories' listings (as in any recursive walk), the writer's batch
+ * buffer, one 256 KiB read buffer, and the worker's own small heap.
  */
 import * as fs from "node:fs";
 import { availableParallelism } from "node:os";
-import { getSystemErrorName } from "node:util";
 import { Worker } from "node:worker_threads";
 import { createHasher, type HashAlgo } from "../core/digest.js";
 import { FerryError } from "../core/errors.js";
 import { makeHash, type Hash } from "../core/hash.js";
 import { NarWriter, type NarSink } from "../core/nar/writer.js";
-import { compareBytes } from "../core/nar/names.js";
 
 const { O_RDONLY, O_NOFOLLOW, O_WRONLY, O_CREAT, O_EXCL } = fs.constants;
 const SLASH = 0x2f;
-const BIG_READ = 1 << 20;
+const BIG_READ = 256 << 10;
+const SMALL_READ = 64 << 10;
 
 export interface DumpOptions {
   /**
@@ -41,160 +47,339 @@ export interface DumpOptions {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Shared memory between this thread and the read-ahead worker.
+// The protocol between this thread and the walker worker.
 //
-// Files are numbered in NAR order (a wrapping int32 index) and queued in a ring of K slots. A
-// slot's state word packs the low 28 bits of the file's index with a tag, so a stale look at a
-// reused slot never matches. This thread is the only producer of slots and the only consumer;
-// the worker claims queued slots in order with a compare-and-swap, and this thread may claim
-// (steal) a queued slot the same way. File contents flow through a byte ring in chunks of at
-// most CHUNK bytes, allocated by the worker in slot order and freed by this thread in the same
-// order; both sides place a chunk by the same rule (wrap to the start when it does not fit
-// before the end), so only the byte counters HEAD and TAIL need sharing.
+// Control words sit 16 apart (one cache line each), so the two threads do not fight over lines.
+// The record ring carries int32-aligned records [kind, nameLength, ...ints] + name (+ target);
+// a record never straddles the end: the writer puts WRAP there and starts again at 0. Ring
+// positions are byte counters that wrap at 2^32 (the ring size divides 2^32).
 
-const K = 4096; // queued files at most; a power of two
-const SLOT = 8; // int32 fields per slot
-const F = { state: 0, pathOff: 1, pathLen: 2, mode: 3, sizeLo: 4, sizeHi: 5, end: 6, err: 7 } as const;
-/** Indices into the control words. */
-const C = { published: 0, consumed: 1, head: 2, tail: 3, mainEvents: 4, workerEvents: 5, mainWaiting: 6, workerWaiting: 7, cancel: 8, dead: 9 } as const;
-const CONTROL_WORDS = 16;
-/** Slot tags (low 3 bits of the state word). */
-const T = { free: 0, queued: 1, main: 2, worker: 3, streaming: 4, done: 5, failedEarly: 6, failedLate: 7 } as const;
-const DATA_RING = 8 << 20; // a power of two dividing 2^32
-const CHUNK = 1 << 20; // at most DATA_RING / 2
-const PATH_RING = 1 << 20;
-const PATH_IN_RING_MAX = 64 << 10; // longer paths are read by this thread from their own Buffer
-/** Lookahead: the lister stops when this many events wait, and resumes below half of it. */
-const EVENTS_AHEAD = 4096;
-/** A worker is started once a walk has queued this many files (small trees never pay for one). */
-const WORKER_AFTER_FILES = 192;
-/** A root file at least this large waits for the worker, to overlap its read with the hash. */
-const PATIENT_ROOT_MIN = 16 << 20;
-/** Cap on that wait, should the worker never come up. */
-const PATIENT_WAIT_MS = 2000;
+const C = {
+  online: 0, // worker: 1 once it waits for jobs
+  job: 16, // this thread: id of the last job handed over
+  doneJob: 32, // worker: id of the last job finished (all its descriptors closed)
+  cancel: 48, // this thread: 1 asks the worker to abandon the job
+  head: 64, // worker: ring bytes written
+  tail: 80, // this thread: ring bytes consumed
+  filesDone: 96, // this thread: FILE records whose descriptor it no longer needs
+  mainEvents: 112, // this thread bumps it to wake the worker
+  workerEvents: 128, // the worker bumps it to wake this thread
+  mainWaiting: 144,
+  workerWaiting: 160,
+  dead: 176, // worker: 1 if it stopped on an unexpected error
+  recordsDone: 192, // this thread: records consumed (published with the tail)
+  chunksRead: 208, // worker, streaming a file: chunks written to the data ring
+  chunksDone: 224, // this thread: chunks it has copied out
+  streamFailed: 240, // worker: 1 if the file ended early, 2 if a read failed
+} as const;
+const CONTROL_WORDS = 256;
+/** Record kinds. */
+const R = { wrap: 0, dir: 1, end: 2, file: 3, symlink: 4, fileByName: 5, fail: 6, done: 7 } as const;
+/** Operations a FAIL record names (this thread redoes them to report the error). */
+const OP = { readdir: 1, readlink: 2, lstat: 3, unsupported: 4, resume: 5 } as const;
+const RING_BYTES = 1 << 20;
+/** A large root file is streamed by the worker in chunks of this size through a data ring of DATA_CHUNKS of them. */
+const CHUNK = 2 << 20;
+const DATA_CHUNKS = 4;
+const STREAM_MIN = 32 << 20;
+const JOB_BYTES = 64 << 10;
+const MAX_FDS = 512;
+/** With fewer records than this waiting for this thread, the worker leaves the next file for it to open. */
+const BY_NAME_BELOW = 24;
+/** Start the worker after this many files, hand over after this many (small trees stay here). */
+const SPAWN_AFTER_FILES = 256;
+const HAND_OVER_AFTER_FILES = 64;
 
-const tagged = (index: number, tag: number): number => ((index & 0x0fffffff) << 3) | tag;
-
-interface ReaderData {
+interface WalkerData {
   readonly control: SharedArrayBuffer;
-  readonly slots: SharedArrayBuffer;
-  readonly paths: SharedArrayBuffer;
+  readonly ring: SharedArrayBuffer;
+  readonly job: SharedArrayBuffer;
   readonly data: SharedArrayBuffer;
-  readonly layout: { K: number; SLOT: number; F: typeof F; C: typeof C; T: typeof T; CHUNK: number; flags: number };
+  readonly layout: { C: typeof C; R: typeof R; OP: typeof OP; MAX_FDS: number; BY_NAME_BELOW: number; CHUNK: number; openFlags: number };
 }
 
 /**
- * The worker's loop. It runs in another isolate from its source text, so it must refer to
- * nothing but its parameters and globals. It never throws: a file it cannot read is marked
- * failed (this thread then reads it itself, or reports the error), and anything unexpected
- * marks the worker dead so that this thread stops waiting for it.
+ * The worker. It runs in its own isolate from this function's source text, so it refers to
+ * nothing but its parameters and globals. Per job: rebuild the stack of open directories from
+ * the hand-over message (re-listing them and skipping the entries already written), walk the
+ * rest in NAR order emitting records, emit DONE, then close every descriptor once this thread
+ * is done with it. A filesystem error becomes a record (this thread redoes the operation to
+ * report it); an unexpected exception marks the worker dead so this thread stops waiting.
  */
-function readerMain(fsm: typeof fs, d: ReaderData): void {
-  const { K, SLOT, F, C, T, CHUNK, flags } = d.layout;
+function walkerMain(fsm: typeof fs, d: WalkerData): void {
+  const { C, R, OP, MAX_FDS, BY_NAME_BELOW, CHUNK, openFlags } = d.layout;
   const ctl = new Int32Array(d.control);
-  const slots = new Int32Array(d.slots);
-  const data = new Uint8Array(d.data);
-  const R = data.length;
-  const tag = (index: number, t: number): number => ((index & 0x0fffffff) << 3) | t;
-  let head = Atomics.load(ctl, C.head) >>> 0;
-  let cursor = Atomics.load(ctl, C.consumed);
-
+  const ring = new Int32Array(d.ring);
+  const ringBuf = Buffer.from(d.ring);
+  const RING = ringBuf.length;
+  const job = new Int32Array(d.job);
+  const jobBuf = Buffer.from(d.job);
+  const CANCELLED = new Error("cancelled");
+  const cancelled = (): boolean => Atomics.load(ctl, C.cancel) !== 0;
   const signal = (): void => {
     if (Atomics.load(ctl, C.mainWaiting) !== 0) {
       Atomics.add(ctl, C.workerEvents, 1);
       Atomics.notify(ctl, C.workerEvents);
     }
   };
-  const waitForMain = (stillBlocked: () => boolean): void => {
+  /** Sleeps until this thread signals, unless `word` already moved on from `seen`. */
+  const sleep = (word: number, seen: number): void => {
     Atomics.store(ctl, C.workerWaiting, 1);
-    const seen = Atomics.load(ctl, C.mainEvents);
-    if (stillBlocked()) Atomics.wait(ctl, C.mainEvents, seen);
+    const events = Atomics.load(ctl, C.mainEvents);
+    if (Atomics.load(ctl, word) === seen && !cancelled()) Atomics.wait(ctl, C.mainEvents, events);
     Atomics.store(ctl, C.workerWaiting, 0);
   };
-  const fail = (s: number, index: number, t: number, err: number): void => {
-    slots[s + F.end] = head | 0;
-    slots[s + F.err] = err;
-    Atomics.store(slots, s + F.state, tag(index, t));
-    signal();
-  };
 
-  const readOne = (index: number, s: number): void => {
-    let fd = -1;
-    let size: number;
+  // Names travel as latin1 strings: one char per byte, so nothing is lost, `<` is byte order,
+  // and no Buffer is allocated per entry. Paths are handed to the kernel as strings (UTF-8
+  // encoded by Node) only when they are ASCII, where that is the same bytes.
+  const isAscii = (s: string): boolean => {
+    for (let i = 0; i < s.length; i++) if (s.charCodeAt(i) > 0x7f) return false;
+    return true;
+  };
+  const osPath = (p: string, ascii: boolean): string | Buffer => (ascii ? p : Buffer.from(p, "latin1"));
+  const list = (path: string, ascii: boolean): fs.Dirent[] => {
+    const entries = fsm.readdirSync(osPath(path, ascii), { withFileTypes: true, encoding: "latin1" });
+    return entries.sort((x, y) => (x.name < y.name ? -1 : x.name > y.name ? 1 : 0));
+  };
+  interface Frame {
+    readonly path: string;
+    readonly ascii: boolean;
+    readonly entries: fs.Dirent[];
+    i: number;
+  }
+
+  /**
+   * A stream job: read the open file [fd] from byte `start` to `size` into the data ring, one
+   * chunk per slot, while that thread copies out and hashes the chunks before.
+   */
+  const stream = (): void => {
+    const data = new Uint8Array(d.data);
+    const slots = data.length / CHUNK;
+    const fd = job[1]!;
+    const size = (job[2]! >>> 0) + job[3]! * 0x100000000;
+    let pos = (job[4]! >>> 0) + job[5]! * 0x100000000;
     try {
-      const path = Buffer.from(d.paths, slots[s + F.pathOff]!, slots[s + F.pathLen]!);
-      fd = fsm.openSync(path, flags);
-      const st = fsm.fstatSync(fd);
-      size = st.size;
-      slots[s + F.mode] = st.mode;
-      slots[s + F.sizeLo] = size % 0x100000000 | 0;
-      slots[s + F.sizeHi] = Math.floor(size / 0x100000000);
-    } catch {
-      if (fd >= 0) fsm.closeSync(fd);
-      fail(s, index, T.failedEarly, 0);
-      return;
-    }
-    Atomics.store(slots, s + F.state, tag(index, T.streaming));
-    signal();
-    try {
-      let left = size;
-      while (left > 0) {
-        const n = Math.min(CHUNK, left);
-        let start = head;
-        const phys = start % R;
-        if (phys + n > R) start = (start + R - phys) >>> 0;
-        const end = (start + n) >>> 0;
-        const blocked = (): boolean => Atomics.load(ctl, C.cancel) === 0 && ((end - Atomics.load(ctl, C.tail)) >>> 0) > R;
-        while (blocked()) waitForMain(blocked);
-        if (Atomics.load(ctl, C.cancel) !== 0) {
-          fail(s, index, T.failedLate, 0);
-          return;
+      for (let k = 0; pos < size; k++) {
+        for (;;) {
+          if (cancelled()) return;
+          const done = Atomics.load(ctl, C.chunksDone);
+          if (((k - done) | 0) < slots) break;
+          sleep(C.chunksDone, done);
         }
-        const off = start % R;
-        let got = 0;
-        while (got < n) {
-          const r = fsm.readSync(fd, data, off + got, n - got, null);
+        const n = Math.min(CHUNK, size - pos);
+        const off = (k % slots) * CHUNK;
+        for (let got = 0; got < n; ) {
+          const r = fsm.readSync(fd, data, off + got, n - got, pos + got);
           if (r === 0) {
-            fail(s, index, T.failedLate, -1);
+            Atomics.store(ctl, C.streamFailed, 1);
             return;
           }
           got += r;
         }
-        head = end;
-        Atomics.store(ctl, C.head, head | 0);
+        pos += n;
+        Atomics.store(ctl, C.chunksRead, (k + 1) | 0);
         signal();
-        left -= n;
+      }
+    } catch {
+      Atomics.store(ctl, C.streamFailed, 2);
+    }
+  };
+
+  const runJob = (): void => {
+    let head = 0;
+    let produced = 0; // records written
+    const fds = new Int32Array(MAX_FDS);
+    let emitted = 0; // FILE records sent (descriptors opened)
+    let closed = 0;
+    /** Closes the descriptors that thread is done with; returns the count it had published. */
+    const reap = (): number => {
+      const done = Atomics.load(ctl, C.filesDone);
+      while (((done - closed) | 0) > 0) fsm.closeSync(fds[closed++ % MAX_FDS]!);
+      return done;
+    };
+    /** Waits for `n` contiguous bytes of ring space; returns the virtual position of the record. */
+    const reserve = (n: number): number => {
+      if (n > RING / 4) throw new Error(`walker: a record of ${n} bytes`);
+      let start = head;
+      const phys = start % RING;
+      if (phys + n > RING) start = (start + RING - phys) >>> 0;
+      const end = (start + n) >>> 0;
+      for (;;) {
+        if (cancelled()) throw CANCELLED;
+        const tail = Atomics.load(ctl, C.tail);
+        if (((end - tail) >>> 0) <= RING) break;
+        sleep(C.tail, tail);
+      }
+      if (start !== head) ring[phys >> 2] = R.wrap;
+      return start;
+    };
+    /** Publishes the record of `n` bytes at `start`. */
+    const commit = (start: number, n: number): void => {
+      produced = (produced + 1) | 0;
+      head = (start + n) >>> 0;
+      Atomics.store(ctl, C.head, head | 0);
+      signal();
+    };
+    /** Appends a record [kind, payload length, a, b, c, e (the first `ints` of them)] name extra. */
+    const put = (kind: number, ints: number, a: number, b: number, c: number, e: number, name: string | null, extra: Uint8Array | null): void => {
+      const nameLen = name === null ? 0 : name.length;
+      const extraLen = extra === null ? 0 : extra.length;
+      const n = (4 * (2 + ints) + nameLen + extraLen + 3) & ~3;
+      const start = reserve(n);
+      const w = (start % RING) >> 2;
+      ring[w] = kind;
+      ring[w + 1] = nameLen + extraLen;
+      if (ints > 0) ring[w + 2] = a;
+      if (ints > 1) ring[w + 3] = b;
+      if (ints > 2) ring[w + 4] = c;
+      if (ints > 3) ring[w + 5] = e;
+      const off = (w + 2 + ints) << 2;
+      if (name !== null) ringBuf.write(name, off, nameLen, "latin1");
+      if (extra !== null) ringBuf.set(extra, off + nameLen);
+      commit(start, n);
+    };
+    const fail = (op: number, name: string | null): never => {
+      put(R.fail, 1, op, 0, 0, 0, name, null);
+      while (!cancelled()) sleep(C.cancel, 0);
+      throw CANCELLED;
+    };
+    const stack: Frame[] = [];
+    const file = (f: Frame, name: string, nameAscii: boolean): void => {
+      // Balance the work by the backlog of records this thread has not read yet.
+      const backlog = (produced - Atomics.load(ctl, C.recordsDone)) | 0;
+      if (backlog < BY_NAME_BELOW) {
+        // That thread is about to run dry: let it open this file itself while this one walks on.
+        put(R.fileByName, 0, 0, 0, 0, 0, name, null);
+        return;
+      }
+      let fd = -1;
+      let st: fs.Stats;
+      try {
+        fd = fsm.openSync(osPath(f.path + "/" + name, f.ascii && nameAscii), openFlags);
+        st = fsm.fstatSync(fd);
+      } catch {
+        if (fd >= 0) fsm.closeSync(fd);
+        put(R.fileByName, 0, 0, 0, 0, 0, name, null);
+        return;
+      }
+      // Too many descriptors in flight: close the ones that thread is done with, or wait for some.
+      while (emitted - closed >= MAX_FDS) {
+        const done = reap();
+        if (emitted - closed < MAX_FDS) break;
+        if (cancelled()) {
+          fsm.closeSync(fd);
+          throw CANCELLED;
+        }
+        sleep(C.filesDone, done); // sleeps only if nothing was published since `done`
+      }
+      fds[emitted++ % MAX_FDS] = fd;
+      const size = st.size;
+      put(R.file, 4, fd, st.mode, size % 0x100000000 | 0, Math.floor(size / 0x100000000), name, null);
+    };
+    const directory = (f: Frame, name: string, nameAscii: boolean): void => {
+      const path = f.path + "/" + name;
+      const ascii = f.ascii && nameAscii;
+      let entries: fs.Dirent[];
+      try {
+        entries = list(path, ascii);
+      } catch {
+        fail(OP.readdir, name);
+      }
+      put(R.dir, 0, 0, 0, 0, 0, name, null);
+      stack.push({ path, ascii, entries: entries!, i: 0 });
+    };
+    const symlink = (f: Frame, name: string, nameAscii: boolean): void => {
+      let target: Buffer;
+      try {
+        target = fsm.readlinkSync(osPath(f.path + "/" + name, f.ascii && nameAscii), { encoding: "buffer" });
+      } catch {
+        fail(OP.readlink, name);
+      }
+      put(R.symlink, 1, name.length, 0, 0, 0, name, target!);
+    };
+
+    try {
+      // The hand-over message: [rootLength, levels] root, then per level [length or -1] lastName.
+      const rootLen = job[0]!;
+      const levels = job[1]!;
+      let off = 8;
+      let path = jobBuf.toString("latin1", off, off + rootLen);
+      let ascii = isAscii(path);
+      off += (rootLen + 3) & ~3;
+      try {
+        for (let k = 0; k < levels; k++) {
+          const len = job[off >> 2]!;
+          off += 4;
+          const last = len < 0 ? null : jobBuf.toString("latin1", off, off + len);
+          if (len > 0) off += (len + 3) & ~3;
+          const entries = list(path, ascii);
+          let i = 0;
+          if (last !== null) while (i < entries.length && entries[i]!.name <= last) i++;
+          stack.push({ path, ascii, entries, i });
+          if (k < levels - 1) {
+            path = path + "/" + last!;
+            ascii = ascii && isAscii(last!);
+          }
+        }
+      } catch (e) {
+        if (e === CANCELLED) throw e;
+        fail(OP.resume, null);
+      }
+      for (;;) {
+        const f = stack[stack.length - 1];
+        if (f === undefined) break;
+        if (f.i === f.entries.length) {
+          stack.pop();
+          put(R.end, 0, 0, 0, 0, 0, null, null);
+          continue;
+        }
+        const e = f.entries[f.i++]!;
+        const name = e.name;
+        const nameAscii = isAscii(name);
+        if (e.isFile()) file(f, name, nameAscii);
+        else if (e.isDirectory()) directory(f, name, nameAscii);
+        else if (e.isSymbolicLink()) symlink(f, name, nameAscii);
+        else if (e.isBlockDevice() || e.isCharacterDevice() || e.isFIFO() || e.isSocket()) fail(OP.unsupported, name);
+        else {
+          let st: fs.Stats;
+          try {
+            st = fsm.lstatSync(osPath(f.path + "/" + name, f.ascii && nameAscii));
+          } catch {
+            fail(OP.lstat, name);
+          }
+          if (st!.isFile()) file(f, name, nameAscii);
+          else if (st!.isDirectory()) directory(f, name, nameAscii);
+          else if (st!.isSymbolicLink()) symlink(f, name, nameAscii);
+          else fail(OP.unsupported, name);
+        }
+        if (emitted !== closed && (emitted & 31) === 0) reap();
+      }
+      put(R.done, 0, 0, 0, 0, 0, null, null);
+      for (;;) {
+        const seen = Atomics.load(ctl, C.filesDone);
+        if (seen === emitted || cancelled()) break;
+        sleep(C.filesDone, seen);
       }
     } catch (e) {
-      fail(s, index, T.failedLate, typeof (e as { errno?: unknown }).errno === "number" ? (e as { errno: number }).errno : 1);
-      return;
+      if (e !== CANCELLED) throw e;
     } finally {
-      fsm.closeSync(fd);
+      while (closed !== emitted) fsm.closeSync(fds[closed++ % MAX_FDS]!);
     }
-    slots[s + F.end] = head | 0;
-    Atomics.store(slots, s + F.state, tag(index, T.done));
-    signal();
   };
 
   try {
+    let jobId = Atomics.load(ctl, C.job);
+    Atomics.store(ctl, C.doneJob, jobId);
+    Atomics.store(ctl, C.online, 1);
     for (;;) {
-      const published = Atomics.load(ctl, C.published);
-      const idle = (): boolean => Atomics.load(ctl, C.cancel) !== 0 || ((Atomics.load(ctl, C.published) - cursor) | 0) <= 0;
-      if (idle()) {
-        waitForMain(idle);
-        continue;
-      }
-      const s = (cursor & (K - 1)) * SLOT;
-      const queued = tag(cursor, T.queued);
-      if (Atomics.compareExchange(slots, s + F.state, queued, tag(cursor, T.worker)) === queued) {
-        readOne(cursor, s);
-        cursor = (cursor + 1) | 0;
-      } else {
-        // The other thread took this file: it is reading where we are, so jump a little ahead of it.
-        const ahead = (Atomics.load(ctl, C.consumed) + 16) | 0;
-        const next = (cursor + 1) | 0;
-        cursor = ((ahead - next) | 0) > 0 ? (((ahead - published) | 0) > 0 ? published : ahead) : next;
-      }
+      while (Atomics.load(ctl, C.job) === jobId) sleep(C.job, jobId);
+      jobId = Atomics.load(ctl, C.job);
+      if (job[0] === -1) stream();
+      else runJob();
+      Atomics.store(ctl, C.doneJob, jobId);
+      Atomics.add(ctl, C.workerEvents, 1);
+      Atomics.notify(ctl, C.workerEvents);
     }
   } catch {
     Atomics.store(ctl, C.dead, 1);
@@ -203,57 +388,58 @@ function readerMain(fsm: typeof fs, d: ReaderData): void {
   }
 }
 
-/**
- * The queues shared with one read-ahead worker, kept for the life of the thread (the worker is
- * unref'd and sleeps between walks). Counters never reset: each walk continues where the last
- * one stopped, so a worker that wakes late can never mistake one walk's files for another's.
- */
-class ReadAhead {
+/** This thread's walker worker and the memory shared with it; one per thread, kept between walks. */
+class Walker {
   readonly control = new SharedArrayBuffer(CONTROL_WORDS * 4);
-  readonly slotsBuf = new SharedArrayBuffer(K * SLOT * 4);
-  readonly pathsBuf = new SharedArrayBuffer(PATH_RING);
-  readonly dataBuf = new SharedArrayBuffer(DATA_RING);
+  readonly ringBuf = new SharedArrayBuffer(RING_BYTES);
+  readonly jobBuf = new SharedArrayBuffer(JOB_BYTES);
+  /** Pages of it are touched only when a large file is streamed. */
+  readonly dataBuf = new SharedArrayBuffer(CHUNK * DATA_CHUNKS);
   readonly ctl = new Int32Array(this.control);
-  readonly slots = new Int32Array(this.slotsBuf);
-  readonly paths = new Uint8Array(this.pathsBuf);
+  readonly ring = new Int32Array(this.ringBuf);
+  readonly ringBytes = new Uint8Array(this.ringBuf);
+  readonly job = new Int32Array(this.jobBuf);
+  readonly jobBytes = new Uint8Array(this.jobBuf);
   readonly data = new Uint8Array(this.dataBuf);
-  /** Virtual end of each slot's path in the path ring. */
-  readonly pathEnd = new Float64Array(K);
   worker: Worker | undefined;
-  workerFailed = availableParallelism() < 2;
+  /** No worker on one CPU, nor after one failed. */
+  disabled = availableParallelism() < 2;
   busy = false;
-  published = 0;
-  consumed = 0;
-  /** Data ring read position (uint32, wrapping): equals TAIL between chunks. */
-  rpos = 0;
-  pathHead = 0;
-  pathTail = 0;
+  jobId = 0;
+  /** Ring read position of the current job. */
+  pos = 0;
+  filesDone = 0;
+  #records = 0;
 
-  startWorker(): void {
-    if (this.worker || this.workerFailed) return;
-    const d: ReaderData = {
+  start(): void {
+    if (this.worker || this.disabled) return;
+    const data: WalkerData = {
       control: this.control,
-      slots: this.slotsBuf,
-      paths: this.pathsBuf,
+      ring: this.ringBuf,
+      job: this.jobBuf,
       data: this.dataBuf,
-      layout: { K, SLOT, F, C, T, CHUNK, flags: O_RDONLY | O_NOFOLLOW },
+      layout: { C, R, OP, MAX_FDS, BY_NAME_BELOW, CHUNK, openFlags: O_RDONLY | O_NOFOLLOW },
     };
     try {
-      const src = `(${readerMain.toString()})(require("node:fs"), require("node:worker_threads").workerData);`;
-      this.worker = new Worker(src, { eval: true, workerData: d, name: "ferry-nar-read-ahead" });
+      const src = `(${walkerMain.toString()})(require("node:fs"), require("node:worker_threads").workerData);`;
+      // Descriptors the worker opens are handed to this thread: they must not be tracked as its own.
+      this.worker = new Worker(src, { eval: true, workerData: data, name: "ferry-nar-walker", trackUnmanagedFds: false, stdin: false });
       this.worker.unref();
       // Faults surface through the dead flag; an 'error' event must not crash the process.
-      this.worker.on("error", () => Atomics.store(this.ctl, C.dead, 1));
+      this.worker.on("error", () => {
+        Atomics.store(this.ctl, C.dead, 1);
+        this.disabled = true;
+      });
     } catch {
-      this.workerFailed = true;
+      this.disabled = true;
     }
   }
 
-  get hasWorker(): boolean {
-    return this.worker !== undefined && Atomics.load(this.ctl, C.dead) === 0;
+  /** The worker is up and has no job. */
+  get ready(): boolean {
+    return !this.disabled && Atomics.load(this.ctl, C.online) === 1 && Atomics.load(this.ctl, C.dead) === 0 && Atomics.load(this.ctl, C.doneJob) === this.jobId;
   }
 
-  /** Tells a sleeping worker that something changed (new files, freed ring space, cancel). */
   wakeWorker(): void {
     if (Atomics.load(this.ctl, C.workerWaiting) !== 0) {
       Atomics.add(this.ctl, C.mainEvents, 1);
@@ -261,164 +447,172 @@ class ReadAhead {
     }
   }
 
-  /** Waits until `ready()` holds; false if `timeoutMs` passed first. Throws if the worker died. */
-  waitForWorker(ready: () => boolean, timeoutMs = Infinity): boolean {
-    for (let spin = 0; spin < 64; spin++) if (ready()) return true;
-    const deadline = timeoutMs === Infinity ? Infinity : performance.now() + timeoutMs;
+  /** Waits until `ready()` holds; throws if the worker died. */
+  waitForWorker(ready: () => boolean): void {
+    for (let spin = 0; spin < 100; spin++) if (ready()) return;
     for (;;) {
       Atomics.store(this.ctl, C.mainWaiting, 1);
       const seen = Atomics.load(this.ctl, C.workerEvents);
       if (ready()) break;
       if (Atomics.load(this.ctl, C.dead) !== 0) {
         Atomics.store(this.ctl, C.mainWaiting, 0);
-        throw new Error("NAR read-ahead worker stopped unexpectedly");
+        this.disabled = true;
+        throw new Error("NAR walker worker stopped unexpectedly");
       }
-      const left = deadline - performance.now();
-      if (left <= 0) {
-        Atomics.store(this.ctl, C.mainWaiting, 0);
-        return ready();
-      }
-      Atomics.wait(this.ctl, C.workerEvents, seen, left === Infinity ? undefined : left);
+      Atomics.wait(this.ctl, C.workerEvents, seen);
     }
     Atomics.store(this.ctl, C.mainWaiting, 0);
-    return true;
-  }
-
-  get pathRoom(): number {
-    return PATH_RING - (this.pathHead - this.pathTail);
-  }
-
-  /** Queues the file `dir/name` (or `dir` alone when `name` is null); returns its index. */
-  queue(dir: Buffer, name: Buffer | null): number {
-    const len = name ? dir.length + 1 + name.length : dir.length;
-    let off = this.pathHead % PATH_RING;
-    if (off + len > PATH_RING) {
-      this.pathHead += PATH_RING - off;
-      off = 0;
-    }
-    this.paths.set(dir, off);
-    if (name) {
-      this.paths[off + dir.length] = SLASH;
-      this.paths.set(name, off + dir.length + 1);
-    }
-    this.pathHead += len;
-    const index = this.published;
-    const slot = index & (K - 1);
-    const s = slot * SLOT;
-    this.slots[s + F.pathOff] = off;
-    this.slots[s + F.pathLen] = len;
-    this.pathEnd[slot] = this.pathHead;
-    Atomics.store(this.slots, s + F.state, tagged(index, T.queued));
-    this.published = (index + 1) | 0;
-    return index;
-  }
-
-  /** Makes the queued files visible to the worker. */
-  publish(): void {
-    if (Atomics.load(this.ctl, C.published) === this.published) return;
-    Atomics.store(this.ctl, C.published, this.published);
-    this.wakeWorker();
-  }
-
-  pathOf(index: number): Buffer {
-    const s = (index & (K - 1)) * SLOT;
-    return Buffer.from(this.pathsBuf, this.slots[s + F.pathOff]!, this.slots[s + F.pathLen]!);
-  }
-
-  /** Marks file `index` (the oldest queued one) consumed; `end` is where its data ended, if the worker read it. */
-  release(index: number, end: number | undefined): void {
-    const slot = index & (K - 1);
-    if (end !== undefined && end !== this.rpos) {
-      this.rpos = end >>> 0;
-      Atomics.store(this.ctl, C.tail, this.rpos | 0);
-    }
-    Atomics.store(this.slots, slot * SLOT + F.state, T.free);
-    this.pathTail = this.pathEnd[slot]!;
-    this.consumed = (index + 1) | 0;
-    Atomics.store(this.ctl, C.consumed, this.consumed);
-    this.wakeWorker();
   }
 
   /**
-   * After a walk failed part-way: consume every file still queued, letting the worker abandon
-   * the one it is reading, so the next walk starts from a clean state.
+   * Hands the rest of a walk to the worker: `root`, and for each open directory from the root
+   * down, the name of its last entry already written (or null). False if it does not fit.
    */
-  drain(): void {
-    Atomics.store(this.ctl, C.cancel, 1);
+  handOver(root: Buffer, lastNames: (Buffer | null)[]): boolean {
+    let size = 8 + ((root.length + 3) & ~3);
+    for (const n of lastNames) size += 4 + (n ? (n.length + 3) & ~3 : 0);
+    if (size > JOB_BYTES) return false;
+    this.job[0] = root.length;
+    this.job[1] = lastNames.length;
+    this.jobBytes.set(root, 8);
+    let off = 8 + ((root.length + 3) & ~3);
+    for (const n of lastNames) {
+      this.job[off >> 2] = n ? n.length : -1;
+      off += 4;
+      if (n) {
+        this.jobBytes.set(n, off);
+        off += (n.length + 3) & ~3;
+      }
+    }
+    Atomics.store(this.ctl, C.head, 0);
+    Atomics.store(this.ctl, C.tail, 0);
+    Atomics.store(this.ctl, C.filesDone, 0);
+    Atomics.store(this.ctl, C.recordsDone, 0);
+    this.#records = 0;
+    this.pos = 0;
+    this.filesDone = 0;
+    this.#startJob();
+    return true;
+  }
+
+  #startJob(): void {
+    this.jobId = (this.jobId + 1) | 0;
+    Atomics.store(this.ctl, C.job, this.jobId);
     Atomics.add(this.ctl, C.mainEvents, 1);
     Atomics.notify(this.ctl, C.mainEvents);
-    try {
-      while (this.consumed !== this.published) {
-        const index = this.consumed;
-        const s = (index & (K - 1)) * SLOT;
-        const q = tagged(index, T.queued);
-        if (Atomics.compareExchange(this.slots, s + F.state, q, tagged(index, T.main)) === q || Atomics.load(this.slots, s + F.state) === tagged(index, T.main)) {
-          this.release(index, undefined);
-          continue;
-        }
-        const finished = (): boolean => {
-          const t = Atomics.load(this.slots, s + F.state) & 7;
-          return t === T.done || t === T.failedEarly || t === T.failedLate;
-        };
-        this.waitForWorker(finished);
-        this.release(index, this.slots[s + F.end]!);
-      }
-    } finally {
-      Atomics.store(this.ctl, C.cancel, 0);
+  }
+
+  /** Hands the worker the reading of the open file `fd` from byte `start` on (see `stream` in the worker). */
+  handOverStream(fd: number, size: number, start: number): void {
+    this.job[0] = -1;
+    this.job[1] = fd;
+    this.job[2] = size % 0x100000000 | 0;
+    this.job[3] = Math.floor(size / 0x100000000);
+    this.job[4] = start % 0x100000000 | 0;
+    this.job[5] = Math.floor(start / 0x100000000);
+    Atomics.store(this.ctl, C.chunksRead, 0);
+    Atomics.store(this.ctl, C.chunksDone, 0);
+    Atomics.store(this.ctl, C.streamFailed, 0);
+    this.#startJob();
+  }
+
+  /** Waits for chunk `k` of the stream; false if the worker stopped short of it (see `streamFailed`). */
+  waitForChunk(k: number): boolean {
+    const ready = (): boolean => ((Atomics.load(this.ctl, C.chunksRead) - k) | 0) > 0 || Atomics.load(this.ctl, C.streamFailed) !== 0;
+    if (!ready()) this.waitForWorker(ready);
+    return ((Atomics.load(this.ctl, C.chunksRead) - k) | 0) > 0;
+  }
+
+  chunkDone(k: number): void {
+    Atomics.store(this.ctl, C.chunksDone, (k + 1) | 0);
+    this.wakeWorker();
+  }
+
+  /** Word index of the next record, once one is there. */
+  next(): number {
+    if (Atomics.load(this.ctl, C.head) === (this.pos | 0)) this.#waitForRecords();
+    let w = (this.pos % RING_BYTES) >> 2;
+    if (this.ring[w] === R.wrap) {
+      this.pos = (this.pos + RING_BYTES - (this.pos % RING_BYTES)) >>> 0;
+      if (Atomics.load(this.ctl, C.head) === (this.pos | 0)) this.#waitForRecords();
+      w = 0;
+    }
+    return w;
+  }
+
+  #waitForRecords(): void {
+    this.flush();
+    const pos = this.pos | 0;
+    this.waitForWorker(() => Atomics.load(this.ctl, C.head) !== pos);
+  }
+
+  /** Frees the record at word `w`, which has `ints` ints after its payload length. */
+  consumed(w: number, ints: number): void {
+    this.pos = (this.pos + ((4 * (2 + ints) + this.ring[w + 1]! + 3) & ~3)) >>> 0;
+    if ((++this.#records & 7) === 0) this.flush();
+  }
+
+  fileDone(): void {
+    this.filesDone = (this.filesDone + 1) | 0;
+  }
+
+  /** Publishes the ring space and descriptors this thread is done with. */
+  flush(): void {
+    Atomics.store(this.ctl, C.recordsDone, this.#records);
+    Atomics.store(this.ctl, C.tail, this.pos | 0);
+    Atomics.store(this.ctl, C.filesDone, this.filesDone);
+    this.wakeWorker();
+  }
+
+  /** Ends the current job: tells the worker to stop if `cancel`, and waits until it has closed everything. */
+  finish(cancel: boolean): void {
+    if (cancel) {
+      Atomics.store(this.ctl, C.cancel, 1);
       Atomics.add(this.ctl, C.mainEvents, 1);
       Atomics.notify(this.ctl, C.mainEvents);
+    }
+    try {
+      this.waitForWorker(() => Atomics.load(this.ctl, C.doneJob) === this.jobId);
+    } finally {
+      Atomics.store(this.ctl, C.cancel, 0);
     }
   }
 }
 
-let shared: ReadAhead | undefined;
-
-/** One walk event, in NAR order. `name` is null for the root. */
-const EV_DIR = 0;
-const EV_DIR_END = 1;
-const EV_FILE = 2;
-const EV_SYMLINK = 3;
-class Ev {
-  constructor(
-    readonly kind: number,
-    readonly name: Buffer | null,
-    /** EV_FILE: the file's queue index, or -1 when `bytes` holds its path instead. */
-    readonly index: number,
-    /** EV_SYMLINK: the target; EV_FILE with index -1: the path. */
-    readonly bytes: Buffer | null,
-  ) {}
-}
+let shared: Walker | undefined;
 
 interface Frame {
   readonly path: Buffer;
-  readonly name: Buffer | null;
   readonly entries: fs.Dirent<Buffer>[];
   i: number;
 }
 
 class Dumper {
   readonly #w: NarWriter;
-  readonly #ra: ReadAhead;
+  readonly #walker: Walker | undefined;
   readonly #opts: DumpOptions;
   readonly #big = Buffer.allocUnsafe(BIG_READ);
-  // Lister state: it runs ahead of the writer, up to EVENTS_AHEAD events.
-  readonly #stack: Frame[] = [];
-  #events: Ev[] = [];
-  #next = 0;
-  #listed = false;
-  #queuedFiles = 0;
-  /** Wait for the worker to take the root file instead of reading it here. */
-  #patientRoot = false;
+  /** Paths of the open directories, root first. */
+  readonly #dirs: Buffer[] = [];
+  /** Names of the open directories (null for the root). */
+  readonly #names: (Buffer | null)[] = [];
   /** Copy destinations of the open directories (copy mode only). */
   readonly #copies: Buffer[] = [];
+  readonly #copyRoot: Buffer | undefined;
+  #root: Buffer | undefined;
+  #files = 0;
+  /** The worker has the walk. */
+  #handedOver = false;
 
-  constructor(w: NarWriter, ra: ReadAhead, opts: DumpOptions) {
+  constructor(w: NarWriter, walker: Walker | undefined, copyTo: Buffer | undefined, opts: DumpOptions) {
     this.#w = w;
-    this.#ra = ra;
+    this.#walker = walker;
+    this.#copyRoot = copyTo;
     this.#opts = opts;
   }
 
-  run(root: Buffer, copy: Buffer | undefined): void {
+  run(root: Buffer): void {
+    this.#root = root;
     let st: fs.Stats;
     try {
       st = fs.lstatSync(root);
@@ -427,193 +621,229 @@ class Dumper {
         hint: "check that the path exists and is readable",
       });
     }
-    if (copy) this.#copies.push(copy);
-    if (st.isDirectory()) this.#listDirectory(root, null);
-    else if (st.isSymbolicLink()) this.#listSymlink(root, null);
-    else if (st.isFile()) {
-      this.#patientRoot = st.size >= PATIENT_ROOT_MIN;
-      this.#listFile(root, null);
-    } else this.#unsupported(root);
-    this.#fill();
-    while (this.#next < this.#events.length) {
-      const ev = this.#events[this.#next++]!;
-      this.#emit(ev);
-      if (!this.#listed && this.#events.length - this.#next < EVENTS_AHEAD / 2) this.#fill();
+    if (st.isDirectory()) {
+      try {
+        this.#walk(root);
+      } finally {
+        if (this.#handedOver) this.#walker!.finish(true);
+      }
+    } else if (st.isSymbolicLink()) this.#symlink(null, fs.readlinkSync(root, { encoding: "buffer" }));
+    else if (st.isFile()) this.#fileAt(null, root);
+    else unsupported(root);
+  }
+
+  // ---- the walk on this thread, until the worker takes over --------------------------------
+
+  #walk(root: Buffer): void {
+    const frames: Frame[] = [{ path: root, entries: list(root), i: 0 }];
+    this.#enterDirectory(null, root);
+    const walker = this.#walker;
+    for (;;) {
+      const f = frames[frames.length - 1];
+      if (!f) return;
+      if (f.i === f.entries.length) {
+        frames.pop();
+        this.#leaveDirectory();
+        continue;
+      }
+      if (walker && this.#files >= HAND_OVER_AFTER_FILES && (this.#files & 15) === 0) {
+        if (!walker.worker && this.#files >= SPAWN_AFTER_FILES) walker.start();
+        if (walker.ready && walker.handOver(root, frames.map((x) => (x.i > 0 ? x.entries[x.i - 1]!.name : null)))) {
+          this.#handedOver = true;
+          this.#consume();
+          this.#handedOver = false;
+          walker.finish(false);
+          return;
+        }
+      }
+      const e = f.entries[f.i++]!;
+      const name = e.name;
+      if (e.isFile()) this.#fileAt(name, childPath(f.path, name));
+      else if (e.isDirectory()) {
+        const path = childPath(f.path, name);
+        frames.push({ path, entries: list(path), i: 0 });
+        this.#enterDirectory(name, path);
+      } else if (e.isSymbolicLink()) this.#symlink(name, fs.readlinkSync(childPath(f.path, name), { encoding: "buffer" }));
+      else if (e.isBlockDevice() || e.isCharacterDevice() || e.isFIFO() || e.isSocket()) unsupported(childPath(f.path, name));
+      else {
+        // DT_UNKNOWN on some filesystems: ask lstat.
+        const path = childPath(f.path, name);
+        const st = fs.lstatSync(path);
+        if (st.isFile()) this.#fileAt(name, path);
+        else if (st.isDirectory()) {
+          frames.push({ path, entries: list(path), i: 0 });
+          this.#enterDirectory(name, path);
+        } else if (st.isSymbolicLink()) this.#symlink(name, fs.readlinkSync(path, { encoding: "buffer" }));
+        else unsupported(path);
+      }
     }
   }
 
-  // ---- the lister -------------------------------------------------------------------------
+  // ---- the records of the worker ----------------------------------------------------------
 
-  #fill(): void {
-    if (this.#next > 0) {
-      this.#events = this.#events.slice(this.#next);
-      this.#next = 0;
+  #consume(): void {
+    const walker = this.#walker!;
+    const ring = walker.ring;
+    const bytes = walker.ringBytes;
+    for (;;) {
+      const w = walker.next();
+      const kind = ring[w]!;
+      const len = ring[w + 1]!;
+      switch (kind) {
+        case R.dir: {
+          const name = copyOut(bytes, (w + 2) << 2, len);
+          walker.consumed(w, 0);
+          this.#enterDirectory(name, childPath(this.#dirs[this.#dirs.length - 1]!, name));
+          break;
+        }
+        case R.end:
+          walker.consumed(w, 0);
+          this.#leaveDirectory();
+          break;
+        case R.file: {
+          const fd = ring[w + 2]!;
+          const mode = ring[w + 3]!;
+          const size = (ring[w + 4]! >>> 0) + ring[w + 5]! * 0x100000000;
+          const name = copyOut(bytes, (w + 6) << 2, len);
+          walker.consumed(w, 4);
+          this.#w.openEntry(name);
+          this.#contents(fd, mode, size, name);
+          this.#w.closeEntry();
+          walker.fileDone();
+          break;
+        }
+        case R.symlink: {
+          const nameLen = ring[w + 2]!;
+          const off = (w + 3) << 2;
+          const name = copyOut(bytes, off, nameLen);
+          const target = copyOut(bytes, off + nameLen, len - nameLen);
+          walker.consumed(w, 1);
+          this.#symlink(name, target);
+          break;
+        }
+        case R.fileByName: {
+          // Opened here: this thread was idle, or the worker could not open it (then this reports the error).
+          const name = copyOut(bytes, (w + 2) << 2, len);
+          walker.consumed(w, 0);
+          this.#fileAt(name, childPath(this.#dirs[this.#dirs.length - 1]!, name));
+          break;
+        }
+        case R.fail: {
+          const op = ring[w + 2]!;
+          const name = copyOut(bytes, (w + 3) << 2, len);
+          walker.consumed(w, 1);
+          this.#redo(op, name);
+          break;
+        }
+        case R.done:
+          walker.consumed(w, 0);
+          walker.flush();
+          return;
+        default:
+          throw new Error(`NAR walker: unknown record kind ${kind}`);
+      }
     }
-    const ra = this.#ra;
-    while (!this.#listed && this.#events.length < EVENTS_AHEAD && ((ra.published - ra.consumed) | 0) < K && ra.pathRoom >= 2 * PATH_IN_RING_MAX) {
-      this.#step();
-    }
-    if ((this.#queuedFiles >= WORKER_AFTER_FILES || this.#patientRoot) && !ra.worker) ra.startWorker();
-    ra.publish();
   }
 
-  #step(): void {
-    const f = this.#stack[this.#stack.length - 1];
-    if (!f) {
-      this.#listed = true;
-      return;
-    }
-    if (f.i === f.entries.length) {
-      this.#stack.pop();
-      this.#events.push(new Ev(EV_DIR_END, f.name, -1, null));
-      if (this.#stack.length === 0) this.#listed = true;
-      return;
-    }
-    const e = f.entries[f.i++]!;
-    if (e.isFile()) this.#listFile(f.path, e.name);
-    else if (e.isDirectory()) this.#listDirectory(childPath(f.path, e.name), e.name);
-    else if (e.isSymbolicLink()) this.#listSymlink(childPath(f.path, e.name), e.name);
-    else if (e.isBlockDevice() || e.isCharacterDevice() || e.isFIFO() || e.isSocket()) this.#unsupported(childPath(f.path, e.name));
-    else {
-      // DT_UNKNOWN on some filesystems: ask lstat.
-      const path = childPath(f.path, e.name);
-      const st = fs.lstatSync(path);
-      if (st.isFile()) this.#listFile(f.path, e.name);
-      else if (st.isDirectory()) this.#listDirectory(path, e.name);
-      else if (st.isSymbolicLink()) this.#listSymlink(path, e.name);
-      else this.#unsupported(path);
-    }
-  }
-
-  /** `name` null: `dir` is the file itself (the root). */
-  #listFile(dir: Buffer, name: Buffer | null): void {
-    const len = name ? dir.length + 1 + name.length : dir.length;
-    this.#queuedFiles++;
-    if (len > PATH_IN_RING_MAX) this.#events.push(new Ev(EV_FILE, name, -1, name ? childPath(dir, name) : dir));
-    else this.#events.push(new Ev(EV_FILE, name, this.#ra.queue(dir, name), null));
-  }
-
-  #listDirectory(path: Buffer, name: Buffer | null): void {
-    const entries = fs.readdirSync(path, { withFileTypes: true, encoding: "buffer" }) as unknown as fs.Dirent<Buffer>[];
-    entries.sort((a, b) => compareBytes(a.name, b.name));
-    this.#events.push(new Ev(EV_DIR, name, -1, null));
-    this.#stack.push({ path, name, entries, i: 0 });
-  }
-
-  #listSymlink(path: Buffer, name: Buffer | null): void {
-    this.#events.push(new Ev(EV_SYMLINK, name, -1, fs.readlinkSync(path, { encoding: "buffer" })));
-  }
-
-  #unsupported(path: Buffer): never {
-    throw new FerryError("FERRY_NAR_UNSUPPORTED_FILE", `'${path.toString()}' is not a regular file, directory or symlink`, {
-      hint: "NAR archives hold only regular files, directories and symlinks; remove sockets, devices and pipes first",
+  /** Repeats the operation the worker failed at, so the error is reported as if it ran here. */
+  #redo(op: number, name: Buffer): never {
+    const path = name.length > 0 ? childPath(this.#dirs[this.#dirs.length - 1]!, name) : this.#dirs[this.#dirs.length - 1]!;
+    if (op === OP.unsupported) unsupported(path);
+    if (op === OP.readdir) fs.readdirSync(path);
+    if (op === OP.readlink) fs.readlinkSync(path);
+    if (op === OP.lstat) fs.lstatSync(path);
+    throw new FerryError("FERRY_PATH_CHANGED", `'${path.toString()}' changed while it was being read`, {
+      hint: "something is modifying the tree; try again once it is stable",
     });
   }
 
-  // ---- the writer side ---------------------------------------------------------------------
+  // ---- writing (and copying) --------------------------------------------------------------
 
-  #emit(ev: Ev): void {
+  #enterDirectory(name: Buffer | null, path: Buffer): void {
     const w = this.#w;
-    const parentCopy = this.#copies[this.#copies.length - 1];
-    switch (ev.kind) {
-      case EV_DIR: {
-        if (ev.name) w.openEntry(ev.name);
-        w.openDirectory();
-        if (parentCopy) {
-          const copy = ev.name ? childPath(parentCopy, ev.name) : parentCopy;
-          fs.mkdirSync(copy, { mode: 0o700 });
-          if (ev.name) this.#copies.push(copy);
-        }
-        return;
-      }
-      case EV_DIR_END: {
-        w.closeDirectory();
-        if (ev.name) w.closeEntry();
-        if (parentCopy) {
-          if (ev.name) this.#copies.pop();
-          fs.chmodSync(parentCopy, 0o555);
-          fs.utimesSync(parentCopy, 1, 1);
-          const fd = fs.openSync(parentCopy, O_RDONLY);
-          fs.fsyncSync(fd);
-          fs.closeSync(fd);
-        }
-        return;
-      }
-      case EV_SYMLINK: {
-        if (ev.name) w.openEntry(ev.name);
-        w.symlink(ev.bytes!);
-        if (parentCopy) {
-          const copy = ev.name ? childPath(parentCopy, ev.name) : parentCopy;
-          fs.symlinkSync(ev.bytes!, copy);
-          fs.lutimesSync(copy, 1, 1);
-        }
-        if (ev.name) w.closeEntry();
-        return;
-      }
-      default: {
-        if (ev.name) w.openEntry(ev.name);
-        const copy = parentCopy && ev.name ? childPath(parentCopy, ev.name) : parentCopy;
-        if (ev.index < 0) this.#readHere(ev.bytes!, copy);
-        else this.#queuedFile(ev.index, copy);
-        if (ev.name) w.closeEntry();
-      }
+    if (name) w.openEntry(name);
+    w.openDirectory();
+    this.#dirs.push(path);
+    this.#names.push(name);
+    if (this.#copyRoot) {
+      const copy = name ? childPath(this.#copies[this.#copies.length - 1]!, name) : this.#copyRoot;
+      fs.mkdirSync(copy, { mode: 0o700 });
+      this.#copies.push(copy);
     }
   }
 
-  /** The next queued file: read here if the worker has not taken it, else from the ring. */
-  #queuedFile(index: number, copy: Buffer | undefined): void {
-    const ra = this.#ra;
-    const s = (index & (K - 1)) * SLOT;
-    const queued = tagged(index, T.queued);
-    const steal = (): boolean => Atomics.compareExchange(ra.slots, s + F.state, queued, tagged(index, T.main)) === queued;
-    if (this.#patientRoot && ra.hasWorker) ra.waitForWorker(() => Atomics.load(ra.slots, s + F.state) !== queued, PATIENT_WAIT_MS);
-    if (steal()) {
-      this.#readHere(ra.pathOf(index), copy);
-      ra.release(index, undefined);
-      return;
-    }
-    const tagOf = (): number => Atomics.load(ra.slots, s + F.state) & 7;
-    ra.waitForWorker(() => tagOf() >= T.streaming);
-    if (tagOf() === T.failedEarly) {
-      // The worker could not open or stat it; reading it here reports the error (or succeeds).
-      const end = ra.slots[s + F.end]!;
-      this.#readHere(ra.pathOf(index), copy);
-      ra.release(index, end);
-      return;
-    }
-    const mode = ra.slots[s + F.mode]!;
-    const size = (ra.slots[s + F.sizeLo]! >>> 0) + ra.slots[s + F.sizeHi]! * 0x100000000;
-    const executable = !this.#opts.stripExecutable && (mode & 0o100) !== 0;
+  #leaveDirectory(): void {
     const w = this.#w;
-    w.openRegular(executable, size);
-    const out = copy ? fs.openSync(copy, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600) : undefined;
+    w.closeDirectory();
+    this.#dirs.pop();
+    if (this.#names.pop()) w.closeEntry();
+    const copy = this.#copies.pop();
+    if (copy) {
+      fs.chmodSync(copy, 0o555);
+      fs.utimesSync(copy, 1, 1);
+      const fd = fs.openSync(copy, O_RDONLY);
+      fs.fsyncSync(fd);
+      fs.closeSync(fd);
+    }
+  }
+
+  #symlink(name: Buffer | null, target: Buffer): void {
+    const w = this.#w;
+    if (name) w.openEntry(name);
+    w.symlink(target);
+    if (name) w.closeEntry();
+    if (this.#copyRoot) {
+      const copy = name ? childPath(this.#copies[this.#copies.length - 1]!, name) : this.#copyRoot;
+      fs.symlinkSync(target, copy);
+      fs.lutimesSync(copy, 1, 1);
+    }
+  }
+
+  /** The regular file at `path`, opened here. */
+  #fileAt(name: Buffer | null, path: Buffer): void {
+    this.#files++;
+    const fd = fs.openSync(path, O_RDONLY | O_NOFOLLOW);
     try {
+      const st = fs.fstatSync(fd);
+      if (name) this.#w.openEntry(name);
+      if (name === null && this.#walker && !this.#walker.disabled && st.size >= STREAM_MIN) this.#streamed(fd, st.mode, st.size);
+      else this.#contents(fd, st.mode, st.size, name);
+      if (name) this.#w.closeEntry();
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+
+  /** Writes a regular file node from the open descriptor `fd` (left open), copying it if asked. */
+  #contents(fd: number, mode: number, size: number, name: Buffer | null): void {
+    const w = this.#w;
+    const executable = !this.#opts.stripExecutable && (mode & 0o100) !== 0;
+    w.openRegular(executable, size);
+    let out: number | undefined;
+    try {
+      if (this.#copyRoot) {
+        const copy = name ? childPath(this.#copies[this.#copies.length - 1]!, name) : this.#copyRoot;
+        out = fs.openSync(copy, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
+      }
       let left = size;
       while (left > 0) {
-        const n = Math.min(CHUNK, left);
-        let start = ra.rpos;
-        const phys = start % DATA_RING;
-        if (phys + n > DATA_RING) start = (start + DATA_RING - phys) >>> 0;
-        const end = (start + n) >>> 0;
-        ra.waitForWorker(() => ((Atomics.load(ra.ctl, C.head) - end) | 0) >= 0 || tagOf() === T.failedLate);
-        if (((Atomics.load(ra.ctl, C.head) - end) | 0) < 0) break; // failed part-way
-        const chunk = ra.data.subarray(start % DATA_RING, start % DATA_RING + n);
-        if (out !== undefined) writeFully(out, chunk);
-        w.writeContents(chunk);
-        ra.rpos = end;
-        Atomics.store(ra.ctl, C.tail, end | 0);
-        ra.wakeWorker();
+        let n: number;
+        if (left <= SMALL_READ) {
+          const view = w.reserve(left);
+          n = fs.readSync(fd, view, 0, view.length, size - left);
+          if (n > 0 && out !== undefined) writeFully(out, view.subarray(0, n));
+          if (n > 0) w.commit(n);
+        } else {
+          n = fs.readSync(fd, this.#big, 0, Math.min(BIG_READ, left), size - left);
+          if (n > 0) {
+            const chunk = this.#big.subarray(0, n);
+            if (out !== undefined) writeFully(out, chunk);
+            w.writeContents(chunk);
+          }
+        }
+        if (n === 0) throw shrank(name ? childPath(this.#dirs[this.#dirs.length - 1]!, name) : this.#root!);
         left -= n;
       }
-      ra.waitForWorker(() => tagOf() >= T.done);
-      if (tagOf() === T.failedLate) {
-        const err = ra.slots[s + F.err]!;
-        const path = ra.pathOf(index).toString();
-        ra.release(index, ra.slots[s + F.end]!);
-        if (err === -1) throw shrank(path);
-        throw new FerryError("FERRY_PATH_UNREADABLE", `cannot read '${path}': ${err < 0 ? getSystemErrorName(err) : "read failed"}`);
-      }
-      ra.release(index, ra.slots[s + F.end]!);
       w.closeRegular();
       if (out !== undefined) finishCopy(out, executable);
     } finally {
@@ -622,44 +852,72 @@ class Dumper {
     this.#opts.onFile?.(size);
   }
 
-  /** Reads a regular file on this thread, small ones straight into the writer's batch buffer. */
-  #readHere(path: Buffer, copy: Buffer | undefined): void {
+  /**
+   * A large root file from the open descriptor `fd`: read here until the worker is up, then read
+   * by the worker a few chunks ahead while this thread hashes, so reading and hashing overlap.
+   * Each chunk is copied out of shared memory first: hashing bytes another core just wrote, in
+   * place, is slower than copying them.
+   */
+  #streamed(fd: number, mode: number, size: number): void {
+    const walker = this.#walker!;
+    walker.start();
     const w = this.#w;
-    const fd = fs.openSync(path, O_RDONLY | O_NOFOLLOW);
+    const executable = !this.#opts.stripExecutable && (mode & 0o100) !== 0;
+    w.openRegular(executable, size);
+    const chunk = Buffer.allocUnsafe(CHUNK);
     let out: number | undefined;
+    let streaming = false;
+    let finished = false;
     try {
-      const st = fs.fstatSync(fd);
-      const executable = !this.#opts.stripExecutable && (st.mode & 0o100) !== 0;
-      const size = st.size;
-      w.openRegular(executable, size);
-      if (copy) out = fs.openSync(copy, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
-      let left = size;
-      while (left > 0) {
-        let n: number;
-        if (left <= 65536) {
-          const view = w.reserve(left);
-          n = fs.readSync(fd, view, 0, view.length, null);
-          if (n > 0 && out !== undefined) writeFully(out, view.subarray(0, n));
-          if (n > 0) w.commit(n);
-        } else {
-          n = fs.readSync(fd, this.#big, 0, Math.min(BIG_READ, left), null);
-          if (n > 0) {
-            const chunk = this.#big.subarray(0, n);
-            if (out !== undefined) writeFully(out, chunk);
-            w.writeContents(chunk);
-          }
+      if (this.#copyRoot) out = fs.openSync(this.#copyRoot, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
+      for (let pos = 0, k = 0; pos < size; ) {
+        if (!streaming && size - pos > CHUNK && walker.ready) {
+          walker.handOverStream(fd, size, pos);
+          streaming = true;
         }
-        if (n === 0) throw shrank(path.toString());
-        left -= n;
+        let bytes: Buffer;
+        if (streaming) {
+          if (!walker.waitForChunk(k)) {
+            // The worker stopped short: a read here reports why (or finds the file shrank).
+            if (fs.readSync(fd, this.#big, 0, 1, pos) === 0 || Atomics.load(walker.ctl, C.streamFailed) === 1) throw shrank(this.#root!);
+            throw new FerryError("FERRY_PATH_CHANGED", `'${this.#root!.toString()}' could not be read to the end`);
+          }
+          const n = Math.min(CHUNK, size - pos);
+          const off = (k % DATA_CHUNKS) * CHUNK;
+          chunk.set(walker.data.subarray(off, off + n));
+          walker.chunkDone(k++);
+          bytes = chunk.subarray(0, n);
+        } else {
+          const n = fs.readSync(fd, this.#big, 0, Math.min(BIG_READ, size - pos), pos);
+          if (n === 0) throw shrank(this.#root!);
+          bytes = this.#big.subarray(0, n);
+        }
+        if (out !== undefined) writeFully(out, bytes);
+        w.writeContents(bytes);
+        pos += bytes.length;
       }
       w.closeRegular();
       if (out !== undefined) finishCopy(out, executable);
-      this.#opts.onFile?.(size);
+      finished = true;
     } finally {
-      fs.closeSync(fd);
+      if (streaming) walker.finish(!finished);
       if (out !== undefined) fs.closeSync(out);
     }
+    this.#opts.onFile?.(size);
   }
+}
+
+/** A copy of `len` bytes at `off` (names are short: a loop beats a native call). */
+function copyOut(bytes: Uint8Array, off: number, len: number): Buffer {
+  const b = Buffer.allocUnsafe(len);
+  for (let i = 0; i < len; i++) b[i] = bytes[off + i]!;
+  return b;
+}
+
+function list(path: Buffer): fs.Dirent<Buffer>[] {
+  const entries = fs.readdirSync(path, { withFileTypes: true, encoding: "buffer" }) as unknown as fs.Dirent<Buffer>[];
+  // Buffer.compare is memcmp order, the order of NAR entries.
+  return entries.sort((a, b) => Buffer.compare(a.name, b.name));
 }
 
 function childPath(dir: Buffer, name: Buffer): Buffer {
@@ -670,8 +928,8 @@ function childPath(dir: Buffer, name: Buffer): Buffer {
   return p;
 }
 
-function shrank(path: string): FerryError {
-  return new FerryError("FERRY_PATH_CHANGED", `'${path}' shrank while it was being read`, {
+function shrank(path: Buffer): FerryError {
+  return new FerryError("FERRY_PATH_CHANGED", `'${path.toString()}' shrank while it was being read`, {
     hint: "something is writing to the file; try again once it is stable",
   });
 }
@@ -682,6 +940,12 @@ function finishCopy(out: number, executable: boolean): void {
   fs.fsyncSync(out);
 }
 
+function unsupported(path: Buffer): never {
+  throw new FerryError("FERRY_NAR_UNSUPPORTED_FILE", `'${path.toString()}' is not a regular file, directory or symlink`, {
+    hint: "NAR archives hold only regular files, directories and symlinks; remove sockets, devices and pipes first",
+  });
+}
+
 function writeFully(fd: number, data: Uint8Array): void {
   let off = 0;
   while (off < data.length) off += fs.writeSync(fd, data, off, data.length - off);
@@ -690,20 +954,14 @@ function writeFully(fd: number, data: Uint8Array): void {
 /** Streams the NAR of `path` into `sink`; returns the NAR size. */
 export function dumpPath(path: string, sink: NarSink, opts: DumpOptions = {}): number {
   const w = new NarWriter(sink);
-  // One read-ahead per thread; a walk started from inside a sink gets its own, without a worker.
-  let ra = (shared ??= new ReadAhead());
-  if (ra.busy) {
-    ra = new ReadAhead();
-    ra.workerFailed = true;
-  }
-  ra.busy = true;
+  // One walker worker per thread; a walk started from inside a sink runs on this thread alone.
+  const walker = (shared ??= new Walker());
+  const mine = !walker.busy;
+  walker.busy = true;
   try {
-    new Dumper(w, ra, opts).run(Buffer.from(path), opts.copyTo ? Buffer.from(opts.copyTo) : undefined);
-  } catch (e) {
-    ra.drain();
-    throw e;
+    new Dumper(w, mine ? walker : undefined, opts.copyTo ? Buffer.from(opts.copyTo) : undefined, opts).run(Buffer.from(path));
   } finally {
-    ra.busy = false;
+    if (mine) walker.busy = false;
   }
   return w.end();
 }

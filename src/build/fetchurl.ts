@@ -25,6 +25,7 @@ export async function builtinFetchurl(drv: Derivation, dest: string, opts: Fetch
   const candidates = [...opts.hashedMirrors.map((m) => `${m.replace(/\/+$/, "")}/${algo}/${out.hash}`), ...urls];
   const errors: string[] = [];
   for (const url of candidates) {
+    if (opts.signal?.aborted) break;
     try {
       opts.log(`fetching ${url}`);
       await fetchOne(url, dest, opts, algo, out.hash);
@@ -35,6 +36,9 @@ export async function builtinFetchurl(drv: Derivation, dest: string, opts: Fetch
       opts.log(`  failed: ${(e as Error).message}`);
       fs.rmSync(dest, { force: true });
     }
+  }
+  if (opts.signal?.aborted) {
+    throw new FerryError("FERRY_BUILD_CANCELLED", `downloading ${urls[0] ?? "the file"} was stopped (cancelled or out of time)`, { hint: "raise --timeout if the download is just slow" });
   }
   throw new FerryError("FERRY_FETCH_FAILED", `could not download ${urls[0] ?? "the file"} from any source:\n  ${errors.join("\n  ")}`, {
     hint: "check the URLs, or serve the file from a hashed mirror (--hashed-mirror URL, files at <mirror>/sha256/<hex>)",

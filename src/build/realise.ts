@@ -11,7 +11,7 @@ import { FerryError } from "../core/errors.js";
 import type { Derivation } from "../core/derivation.js";
 import { isFixedOutput, parseDerivation } from "../core/derivation.js";
 import { asFerryError, type LocalStore, type NewObject } from "../store/local-store.js";
-import { removeTree, writeFileAtomic } from "../store/fs-util.js";
+import { removeTree, syncFilesystem, writeFileAtomic } from "../store/fs-util.js";
 import { BuildEmitter } from "./events.js";
 import { LogWriter, logPathOf } from "./logs.js";
 import { builtinFetchurl } from "./fetchurl.js";
@@ -230,6 +230,15 @@ async function buildOne(store: LocalStore, node: PlanNode, opts: BuildOneOptions
     }), { withLog: false });
   }
 
+  // Outputs are protected from GC from now on (builds without the sandbox write them in place).
+  store.addTempRoots([...drv.outputs.values()].map((o) => o.path));
+  // Bug-for-bug with Nix: checking needs the outputs to exist already.
+  if (opts.check && [...drv.outputs.values()].some((o) => !store.isValid(o.path))) {
+    return fail(new FerryError("FERRY_BUILD_CHECK_NOT_BUILT", `some outputs of ${name} are not valid, so checking is not possible`, { hint: "build it first, then run --check" }), { withLog: false });
+  }
+  if (opts.check && !opts.sandbox) {
+    return fail(new FerryError("FERRY_BUILD_CHECK_NEEDS_SANDBOX", `--check of ${name} needs the sandbox: without it the rebuild would write over the registered output`, { hint: "drop --no-sandbox" }), { withLog: false });
+  }
   // The build area lives in the store dir, so finished outputs rename into place.
   const area = store.newTempPath();
   const buildDir = join(area, "build");
@@ -253,8 +262,10 @@ async function buildOne(store: LocalStore, node: PlanNode, opts: BuildOneOptions
     }
 
     if (drv.builder === "builtin:fetchurl") {
+      const limits = [opts.signal, opts.timeout ? AbortSignal.timeout(opts.timeout * 1000) : undefined].filter((x): x is AbortSignal => !!x);
       await builtinFetchurl(drv, realOutputs.get("out")!, {
         hashedMirrors: opts.hashedMirrors ?? [],
+        ...(limits.length ? { signal: AbortSignal.any(limits) } : {}),
         log: (l) => {
           log.write(l + "\n");
           ev.emit("build:log", { drvPath, line: l });
@@ -306,7 +317,8 @@ async function buildOne(store: LocalStore, node: PlanNode, opts: BuildOneOptions
       ev.emit("build:finished", { drvPath, name, outputs: outputsOf(drv), durationMs: Date.now() - t0, checked });
       return { drvPath, status: "built", outputs: outputsOf(drv), checked };
     }
-    store.addTempRoots(objects.map((o) => o.obj.path));
+    // Contents must be durable before the paths become valid.
+    syncFilesystem(objects[0]?.tmpReal ?? store.realStoreDir);
     store.registerObjects(orderByReferences(objects, name));
     ev.emit("build:finished", { drvPath, name, outputs: outputsOf(drv), durationMs: Date.now() - t0 });
     return { drvPath, status: "built", outputs: outputsOf(drv) };
@@ -315,11 +327,24 @@ async function buildOne(store: LocalStore, node: PlanNode, opts: BuildOneOptions
     const err = asFerryError(e);
     if (opts.keepFailed) {
       keep = true;
-      return fail(err, { keptBuildDir: area });
+      return fail(err, { keptBuildDir: keepBuildArea(store, area, drvPath) });
     }
     return fail(err);
   } finally {
     if (!keep) removeTree(area);
+  }
+}
+
+/** Moves a failed build's area out of the store dir (where GC would collect it) into STATE/failed/. */
+function keepBuildArea(store: LocalStore, area: string, drvPath: string): string {
+  const dir = join(store.realStateDir, "failed");
+  const dest = join(dir, `${drvPath.slice(drvPath.lastIndexOf("/") + 1, -4)}-${Date.now()}`);
+  try {
+    fs.mkdirSync(dir, { recursive: true });
+    fs.renameSync(area, dest);
+    return dest;
+  } catch {
+    return area; // another file system: leave it where it is
   }
 }
 
@@ -481,6 +506,14 @@ async function runBuilder(store: LocalStore, drv: Derivation, rc: RunContext): P
     if (opts.signal?.aborted) onSignal();
     opts.signal?.addEventListener("abort", onSignal, { once: true });
     child.on("error", (e) => reject(new FerryError("FERRY_BUILD_SPAWN", `cannot start the builder of ${name} (${cmd}): ${e.message}`, { hint: "check that the builder exists on this machine" })));
+    // The builder's exit ends the build: anything it left running in its process group goes.
+    child.on("exit", () => {
+      try {
+        process.kill(-child.pid!, "SIGKILL");
+      } catch {
+        /* the group is empty */
+      }
+    });
     child.on("close", (code, signal) => {
       if (silentTimer) clearTimeout(silentTimer);
       if (total) clearTimeout(total);

@@ -5,6 +5,7 @@
  * decimal, true as "1", false and null as "", floats like printf's %f, lists joined by spaces;
  * packages, outputs and sources become their store paths and record the dependency.
  */
+import { fileURLToPath } from "node:url";
 import { FerryError } from "../core/errors.js";
 import { parseHash, parseHashAlgo, toBase16, type Hash, type HashAlgo } from "../core/hash.js";
 import { checkNewName } from "../core/store-path.js";
@@ -27,7 +28,7 @@ export interface DerivationAttrs {
 }
 
 /** Ferry's own source and build folders: stack frames there are not the user's. */
-const FERRY_ROOT = new URL("../../..", import.meta.url).pathname.replace(/\/$/, "");
+const FERRY_ROOT = fileURLToPath(new URL("../../..", import.meta.url)).replace(/\/$/, "");
 const OWN_DIRS = [`${FERRY_ROOT}/dist/`, `${FERRY_ROOT}/src/`, "/node_modules/"];
 
 /** True when a stack frame's file is Ferry's own code (or a dependency's), not the user's. */

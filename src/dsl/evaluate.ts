@@ -98,8 +98,13 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
     const lines = createInterface({ input: child.stdio[3] as NodeJS.ReadableStream, crlfDelay: Infinity });
     for await (const line of lines) {
       if (failure) continue;
-      const m = JSON.parse(line) as { t: string } & Record<string, unknown>;
       try {
+        let m: { t: string } & Record<string, unknown>;
+        try {
+          m = JSON.parse(line) as { t: string } & Record<string, unknown>;
+        } catch {
+          throw new FerryError("FERRY_EVAL_PROTOCOL", "the evaluator sent something that is not part of its protocol", { hint: "package code must not write to file descriptor 3" });
+        }
         switch (m.t) {
           case "source":
             flush();
@@ -135,6 +140,7 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
     }
   } finally {
     clearTimeout(timer);
+    if (failure && child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
   }
   const { code, signal } = await exited;
   if (failure || timedOut || !finished) await opts.store?.abort?.();

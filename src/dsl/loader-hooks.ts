@@ -4,6 +4,7 @@
  * stripped on the fly (types are not checked here; editors and `tsc` do that).
  */
 import { readFile } from "node:fs/promises";
+import { fileURLToPath } from "node:url";
 import { transform } from "sucrase";
 
 const FERRY_INDEX = new URL("../index.js", import.meta.url).href;
@@ -30,7 +31,7 @@ export async function resolve(specifier: string, context: { parentURL?: string }
 
 export async function load(url: string, context: { format?: string | null }, nextLoad: Load): Promise<{ format: string; source?: string | ArrayBuffer | Uint8Array | null; shortCircuit?: boolean }> {
   if (url.startsWith("file:") && (url.endsWith(".ts") || url.endsWith(".mts"))) {
-    const path = new URL(url).pathname;
+    const path = fileURLToPath(url);
     const text = await readFile(path, "utf8");
     // Types are stripped, not checked (fast: no compiler is loaded); line numbers are kept so
     // errors point at the user's lines.

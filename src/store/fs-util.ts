@@ -1,5 +1,7 @@
 /** Small filesystem helpers the store relies on: tree removal, fsync, canonical permissions. */
 import * as fs from "node:fs";
+import { spawnSync } from "node:child_process";
+import { FerryError } from "../core/errors.js";
 import { join } from "node:path";
 
 /** Removes a tree even where Ferry made its directories read-only. Missing paths are fine. */
@@ -73,3 +75,12 @@ export function writeAllSync(fd: number, data: Uint8Array): void {
 }
 
 export const randomSuffix = (): string => `${process.pid}-${Math.random().toString(36).slice(2, 10)}`;
+
+/**
+ * Makes everything written to the filesystem holding `dir` durable (syncfs(2), through
+ * coreutils' `sync -f`): one call for a batch of files.
+ */
+export function syncFilesystem(dir: string): void {
+  const r = spawnSync("sync", ["-f", dir]);
+  if (r.status !== 0) throw new FerryError("FERRY_STORE_SYNC", `could not sync the file system of ${dir}: ${r.stderr?.toString() || r.error?.message}`);
+}

@@ -9,7 +9,6 @@
  * lock; the second finds it valid and drops its copy.
  */
 import * as fs from "node:fs";
-import { spawnSync } from "node:child_process";
 import { join } from "node:path";
 import Database from "better-sqlite3";
 import { FerryError } from "../core/errors.js";
@@ -26,7 +25,7 @@ import { MIGRATIONS, SQL } from "./schema.js";
 import { realPath, type StoreLocation } from "./config.js";
 import { dumpPath, hashFile, hashPath } from "./nar-dump.js";
 import { NarRestorer } from "./nar-restore.js";
-import { fsyncPath, processAlive, randomSuffix, removeTree } from "./fs-util.js";
+import { fsyncPath, processAlive, randomSuffix, removeTree, syncFilesystem } from "./fs-util.js";
 
 export interface PathInfo {
   readonly path: string;
@@ -290,8 +289,19 @@ export class LocalStore {
     const insert = this.#stmt(SQL.insertPath);
     const idStmt = this.#stmt(SQL.idByPath);
     const refStmt = this.#stmt(SQL.insertRef);
-    const moved: string[] = [];
+    const moved: { tmpReal: string; finalReal: string }[] = [];
     const txn = this.#db.transaction((): boolean[] => {
+      try {
+        return registerAll();
+      } catch (e) {
+        // Put every renamed object back under its temporary name while the lock is held: no
+        // final name is ever unlinked outside the write lock.
+        for (const m of moved.reverse()) fs.renameSync(m.finalReal, m.tmpReal);
+        moved.length = 0;
+        throw e;
+      }
+    });
+    const registerAll = (): boolean[] => {
       const generation = (this.#stmt(SQL.gcGeneration).get() as { generation: number }).generation;
       if (generation !== this.#memoGeneration) {
         this.#idMemo.clear();
@@ -315,7 +325,9 @@ export class LocalStore {
         if (tmpReal !== undefined) {
           if (fs.existsSync(finalReal) || isSymlink(finalReal)) this.#moveToTrash(finalReal);
           fs.renameSync(tmpReal, finalReal);
-          moved.push(finalReal);
+          moved.push({ tmpReal, finalReal });
+        } else if (!fs.existsSync(finalReal) && !isSymlink(finalReal)) {
+          throw storeError("FERRY_STORE_CONTENT_MISSING", `cannot register '${path}': its content is not at ${finalReal}`, "something removed it meanwhile; build or add it again");
         }
         const info = insert.run(
           path,
@@ -334,7 +346,7 @@ export class LocalStore {
       });
       if (moved.length) fsyncPath(this.realStoreDir);
       return added;
-    });
+    };
     try {
       const added = txn.immediate();
       prepared.forEach((p, k) => {
@@ -343,9 +355,7 @@ export class LocalStore {
       return added;
     } catch (e) {
       this.#idMemo.clear();
-      // The transaction rolled back: objects already renamed into place are unregistered
-      // leftovers now; remove them with the temporary copies.
-      for (const m of moved) removeTree(m);
+      // The transaction rolled back and renamed objects are back under their temporary names.
       for (const p of prepared) if (p.tmpReal !== undefined) removeTree(p.tmpReal);
       throw e;
     }
@@ -384,27 +394,28 @@ export class LocalStore {
   /** `nix-store --add-fixed [--recursive] ALGO PATH`. Flat objects are stored non-executable. */
   addFixed(src: string, opts: { recursive: boolean; algo: HashAlgo; name?: string | undefined; dryRun?: boolean }): AddResult {
     const name = checkNewName(opts.name ?? basenameOf(src));
-    if (opts.recursive) {
-      if (opts.algo === "sha256") return this.addPath(src, { name, dryRun: opts.dryRun ?? false });
-      const ca = hashPath(src, opts.algo).hash;
-      return this.#addCopied(src, name, { kind: "fixed", method: "recursive", hash: ca }, opts.dryRun ?? false, true);
+    if (opts.recursive && opts.algo === "sha256") return this.addPath(src, { name, dryRun: opts.dryRun ?? false });
+    if (!opts.recursive) {
+      const st = fs.statSync(src, { throwIfNoEntry: false });
+      if (!st || !st.isFile()) {
+        throw storeError("FERRY_STORE_NOT_FILE", `'${src}' is not a regular file`, "flat fixed-output objects are single regular files; add a directory with --recursive");
+      }
     }
-    const st = fs.statSync(src, { throwIfNoEntry: false });
-    if (!st || !st.isFile()) {
-      throw storeError("FERRY_STORE_NOT_FILE", `'${src}' is not a regular file`, "flat fixed-output objects are single regular files; add a directory with --recursive");
-    }
-    const ca = hashFile(src, opts.algo);
-    return this.#addCopied(src, name, { kind: "fixed", method: "flat", hash: ca }, opts.dryRun ?? false, false);
+    return this.#addCopied(src, name, opts.algo, opts.dryRun ?? false, opts.recursive);
   }
 
-  #addCopied(src: string, name: string, ca: ContentAddress & { kind: "fixed" }, dryRun: boolean, recursive: boolean): AddResult {
-    const path = printStorePath(makeFixedOutputPath(this.storeDir, name, ca.method, ca.hash));
+  /** Copies first, then hashes the copy: the address always describes what is stored. */
+  #addCopied(src: string, name: string, algo: HashAlgo, dryRun: boolean, recursive: boolean): AddResult {
+    const caOf = (p: string): ContentAddress & { kind: "fixed" } =>
+      ({ kind: "fixed", method: recursive ? "recursive" : "flat", hash: recursive ? hashPath(p, algo).hash : hashFile(p, algo) });
     if (dryRun) {
+      const ca = caOf(src);
       const nar = hashPath(src, "sha256", { stripExecutable: !recursive });
-      return { path, added: false, narHash: nar.hash, narSize: nar.size };
+      return { path: printStorePath(makeFixedOutputPath(this.storeDir, name, ca.method, ca.hash)), added: false, narHash: nar.hash, narSize: nar.size };
     }
     const tmp = this.newTempPath();
     let nar: { hash: Hash; size: number };
+    let ca: ContentAddress & { kind: "fixed" };
     try {
       if (recursive) {
         nar = hashPath(src, "sha256", { copyTo: tmp });
@@ -415,10 +426,12 @@ export class LocalStore {
         fsyncPath(tmp);
         nar = hashPath(tmp);
       }
+      ca = caOf(tmp);
     } catch (e) {
       removeTree(tmp);
       throw e;
     }
+    const path = printStorePath(makeFixedOutputPath(this.storeDir, name, ca.method, ca.hash));
     this.addTempRoot(path);
     const added = this.registerObject(tmp, { path, narHash: nar.hash, narSize: nar.size, references: [], ultimate: true, ca });
     return { path, added, narHash: nar.hash, narSize: nar.size };
@@ -429,49 +442,37 @@ export class LocalStore {
    * must come after the ones it references. If `expectedPath` is given it must match.
    */
   addTexts(items: readonly { name: string; text: string; references: readonly string[]; expectedPath?: string }[]): AddResult[] {
-    const out: AddResult[] = [];
-    const pending: { tmpReal: string | undefined; obj: NewObject }[] = [];
-    /** Files written straight at their final names (removed again if registration fails). */
-    const direct: string[] = [];
+    // First the paths (pure), then temp roots for all of them, then validity and writes.
+    const planned = items.map((it) => {
+      const bytes = new TextEncoder().encode(it.text);
+      const hash = makeHash("sha256", sha256(bytes));
+      const path = printStorePath(makeTextPath(this.storeDir, checkNewName(it.name), hash, it.references));
+      if (it.expectedPath !== undefined && it.expectedPath !== path) {
+        throw storeError("FERRY_STORE_PATH_MISMATCH", `text object '${it.name}' hashes to ${path}, not the expected ${it.expectedPath}`);
+      }
+      return { it, bytes, hash, path, nar: narHashOfBytes(bytes) };
+    });
+    this.addTempRoots([...new Set(planned.map((p) => p.path))]);
+    const pending: { tmpReal: string; obj: NewObject }[] = [];
     const seen = new Set<string>();
     try {
-      for (const it of items) {
-        const bytes = new TextEncoder().encode(it.text);
-        const hash = makeHash("sha256", sha256(bytes));
-        const path = printStorePath(makeTextPath(this.storeDir, checkNewName(it.name), hash, it.references));
-        if (it.expectedPath !== undefined && it.expectedPath !== path) {
-          throw storeError("FERRY_STORE_PATH_MISMATCH", `text object '${it.name}' hashes to ${path}, not the expected ${it.expectedPath}`);
-        }
-        const nar = narHashOfBytes(bytes);
-        out.push({ path, added: false, narHash: nar.hash, narSize: nar.size });
-        if (seen.has(path) || this.isValid(path)) continue;
+      for (const { it, bytes, hash, path, nar } of planned) {
+        if (seen.has(path)) continue;
         seen.add(path);
-        // Small content-addressed files go straight to their final names: a file there that is
-        // not registered is not valid, and registration happens only after the batch is synced.
-        // A name already taken (another writer, a leftover) goes the temporary-name way.
-        const finalReal = this.realPathOf(path);
-        let tmpReal: string | undefined;
-        if (writeReadOnlyFile(finalReal, bytes, false, true)) direct.push(finalReal);
-        else writeReadOnlyFile((tmpReal = this.newTempPath()), bytes, false);
+        if (this.isValid(path)) continue;
+        const tmpReal = this.newTempPath();
+        writeReadOnlyFile(tmpReal, bytes, false);
         pending.push({ tmpReal, obj: { path, narHash: nar.hash, narSize: nar.size, references: it.references, ultimate: true, ca: { kind: "text", hash } } });
       }
       // One filesystem sync for the whole batch instead of one fsync per file.
       if (pending.length) syncFilesystem(this.realStoreDir);
-      this.addTempRoots(pending.map((p) => p.obj.path));
     } catch (e) {
-      for (const p of pending) if (p.tmpReal) removeTree(p.tmpReal);
-      for (const d of direct) removeTree(d);
+      for (const p of pending) removeTree(p.tmpReal);
       throw e;
     }
-    let added: boolean[];
-    try {
-      added = this.registerObjects(pending);
-    } catch (e) {
-      for (const d of direct) removeTree(d);
-      throw e;
-    }
+    const added = this.registerObjects(pending);
     const byPath = new Map(pending.map((p, k) => [p.obj.path, added[k]!]));
-    return out.map((r) => ({ ...r, added: byPath.get(r.path) ?? false }));
+    return planned.map((p) => ({ path: p.path, added: byPath.get(p.path) ?? false, narHash: p.nar.hash, narSize: p.nar.size }));
   }
 
   /** A text object (`builtins.toFile`, `.drv` files) with declared references. */
@@ -715,39 +716,87 @@ export class LocalStore {
    */
   gc(opts: { dryRun?: boolean } = {}): GcResult {
     const plan = this.#db.transaction(() => {
-      const rootPaths = [...new Set([...this.findRoots().map((r) => r.path), ...this.#tempRoots().filter((p) => this.isValid(p))])];
+      const tempRoots = this.#tempRoots();
+      this.#restoreInterruptedGc();
+      const rootPaths = [...new Set([...this.findRoots().map((r) => r.path), ...tempRoots.filter((p) => this.isValid(p))])];
       const live = new Set(rootPaths.length ? this.closure(rootPaths) : []);
-      const dead = this.allValidPaths().filter((p) => !live.has(p));
-      const validNames = new Set(this.allValidPaths().map((p) => p.slice(this.storeDir.length + 1)));
+      const valid = this.allValidPaths();
+      const dead = valid.filter((p) => !live.has(p));
+      const validNames = new Set(valid.map((p) => p.slice(this.storeDir.length + 1)));
+      // A live process may be about to register a path it is writing in place (a build
+      // without the sandbox): its temp root protects that name too.
+      const rootedNames = new Set(tempRoots.map((p) => p.slice(this.storeDir.length + 1)));
       const leftovers: string[] = [];
       for (const n of fs.readdirSync(this.realStoreDir)) {
-        if (validNames.has(n)) continue;
+        if (validNames.has(n) || rootedNames.has(n)) continue;
         const m = /^\.ferry-(?:tmp|trash)-(\d+)-/.exec(n);
         if (m && processAlive(Number(m[1]))) continue;
         leftovers.push(n);
       }
       let bytes = 0;
       for (const p of dead) bytes += this.queryPathInfo(p)!.narSize;
-      if (!opts.dryRun) {
-        const idStmt = this.#stmt(SQL.idByPath);
-        const ids = dead.map((p) => (idStmt.get(p) as { id: number }).id);
-        for (const id of ids) this.#stmt(SQL.deleteRefsFrom).run(id);
-        for (const id of ids) this.#stmt(SQL.deletePath).run(id);
-        if (ids.length) this.#stmt(SQL.bumpGcGeneration).run();
-        // Unlink under the lock: rename into a trash dir (cheap), delete the trash afterwards.
-        const trash = join(this.realStoreDir, `${TRASH_PREFIX}${randomSuffix()}`);
-        fs.mkdirSync(trash);
+      if (opts.dryRun) return { dead, bytes, leftovers, roots: rootPaths.sort(), trash: undefined };
+      const idStmt = this.#stmt(SQL.idByPath);
+      const ids = dead.map((p) => (idStmt.get(p) as { id: number }).id);
+      for (const id of ids) this.#stmt(SQL.deleteRefsFrom).run(id);
+      for (const id of ids) this.#stmt(SQL.deletePath).run(id);
+      if (ids.length) this.#stmt(SQL.bumpGcGeneration).run();
+      // Unlink under the lock: rename into a trash dir (cheap), delete the trash afterwards. If
+      // a rename fails, everything goes back before the rows are restored by the rollback; if
+      // the process dies here, the next GC moves valid paths back out of its trash.
+      const trash = join(this.realStoreDir, `${TRASH_PREFIX}${randomSuffix()}`);
+      fs.mkdirSync(trash);
+      const moved: [string, string][] = [];
+      try {
         for (const p of dead) {
           const real = this.realPathOf(p);
-          if (fs.existsSync(real) || isSymlink(real)) fs.renameSync(real, join(trash, p.slice(this.storeDir.length + 1)));
+          const to = join(trash, p.slice(this.storeDir.length + 1));
+          if (renameIfPresent(real, to)) moved.push([real, to]);
         }
-        for (const n of leftovers) fs.renameSync(join(this.realStoreDir, n), join(trash, n));
-        return { dead, bytes, leftovers, roots: rootPaths.sort(), trash };
+        for (const n of leftovers) renameIfPresent(join(this.realStoreDir, n), join(trash, n));
+        fsyncPath(this.realStoreDir);
+      } catch (e) {
+        for (const [from, to] of moved.reverse()) fs.renameSync(to, from);
+        throw e;
       }
-      return { dead, bytes, leftovers, roots: rootPaths.sort(), trash: undefined };
+      return { dead, bytes, leftovers, roots: rootPaths.sort(), trash };
     }).immediate();
     if (plan.trash) removeTree(plan.trash);
     return { deleted: plan.dead, bytesFreed: plan.bytes, roots: plan.roots, leftovers: plan.leftovers };
+  }
+
+  /**
+   * A GC killed after moving paths into its trash but before committing left valid paths
+   * without content: move them back from the trash of any dead process. Runs under the lock.
+   */
+  #restoreInterruptedGc(): void {
+    for (const n of fs.readdirSync(this.realStoreDir)) {
+      const m = /^\.ferry-trash-(\d+)-/.exec(n);
+      if (!m || processAlive(Number(m[1]))) continue;
+      const dir = join(this.realStoreDir, n);
+      let entries: string[];
+      try {
+        entries = fs.readdirSync(dir);
+      } catch {
+        continue; // a trash file, not a directory
+      }
+      for (const e of entries) {
+        const path = `${this.storeDir}/${e}`;
+        const real = join(this.realStoreDir, e);
+        if (this.isValid(path) && !fs.existsSync(real) && !isSymlink(real)) fs.renameSync(join(dir, e), real);
+      }
+    }
+  }
+}
+
+/** Renames `from` to `to`; false when `from` is already gone. */
+function renameIfPresent(from: string, to: string): boolean {
+  try {
+    fs.renameSync(from, to);
+    return true;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === "ENOENT") return false;
+    throw e;
   }
 }
 
@@ -805,27 +854,9 @@ function isSymlink(p: string): boolean {
   }
 }
 
-/**
- * Makes everything written to the filesystem holding `dir` durable (syncfs(2), through
- * coreutils' `sync -f`): one call for a batch of files.
- */
-function syncFilesystem(dir: string): void {
-  const r = spawnSync("sync", ["-f", dir]);
-  if (r.status !== 0) throw new FerryError("FERRY_STORE_SYNC", `could not sync the file system of ${dir}: ${r.stderr?.toString() || r.error?.message}`);
-}
-
-/**
- * Writes a new canonical (0444, mtime 1) file, fsync'ed unless the caller syncs a batch;
- * removes it again on failure. With `mayExist`, a name that is taken returns false untouched.
- */
-function writeReadOnlyFile(path: string, bytes: Uint8Array, fsync = true, mayExist = false): boolean {
-  let fd: number;
-  try {
-    fd = fs.openSync(path, "wx", 0o444);
-  } catch (e) {
-    if (mayExist && (e as NodeJS.ErrnoException).code === "EEXIST") return false;
-    throw e;
-  }
+/** Writes a new canonical (0444, mtime 1) file, fsync'ed unless the caller syncs a batch; removes it again on failure. */
+function writeReadOnlyFile(path: string, bytes: Uint8Array, fsync = true): void {
+  const fd = fs.openSync(path, "wx", 0o444);
   try {
     try {
       fs.writeSync(fd, bytes);
@@ -838,7 +869,6 @@ function writeReadOnlyFile(path: string, bytes: Uint8Array, fsync = true, mayExi
     removeTree(path);
     throw e;
   }
-  return true;
 }
 
 /** The NAR hash and size of a single non-executable regular file holding `bytes`. */

@@ -50,6 +50,19 @@ export class NarRestorer {
   }
 
   onEvent = (e: NarEvent): void => {
+    try {
+      this.#apply(e);
+    } catch (err) {
+      if (err instanceof FerryError) throw err;
+      const code = (err as NodeJS.ErrnoException).code;
+      throw new FerryError("FERRY_RESTORE_FAILED", `cannot unpack the archive here: ${(err as Error).message}`, {
+        hint: code === "ENAMETOOLONG" ? "the archive has a name longer than this file system allows" : "check free space and permissions of the destination",
+        cause: err,
+      });
+    }
+  };
+
+  #apply(e: NarEvent): void {
     switch (e.kind) {
       case "directory": {
         const p = this.#at(e.path);
@@ -91,7 +104,7 @@ export class NarRestorer {
         return;
       }
     }
-  };
+  }
 
   #mode(exec: boolean): number {
     if (this.#opts.canonical) return exec ? 0o555 : 0o444;

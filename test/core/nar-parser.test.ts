@@ -209,3 +209,23 @@ describe("NarParser rejects", () => {
     rejects(nar, prefix.length, /nested deeper than 3/, { maxDepth: 3 });
   });
 });
+
+describe("NAR symlink targets", () => {
+  const enc = new TextEncoder();
+  for (const [label, target] of [["empty", ""], ["with a NUL byte", "a\0b"]] as const) {
+    test(`a symlink target that is ${label} is rejected with its offset`, () => {
+      const good = narOfTree({ type: "symlink", target: "xx" });
+      const at = Buffer.from(good).indexOf(Buffer.from("xx")) - 8;
+      const lenBytes = new Uint8Array(8);
+      lenBytes[0] = enc.encode(target).length;
+      const padded = new Uint8Array(((enc.encode(target).length + 7) >> 3) << 3);
+      padded.set(enc.encode(target));
+      const bad = Buffer.concat([good.subarray(0, at), lenBytes, padded, good.subarray(at + 16)]);
+      const p = new NarParser(() => {});
+      assert.throws(() => {
+        p.push(bad);
+        p.end();
+      }, (e: unknown) => (e as { code?: string }).code === "FERRY_NAR_INVALID" && (e as Error).message.includes(`byte ${at}`));
+    });
+  }
+});

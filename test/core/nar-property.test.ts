@@ -30,8 +30,9 @@ const fileArb: fc.Arbitrary<NarTree> = fc
     fc.oneof({ weight: 5, arbitrary: fc.uint8Array({ minLength: 0, maxLength: 20 }) }, { weight: 1, arbitrary: fc.uint8Array({ minLength: 0, maxLength: 300 }) }),
   )
   .map(([executable, contents]) => ({ type: "regular", executable, contents }));
+// Symlink targets are never empty and never contain NUL (no file system can hold such a link).
 const symlinkArb: fc.Arbitrary<NarTree> = fc
-  .oneof(fc.string({ unit: "binary", maxLength: 20 }), fc.constantFrom("../a/b", "/nix/store/x", "😀"))
+  .oneof(fc.string({ unit: "binary", minLength: 1, maxLength: 20 }).filter((t) => !t.includes("\0")), fc.constantFrom("../a/b", "/nix/store/x", "😀"))
   .map((target) => ({ type: "symlink", target }));
 
 const { tree: treeArb } = fc.letrec<{ tree: NarTree; dir: NarTree }>((tie) => ({

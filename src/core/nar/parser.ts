@@ -257,6 +257,8 @@ export class NarParser {
       case "target-kw":
         return this.#want(tok, "target", "target");
       case "target":
+        if (tok.length === 0) this.#fail("a symlink has an empty target");
+        if (tok.includes(0)) this.#fail("a symlink target contains a NUL byte");
         this.#emit({ kind: "symlink", path: this.#path.slice(), target: tok.slice() });
         this.#expect = "close-node";
         return;

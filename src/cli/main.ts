@@ -1,22 +1,33 @@
 #!/usr/bin/env node
-/** The `ferry` command: parse, call, print. Every error goes through one handler. */
+/**
+ * The `ferry` command: parse, call, print. Every error goes through one handler.
+ * Command modules load on demand: `ferry hash path` does not pay for SQLite or the builder.
+ */
 import { Command, CommanderError } from "commander";
-import { hashCommand } from "./commands/hash.js";
-import { narCommand } from "./commands/nar.js";
-import { storeCommand } from "./commands/store.js";
-import { keyCommand } from "./commands/key.js";
-import { demoCommand } from "./commands/demo.js";
-import { evalCommand, derivationCommand } from "./commands/eval.js";
-import { buildCommand, logCommand } from "./commands/build.js";
 import { printError } from "./output.js";
 
-export function makeProgram(): Command {
+const COMMANDS: Record<string, () => Promise<Command>> = {
+  hash: async () => (await import("./commands/hash.js")).hashCommand(),
+  nar: async () => (await import("./commands/nar.js")).narCommand(),
+  store: async () => (await import("./commands/store.js")).storeCommand(),
+  key: async () => (await import("./commands/key.js")).keyCommand(),
+  eval: async () => (await import("./commands/eval.js")).evalCommand(),
+  derivation: async () => (await import("./commands/eval.js")).derivationCommand(),
+  build: async () => (await import("./commands/build.js")).buildCommand(),
+  log: async () => (await import("./commands/build.js")).logCommand(),
+  demo: async () => (await import("./commands/demo.js")).demoCommand(),
+};
+
+/** The program with the commands `argv` can reach (all of them for top-level help). */
+export async function makeProgram(argv: readonly string[] = []): Promise<Command> {
   const program = new Command("ferry")
     .description("Ferry: reproducible builds on a farm of machines, shipped safely to fleets of devices.\nSpeaks Nix's formats: store paths, NAR, narinfo, signatures and export streams are byte-compatible with Nix 2.8.")
     .version("0.1.0")
     .showHelpAfterError("(run with --help for usage)")
     .exitOverride();
-  for (const c of [hashCommand(), narCommand(), storeCommand(), keyCommand(), evalCommand(), derivationCommand(), buildCommand(), logCommand(), demoCommand()]) program.addCommand(c);
+  const first = argv[2];
+  const names = first !== undefined && first in COMMANDS ? [first] : Object.keys(COMMANDS);
+  for (const name of names) program.addCommand(await COMMANDS[name]!());
   const strict = (c: Command) => {
     c.exitOverride();
     c.allowExcessArguments(false);
@@ -28,7 +39,7 @@ export function makeProgram(): Command {
 
 async function main(argv: string[]): Promise<number> {
   try {
-    await makeProgram().parseAsync(argv);
+    await (await makeProgram(argv)).parseAsync(argv);
     return typeof process.exitCode === "number" ? process.exitCode : 0;
   } catch (e) {
     if (e instanceof CommanderError) {

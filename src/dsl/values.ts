@@ -5,34 +5,45 @@
  * that path in whatever string it lands in, which records the dependency.
  */
 
+/** What every store value shares: its string form (in templates, JSON, concatenation) is its path. */
+abstract class StoreValue {
+  /** The store path this value stands for. */
+  protected abstract get storePath(): string;
+
+  toString(): string {
+    return this.storePath;
+  }
+
+  [Symbol.toPrimitive](): string {
+    return this.storePath;
+  }
+
+  toJSON(): string {
+    return this.storePath;
+  }
+}
+
 /** One output of a package: `${pkg.dev}` is the path of its `dev` output. */
-export class OutputRef {
+export class OutputRef extends StoreValue {
   readonly drvPath: string;
   readonly output: string;
   readonly path: string;
 
   constructor(drvPath: string, output: string, path: string) {
+    super();
     this.drvPath = drvPath;
     this.output = output;
     this.path = path;
     Object.freeze(this);
   }
 
-  toString(): string {
-    return this.path;
-  }
-
-  [Symbol.toPrimitive](): string {
-    return this.path;
-  }
-
-  toJSON(): string {
+  protected get storePath(): string {
     return this.path;
   }
 }
 
 /** A derivation made by `derivation`, `mkPackage`, `fetchurl` and friends. */
-export class Package {
+export class Package extends StoreValue {
   readonly name: string;
   readonly system: string;
   readonly drvPath: string;
@@ -45,6 +56,7 @@ export class Package {
   readonly meta: Readonly<Record<string, unknown>>;
 
   constructor(p: { name: string; system: string; drvPath: string; outputs: readonly [string, string][]; meta?: Record<string, unknown> }) {
+    super();
     this.name = p.name;
     this.system = p.system;
     this.drvPath = p.drvPath;
@@ -68,39 +80,24 @@ export class Package {
     return this.outputs[this.outputNames[0]!]!;
   }
 
-  toString(): string {
-    return this.outPath;
-  }
-
-  [Symbol.toPrimitive](): string {
-    return this.outPath;
-  }
-
-  toJSON(): string {
+  protected get storePath(): string {
     return this.outPath;
   }
 }
 
 /** A file or directory from the package set's sources, copied into the store when used. */
-export class SourcePath {
+export class SourcePath extends StoreValue {
   readonly path: string;
   readonly from: string;
 
   constructor(path: string, from: string) {
+    super();
     this.path = path;
     this.from = from;
     Object.freeze(this);
   }
 
-  toString(): string {
-    return this.path;
-  }
-
-  [Symbol.toPrimitive](): string {
-    return this.path;
-  }
-
-  toJSON(): string {
+  protected get storePath(): string {
     return this.path;
   }
 }

@@ -78,6 +78,9 @@ export async function realise(store: LocalStore, targets: readonly string[], opt
     }
   }
   const plan = planBuild(targets, ports, { check: opts.check ?? false, substitutable });
+  // Keep what this realisation reads from being collected while it runs: the .drv files and
+  // the outputs of valid derivations it builds on.
+  store.addTempRoots([...new Set([...targets, ...plan.nodes.map((n) => n.drvPath), ...plan.nodes.flatMap((n) => [...n.drv.inputDrvs.keys()]), ...plan.valid.flatMap((v) => Object.values(outputsOf(readDrv(v))))])]);
   const outcomes = new Map<string, BuildOutcome>();
   for (const v of plan.valid) outcomes.set(v, { drvPath: v, status: "valid", outputs: outputsOf(readDrv(v)) });
   const toSubstitute = plan.nodes.filter((n) => n.kind === "substitute").length;

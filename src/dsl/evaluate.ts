@@ -76,7 +76,10 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
   const [cmd, args] = sandboxed
     ? [bwrapPath(), ["--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--", process.execPath, ...nodeArgs]]
     : [process.execPath, nodeArgs];
-  const child = spawn(cmd, args, { stdio: ["ignore", 2, 2, "pipe"] });
+  // Package code sees no secrets from the caller's environment (they could end up in
+  // world-readable .drv files): only what Node and the loader need.
+  const env: NodeJS.ProcessEnv = { PATH: process.env.PATH ?? "/usr/bin:/bin", LANG: "C.UTF-8", TZ: "UTC" };
+  const child = spawn(cmd, args, { stdio: ["ignore", 2, 2, "pipe"], env });
   const timeoutMs = (opts.timeoutSeconds ?? 600) * 1000;
   let timedOut = false;
   const timer = setTimeout(() => {

@@ -127,4 +127,13 @@ describe("ferry eval", () => {
     assert.match(noInputs.stderr, /FERRY_DRV_MISSING_INPUT/);
     void multi;
   });
+
+  test("package code does not see the caller's environment", () => {
+    const mod = write("env.ts", `import { derivation } from "ferry";
+      export const x = derivation({ name: "x", system: "x86_64-linux", builder: "/bin/sh", seen: process.env.FERRY_TEST_SECRET ?? "none" });`);
+    const jobs = JSON.parse(ferryOk(["eval", "--json", "--root", join(dir, "env-root"), mod], { env: { FERRY_TEST_SECRET: "hunter2" } })) as { drvPath: string }[];
+    const text = fs.readFileSync(join(dir, "env-root", jobs[0]!.drvPath), "utf8");
+    assert.match(text, /\("seen","none"\)/);
+    assert.doesNotMatch(text, /hunter2/);
+  });
 });

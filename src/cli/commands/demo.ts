@@ -1,6 +1,7 @@
 /**
- * `ferry demo`: Ferry's main job on its embedded defaults. For now it shows the store: add a
- * tree, sign it, export and re-import it into a second store, verify, and collect garbage.
+ * `ferry demo`: Ferry's main job on its embedded defaults. For now: add a tree to the store,
+ * sign it, export and re-import it into a second store, verify; then evaluate a small package
+ * set written in TypeScript and build it in the sandbox, twice, to show it is reproducible.
  * Later issues grow it into the whole farm-to-fleet story.
  */
 import { Command } from "commander";
@@ -55,6 +56,7 @@ export function demoCommand(): Command {
           const kept = store.gc({ dryRun: true });
           say(`5. rooted it as 'ferry-demo'; a garbage collection now would delete ${kept.deleted.length} unrooted paths and keep ${kept.roots.length} roots`);
           store.removeRoot("ferry-demo");
+          await demoBuild(store, work, say);
           say("done. Try: ferry store path-info --json " + added.path);
         } finally {
           store.close();
@@ -63,4 +65,48 @@ export function demoCommand(): Command {
         fs.rmSync(work, { recursive: true, force: true });
       }
     });
+}
+
+const DEMO_PACKAGES = String.raw`import { derivation, runCommand } from "ferry";
+
+// A station's configuration and the report program that reads it.
+export const config = derivation({
+  name: "buoy-17-config", system: "x86_64-linux", builder: "/bin/sh",
+  args: ["-c", "echo 'station=buoy-17 interval=60' > $out"],
+});
+export const report = runCommand("buoy-report", { config }, [
+  "mkdir -p $out/bin",
+  "echo '#!/bin/sh' > $out/bin/report",
+  "echo cat $config >> $out/bin/report",
+  "chmod +x $out/bin/report",
+].join("; "));
+`;
+
+/** Evaluates and builds a tiny package set, sandboxed when bubblewrap is there. */
+async function demoBuild(store: LocalStore, work: string, say: (s: string) => void): Promise<void> {
+  const { evaluate } = await import("../../dsl/evaluate.js");
+  const { storePort } = await import("./eval.js");
+  const { realise } = await import("../../build/realise.js");
+  const { sandboxAvailable } = await import("../../build/sandbox.js");
+  const file = join(work, "packages.ts");
+  fs.writeFileSync(file, DEMO_PACKAGES);
+  const { jobs } = await evaluate({ file, storeDir: store.storeDir, store: storePort(store) });
+  const report = jobs.find((j) => j.attr === "report")!;
+  say(`6. evaluated a package set written in TypeScript: ${jobs.length} derivations, e.g. ${report.drvPath}`);
+  const sandbox = sandboxAvailable().ok;
+  if (!sandbox && store.loc.root) {
+    say("   (skipping the build: bubblewrap is not installed and builds without it need the store at its real place)");
+    return;
+  }
+  const first = await realise(store, [report.drvPath], { sandbox, jobs: 2 });
+  const out = report.outputs.out!;
+  say(`7. built it ${sandbox ? "in the bubblewrap sandbox" : "WITHOUT a sandbox (bubblewrap is not installed)"}: ${first.map((o) => o.status).join(", ")} -> ${out}`);
+  if (sandbox) {
+    const again = await realise(store, [report.drvPath], { sandbox, check: true });
+    const c = again.find((o) => o.drvPath === report.drvPath);
+    const checked = c && "checked" in c ? c.checked : undefined;
+    say(`8. rebuilt it with --check: ${checked?.reproducible ? "bit-for-bit the same" : `differs in ${checked?.differences.join(", ")}`}`);
+  }
+  const refs = store.requirePathInfo(out).references;
+  say(`   its runtime references, found by scanning: ${refs.length ? refs.join(", ") : "none"}`);
 }

@@ -22,6 +22,19 @@ export interface PlannedTextMsg {
   readonly references: readonly string[];
 }
 
+/** Adds a planned source; its path must be the one evaluation computed. */
+export function writePlannedSource(store: LocalStore, s: PlannedSourceMsg): void {
+  const r = store.addPath(s.from, { name: s.name });
+  if (r.path !== s.storePath) {
+    throw new FerryError("FERRY_EVAL_SOURCE_CHANGED", `source ${s.from} changed while it was evaluated (${r.path}, planned ${s.storePath})`, { hint: "evaluate again once the sources are not being edited" });
+  }
+}
+
+/** Adds planned text objects (.drv files) in one batch; each must get the path evaluation computed. */
+export function writePlannedTexts(store: LocalStore, ts: readonly PlannedTextMsg[]): void {
+  store.addTexts(ts.map((t) => ({ name: t.name, text: t.text, references: t.references, expectedPath: t.storePath })));
+}
+
 type Msg = { t: "source"; s: PlannedSourceMsg } | { t: "texts"; ts: readonly PlannedTextMsg[] } | { t: "end" };
 type Reply = { t: "done" } | { t: "error"; code: string; message: string; hint?: string };
 
@@ -74,14 +87,9 @@ if (!isMainThread && parentPort && (workerData as StoreLocation | undefined)?.st
   port.on("message", (m: Msg) => {
     if (failed) return;
     try {
-      if (m.t === "source") {
-        const r = store.addPath(m.s.from, { name: m.s.name });
-        if (r.path !== m.s.storePath) {
-          throw new FerryError("FERRY_EVAL_SOURCE_CHANGED", `source ${m.s.from} changed while it was evaluated (${r.path}, planned ${m.s.storePath})`, { hint: "evaluate again once the sources are not being edited" });
-        }
-      } else if (m.t === "texts") {
-        store.addTexts(m.ts.map((t) => ({ name: t.name, text: t.text, references: t.references, expectedPath: t.storePath })));
-      } else {
+      if (m.t === "source") writePlannedSource(store, m.s);
+      else if (m.t === "texts") writePlannedTexts(store, m.ts);
+      else {
         store.close();
         port.postMessage({ t: "done" } satisfies Reply);
       }

@@ -5,22 +5,15 @@ import { FerryError } from "../../core/errors.js";
 import { checkDerivationOutputs, derivationToJson, parseDerivation, printDerivation, type Derivation } from "../../core/derivation.js";
 import { evaluate, type EvalJob, type EvalStorePort } from "../../dsl/evaluate.js";
 import { LocalStore } from "../../store/local-store.js";
-import { StoreWriterThread } from "../../store/writer-thread.js";
+import { StoreWriterThread, writePlannedSource, writePlannedTexts } from "../../store/writer-thread.js";
 import { storeLocation, withStore, withStoreOptions, type StoreFlags } from "../store-options.js";
 import { out, outJson } from "../output.js";
 
-/** Writes an evaluation's plan into a local store, checking every path is what was planned. */
+/** Writes an evaluation's plan into a local store on this thread, checking every path is what was planned. */
 export function storePort(s: LocalStore): EvalStorePort {
   return {
-    addSource(src) {
-      const r = s.addPath(src.from, { name: src.name });
-      if (r.path !== src.storePath) {
-        throw new FerryError("FERRY_EVAL_SOURCE_CHANGED", `source ${src.from} changed while it was evaluated (${r.path}, planned ${src.storePath})`, { hint: "evaluate again once the sources are not being edited" });
-      }
-    },
-    addTexts(ts) {
-      s.addTexts(ts.map((t) => ({ name: t.name, text: t.text, references: t.references, expectedPath: t.storePath })));
-    },
+    addSource: (src) => writePlannedSource(s, src),
+    addTexts: (ts) => writePlannedTexts(s, ts),
   };
 }
 

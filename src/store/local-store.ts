@@ -112,7 +112,8 @@ export class LocalStore {
    */
   readonly #idMemo = new Map<string, number>();
   #memoGeneration = -1;
-  #tempRootsFile: string | undefined;
+  /** This handle's temp-root owner id, `<pid>-<random>` (GC drops the rows of dead pids). */
+  #tempRootOwner: string | undefined;
 
   private constructor(loc: StoreLocation, db: Database.Database) {
     this.loc = loc;
@@ -137,7 +138,7 @@ export class LocalStore {
     const realStore = realPath(loc, loc.storeDir);
     const realState = realPath(loc, loc.stateDir);
     try {
-      for (const d of [realStore, join(realState, "db"), join(realState, "gcroots"), join(realState, "temproots")]) {
+      for (const d of [realStore, join(realState, "db"), join(realState, "gcroots")]) {
         fs.mkdirSync(d, { recursive: true });
       }
       fs.accessSync(realStore, fs.constants.W_OK);
@@ -156,8 +157,8 @@ export class LocalStore {
   }
 
   close(): void {
+    if (this.#tempRootOwner) this.#stmt(SQL.deleteTempRoots).run(this.#tempRootOwner);
     this.#db.close();
-    if (this.#tempRootsFile) fs.rmSync(this.#tempRootsFile, { force: true });
   }
 
   realPathOf(storePath: string): string {
@@ -241,28 +242,24 @@ export class LocalStore {
   }
 
   /**
-   * Protects `path` from GC while this handle is open (Nix's temp roots): called
-   * before checking validity, so a path found valid cannot be collected before it is used.
+   * Protects `path` from GC while this handle is open (Nix's temp roots): called before
+   * checking validity. Roots are rows written in a write transaction, so they serialise with
+   * GC (which decides under the same lock): either GC ran first and the check sees the path
+   * gone, or GC sees the root. A path found valid after rooting cannot be collected.
    */
   addTempRoot(path: string): void {
     this.addTempRoots([path]);
   }
 
-  /** Like `addTempRoot` for many paths, with one write and one fsync. */
+  /** Like `addTempRoot` for many paths, in one transaction. */
   addTempRoots(paths: readonly string[]): void {
     if (paths.length === 0) return;
-    if (!this.#tempRootsFile) {
-      // One file per open handle, named <pid>-<random>: GC drops the files of dead processes.
-      this.#tempRootsFile = join(this.realStateDir, "temproots", randomSuffix());
-      process.once("exit", () => fs.rmSync(this.#tempRootsFile!, { force: true }));
-    }
-    const fd = fs.openSync(this.#tempRootsFile, "a");
-    try {
-      fs.writeSync(fd, paths.join("\n") + "\n");
-      fs.fsyncSync(fd);
-    } finally {
-      fs.closeSync(fd);
-    }
+    this.#tempRootOwner ??= randomSuffix();
+    const owner = this.#tempRootOwner;
+    const insert = this.#stmt(SQL.insertTempRoot);
+    this.#db.transaction(() => {
+      for (const p of paths) insert.run(owner, p);
+    }).immediate();
   }
 
   /**
@@ -694,18 +691,17 @@ export class LocalStore {
     return isSymlink(next) ? this.#rootTarget(next, depth + 1) : undefined;
   }
 
+  /** Temp roots of live handles (read under GC's write lock); rows of dead processes are dropped. */
   #tempRoots(): string[] {
-    const dir = join(this.realStateDir, "temproots");
+    const rows = this.#stmt(SQL.allTempRoots).all() as { owner: string; path: string }[];
     const out: string[] = [];
-    for (const n of fs.readdirSync(dir)) {
-      const pid = Number(n.split("-")[0]);
-      const file = join(dir, n);
-      if (!Number.isInteger(pid) || (pid !== process.pid && !processAlive(pid))) {
-        fs.rmSync(file, { force: true });
-        continue;
-      }
-      for (const line of fs.readFileSync(file, "utf8").split("\n")) if (line) out.push(line);
+    const dead = new Set<string>();
+    for (const r of rows) {
+      const pid = Number(r.owner.split("-")[0]);
+      if (!Number.isInteger(pid) || (pid !== process.pid && !processAlive(pid))) dead.add(r.owner);
+      else out.push(r.path);
     }
+    for (const o of dead) this.#stmt(SQL.deleteTempRoots).run(o);
     return out;
   }
 

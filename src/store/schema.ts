@@ -31,6 +31,11 @@ export const MIGRATIONS: readonly string[] = [
   CREATE TABLE GcGeneration (id INTEGER PRIMARY KEY CHECK (id = 0), generation INTEGER NOT NULL);
   INSERT INTO GcGeneration (id, generation) VALUES (0, 0);
   `,
+  // 3: temp roots live in the database, so rooting serialises with GC
+  `
+  CREATE TABLE TempRoots (owner TEXT NOT NULL, path TEXT NOT NULL);
+  CREATE INDEX IndexTempRootsOwner ON TempRoots(owner);
+  `,
 ];
 
 export const SQL = {
@@ -45,6 +50,9 @@ export const SQL = {
   setSigs: `UPDATE ValidPaths SET sigs = ? WHERE id = ?`,
   deleteRefsFrom: `DELETE FROM Refs WHERE referrer = ?`,
   deletePath: `DELETE FROM ValidPaths WHERE id = ?`,
+  insertTempRoot: `INSERT INTO TempRoots (owner, path) VALUES (?, ?)`,
+  deleteTempRoots: `DELETE FROM TempRoots WHERE owner = ?`,
+  allTempRoots: `SELECT owner, path FROM TempRoots`,
   gcGeneration: `SELECT generation FROM GcGeneration WHERE id = 0`,
   bumpGcGeneration: `UPDATE GcGeneration SET generation = generation + 1 WHERE id = 0`,
 } as const;

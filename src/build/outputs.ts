@@ -12,7 +12,10 @@ import { ReferenceScanner } from "../core/references.js";
 import type { ContentAddress } from "../core/store-path.js";
 import { dumpPath, hashFile, hashPath } from "../store/nar-dump.js";
 
-/** Makes a tree read-only with mtime 1 (Nix's canonical form); setuid/setgid bits go. */
+/**
+ * Makes a tree read-only with mtime 1 (Nix's canonical form; setuid/setgid bits go) and
+ * durable: every file and directory is fsync'ed, so it can be registered afterwards.
+ */
 export function canonicalise(path: string): void {
   const st = fs.lstatSync(path);
   if (st.isSymbolicLink()) {
@@ -23,12 +26,17 @@ export function canonicalise(path: string): void {
     fs.chmodSync(path, 0o755);
     for (const n of fs.readdirSync(path)) canonicalise(join(path, n));
     fs.chmodSync(path, 0o555);
-  } else if (st.isFile()) {
-    fs.chmodSync(path, st.mode & 0o100 ? 0o555 : 0o444);
-  } else {
+  } else if (!st.isFile()) {
     throw new FerryError("FERRY_BUILD_BAD_OUTPUT", `the build produced '${path}', which is not a file, directory or symlink`, { hint: "builders may only leave regular files, directories and symlinks in their outputs" });
   }
-  fs.utimesSync(path, 1, 1);
+  const fd = fs.openSync(path, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
+  try {
+    if (st.isFile()) fs.fchmodSync(fd, st.mode & 0o100 ? 0o555 : 0o444);
+    fs.futimesSync(fd, 1, 1);
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 export interface ScannedOutput {

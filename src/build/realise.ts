@@ -11,7 +11,7 @@ import { FerryError } from "../core/errors.js";
 import type { Derivation } from "../core/derivation.js";
 import { isFixedOutput, parseDerivation } from "../core/derivation.js";
 import { asFerryError, type LocalStore, type NewObject } from "../store/local-store.js";
-import { removeTree, syncFilesystem, writeFileAtomic } from "../store/fs-util.js";
+import { removeTree, writeFileAtomic } from "../store/fs-util.js";
 import { BuildEmitter } from "./events.js";
 import { LogWriter, logPathOf } from "./logs.js";
 import { builtinFetchurl } from "./fetchurl.js";
@@ -233,8 +233,9 @@ async function buildOne(store: LocalStore, node: PlanNode, opts: BuildOneOptions
     }), { withLog: false });
   }
 
-  // Outputs are protected from GC from now on (builds without the sandbox write them in place).
-  store.addTempRoots([...drv.outputs.values()].map((o) => o.path));
+  // Builds without the sandbox write their outputs in place: protect those names from GC.
+  // (Sandboxed outputs live in this process's build area, which GC leaves alone.)
+  if (!opts.sandbox && drv.builder !== "builtin:fetchurl") store.addTempRoots([...drv.outputs.values()].map((o) => o.path));
   // Bug-for-bug with Nix: checking needs the outputs to exist already.
   if (opts.check && [...drv.outputs.values()].some((o) => !store.isValid(o.path))) {
     return fail(new FerryError("FERRY_BUILD_CHECK_NOT_BUILT", `some outputs of ${name} are not valid, so checking is not possible`, { hint: "build it first, then run --check" }), { withLog: false });
@@ -320,8 +321,7 @@ async function buildOne(store: LocalStore, node: PlanNode, opts: BuildOneOptions
       ev.emit("build:finished", { drvPath, name, outputs: outputsOf(drv), durationMs: Date.now() - t0, checked });
       return { drvPath, status: "built", outputs: outputsOf(drv), checked };
     }
-    // Contents must be durable before the paths become valid.
-    syncFilesystem(objects[0]?.tmpReal ?? store.realStoreDir);
+    // Contents are durable (canonicalise fsync'ed them) before the paths become valid.
     store.registerObjects(orderByReferences(objects, name));
     ev.emit("build:finished", { drvPath, name, outputs: outputsOf(drv), durationMs: Date.now() - t0 });
     return { drvPath, status: "built", outputs: outputsOf(drv) };

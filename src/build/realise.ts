@@ -11,7 +11,7 @@ import { FerryError } from "../core/errors.js";
 import type { Derivation } from "../core/derivation.js";
 import { isFixedOutput, parseDerivation } from "../core/derivation.js";
 import { asFerryError, type LocalStore, type NewObject } from "../store/local-store.js";
-import { removeTree, writeFileAtomic } from "../store/fs-util.js";
+import { pathExists, removeTree, writeFileAtomic } from "../store/fs-util.js";
 import { BuildEmitter } from "./events.js";
 import { LogWriter, logPathOf } from "./logs.js";
 import { builtinFetchurl } from "./fetchurl.js";
@@ -265,6 +265,8 @@ async function buildOne(store: LocalStore, node: PlanNode, opts: BuildOneOptions
       for (const r of realOutputs.values()) if (!store.isValid(store.storeDir + r.slice(store.realStoreDir.length))) removeTree(r);
     }
 
+    // What the builder may see, and the candidates for its references.
+    const closure = drv.builder === "builtin:fetchurl" ? [] : inputClosure(store, drv);
     if (drv.builder === "builtin:fetchurl") {
       const limits = [opts.signal, opts.timeout ? AbortSignal.timeout(opts.timeout * 1000) : undefined].filter((x): x is AbortSignal => !!x);
       await builtinFetchurl(drv, realOutputs.get("out")!, {
@@ -277,19 +279,17 @@ async function buildOne(store: LocalStore, node: PlanNode, opts: BuildOneOptions
         onProgress: (url, bytes, total) => ev.emit("fetch:progress", { drvPath, url, bytes, ...(total ? { total } : {}) }),
       });
     } else {
-      const closure = inputClosure(store, drv);
       await runBuilder(store, drv, { closure, buildDir, outStore, log, opts, drvPath, realOutputs });
     }
 
     // Collect, canonicalise, scan, check.
     const candidates = new Map<string, string>();
-    const closure = drv.builder === "builtin:fetchurl" ? [] : inputClosure(store, drv);
     for (const p of closure) candidates.set(p.slice(store.storeDir.length + 1, store.storeDir.length + 33), p);
     for (const out of drv.outputs.values()) candidates.set(out.path.slice(store.storeDir.length + 1, store.storeDir.length + 33), out.path);
     const objects: { tmpReal: string | undefined; obj: NewObject }[] = [];
     for (const [o, out] of drv.outputs) {
       const real = realOutputs.get(o)!;
-      if (!fs.existsSync(real) && !isLink(real)) {
+      if (!pathExists(real)) {
         throw new FerryError("FERRY_BUILD_NO_OUTPUT", `the builder of ${name} finished without producing its output '${o}' (${out.path})`, { hint: `the build must create $${o}; see the log: ferry log ${drvPath}` });
       }
       canonicalise(real);
@@ -372,14 +372,6 @@ function orderByReferences<T extends { obj: NewObject }>(objects: T[], name: str
   };
   for (const o of objects) visit(o, []);
   return out;
-}
-
-function isLink(p: string): boolean {
-  try {
-    return fs.lstatSync(p).isSymbolicLink();
-  } catch {
-    return false;
-  }
 }
 
 /** Everything the builder may see: the closure of its sources and of the input outputs it uses. */

@@ -6,13 +6,9 @@ export { source } from "./sources.js";
 export { packageSet } from "./package-set.js";
 export { Package, OutputRef, SourcePath } from "./values.js";
 export { evalContext } from "./context.js";
+import { evalContext } from "./context.js";
 
 /** The system this evaluation builds for natively (e.g. x86_64-linux). */
 export function hostSystem(): string {
-  return evalContextSettings().hostSystem;
-}
-
-import { evalContext as ec } from "./context.js";
-function evalContextSettings() {
-  return ec().settings;
+  return evalContext().settings.hostSystem;
 }

@@ -84,3 +84,13 @@ export function syncFilesystem(dir: string): void {
   const r = spawnSync("sync", ["-f", dir]);
   if (r.status !== 0) throw new FerryError("FERRY_STORE_SYNC", `could not sync the file system of ${dir}: ${r.stderr?.toString() || r.error?.message}`);
 }
+
+/** True when something (a dangling symlink included) is at `p`; never follows a link. */
+export function pathExists(p: string): boolean {
+  return fs.lstatSync(p, { throwIfNoEntry: false }) !== undefined;
+}
+
+/** True when `p` is a symbolic link. */
+export function isSymlink(p: string): boolean {
+  return fs.lstatSync(p, { throwIfNoEntry: false })?.isSymbolicLink() ?? false;
+}

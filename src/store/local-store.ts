@@ -25,7 +25,7 @@ import { MIGRATIONS, SQL } from "./schema.js";
 import { realPath, type StoreLocation } from "./config.js";
 import { dumpPath, hashFile, hashPath } from "./nar-dump.js";
 import { NarRestorer } from "./nar-restore.js";
-import { fsyncPath, processAlive, randomSuffix, removeTree, syncFilesystem } from "./fs-util.js";
+import { fsyncPath, isSymlink, pathExists, processAlive, randomSuffix, removeTree, syncFilesystem } from "./fs-util.js";
 
 export interface PathInfo {
   readonly path: string;
@@ -93,6 +93,8 @@ interface Row {
 }
 
 const TMP_PREFIX = ".ferry-tmp-";
+/** Batches up to this size fsync each file; larger ones sync the file system once. */
+const SYNC_BATCH_MIN = 16;
 const TRASH_PREFIX = ".ferry-trash-";
 
 function storeError(code: string, message: string, hint?: string): FerryError {
@@ -320,10 +322,10 @@ export class LocalStore {
           }
         }
         if (tmpReal !== undefined) {
-          if (fs.existsSync(finalReal) || isSymlink(finalReal)) this.#moveToTrash(finalReal);
+          if (pathExists(finalReal)) this.#moveToTrash(finalReal);
           fs.renameSync(tmpReal, finalReal);
           moved.push({ tmpReal, finalReal });
-        } else if (!fs.existsSync(finalReal) && !isSymlink(finalReal)) {
+        } else if (!pathExists(finalReal)) {
           throw storeError("FERRY_STORE_CONTENT_MISSING", `cannot register '${path}': its content is not at ${finalReal}`, "something removed it meanwhile; build or add it again");
         }
         const info = insert.run(
@@ -458,11 +460,11 @@ export class LocalStore {
         seen.add(path);
         if (this.isValid(path)) continue;
         const tmpReal = this.newTempPath();
-        writeReadOnlyFile(tmpReal, bytes, false);
+        writeReadOnlyFile(tmpReal, bytes, planned.length <= SYNC_BATCH_MIN);
         pending.push({ tmpReal, obj: { path, narHash: nar.hash, narSize: nar.size, references: it.references, ultimate: true, ca: { kind: "text", hash } } });
       }
-      // One filesystem sync for the whole batch instead of one fsync per file.
-      if (pending.length) syncFilesystem(this.realStoreDir);
+      // A large batch is made durable with one filesystem sync instead of an fsync per file.
+      if (planned.length > SYNC_BATCH_MIN && pending.length) syncFilesystem(this.realStoreDir);
     } catch (e) {
       for (const p of pending) removeTree(p.tmpReal);
       throw e;
@@ -473,17 +475,8 @@ export class LocalStore {
   }
 
   /** A text object (`builtins.toFile`, `.drv` files) with declared references. */
-  addText(name: string, contents: string | Uint8Array, references: readonly string[] = [], opts: { dryRun?: boolean } = {}): AddResult {
-    const bytes = typeof contents === "string" ? new TextEncoder().encode(contents) : contents;
-    const hash = makeHash("sha256", sha256(bytes));
-    const path = printStorePath(makeTextPath(this.storeDir, checkNewName(name), hash, references));
-    const nar = narHashOfBytes(bytes);
-    if (opts.dryRun || this.isValid(path)) return { path, added: false, narHash: nar.hash, narSize: nar.size };
-    const tmp = this.newTempPath();
-    writeReadOnlyFile(tmp, bytes);
-    this.addTempRoot(path);
-    const added = this.registerObject(tmp, { path, narHash: nar.hash, narSize: nar.size, references, ultimate: true, ca: { kind: "text", hash } });
-    return { path, added, narHash: nar.hash, narSize: nar.size };
+  addText(name: string, text: string, references: readonly string[] = []): AddResult {
+    return this.addTexts([{ name, text, references }])[0]!;
   }
 
   // ---- signatures ---------------------------------------------------------------------------
@@ -600,7 +593,7 @@ export class LocalStore {
       const info = this.queryPathInfo(p)!;
       const real = this.realPathOf(p);
       let item: VerifyItem;
-      if (!fs.existsSync(real) && !isSymlink(real)) {
+      if (!pathExists(real)) {
         item = { path: p, status: "missing", expected: printHash(info.narHash, "sri") };
       } else {
         try {
@@ -779,7 +772,7 @@ export class LocalStore {
       for (const e of entries) {
         const path = `${this.storeDir}/${e}`;
         const real = join(this.realStoreDir, e);
-        if (this.isValid(path) && !fs.existsSync(real) && !isSymlink(real)) fs.renameSync(join(dir, e), real);
+        if (this.isValid(path) && !pathExists(real)) fs.renameSync(join(dir, e), real);
       }
     }
   }
@@ -840,14 +833,6 @@ function rowToInfo(row: Row, refs: string[]): PathInfo {
 function basenameOf(p: string): string {
   const trimmed = p.replace(/\/+$/, "");
   return trimmed.slice(trimmed.lastIndexOf("/") + 1);
-}
-
-function isSymlink(p: string): boolean {
-  try {
-    return fs.lstatSync(p).isSymbolicLink();
-  } catch {
-    return false;
-  }
 }
 
 /** Writes a new canonical (0444, mtime 1) file, fsync'ed unless the caller syncs a batch; removes it again on failure. */

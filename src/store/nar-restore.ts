@@ -11,7 +11,7 @@ import * as fs from "node:fs";
 import { dirname, basename, join } from "node:path";
 import { NarParser, type NarEvent, type NarParserLimits } from "../core/nar/parser.js";
 import { FerryError } from "../core/errors.js";
-import { removeTree, randomSuffix } from "./fs-util.js";
+import { pathExists, removeTree, randomSuffix } from "./fs-util.js";
 
 const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW } = fs.constants;
 const SLASH = Buffer.from("/");
@@ -136,7 +136,7 @@ export class NarRestorer {
 
 /** Unpacks a NAR stream to `dest`, which must not exist yet (like `nix-store --restore`). */
 export async function restoreNar(source: AsyncIterable<Uint8Array>, dest: string, limits: NarParserLimits = {}): Promise<void> {
-  if (fs.existsSync(dest) || isSymlink(dest)) {
+  if (pathExists(dest)) {
     throw new FerryError("FERRY_RESTORE_EXISTS", `'${dest}' already exists`, { hint: "restore into a path that does not exist yet" });
   }
   const tmp = join(dirname(dest), `.${basename(dest)}.ferry-tmp-${randomSuffix()}`);
@@ -150,13 +150,5 @@ export async function restoreNar(source: AsyncIterable<Uint8Array>, dest: string
   } catch (e) {
     r.abort();
     throw e;
-  }
-}
-
-function isSymlink(p: string): boolean {
-  try {
-    return fs.lstatSync(p).isSymbolicLink();
-  } catch {
-    return false;
   }
 }

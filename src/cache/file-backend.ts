@@ -1,0 +1,175 @@
+/**
+ * A binary cache in a directory (`file://DIR`, `ferry cache serve --dir DIR`): the layout Nix's
+ * `file://` store writes, so either tool can read what the other wrote. Writes go to a
+ * temporary file in `DIR/.ferry-tmp`, are fsync'ed and renamed into place; readers never see
+ * a partial object.
+ */
+import * as fs from "node:fs";
+import { join, dirname } from "node:path";
+import { FerryError } from "../core/errors.js";
+import { checkRelativeKey } from "../core/cache-layout.js";
+import type { ByteRange, CacheBackend, ObjectInfo, ReadResult, WriteOptions } from "./backend.js";
+import { fsyncPath, randomSuffix } from "../store/fs-util.js";
+
+const TMP_DIR = ".ferry-tmp";
+
+function ioError(e: unknown, what: string): FerryError {
+  if (e instanceof FerryError) return e;
+  const code = (e as NodeJS.ErrnoException).code;
+  return new FerryError(code === "EACCES" || code === "EPERM" ? "FERRY_CACHE_DENIED" : "FERRY_CACHE_IO", `${what}: ${(e as Error).message}`, {
+    hint: code === "ENOSPC" ? "the cache's disk is full; run `ferry cache gc` or free space" : "check the cache directory's permissions and free space",
+    cause: e,
+  });
+}
+
+export function tooLarge(maxBytes: number): FerryError {
+  return new FerryError("FERRY_CACHE_TOO_LARGE", `the object is larger than the limit of ${maxBytes} bytes`, {
+    hint: "raise the server's --max-upload-size if such objects are expected",
+  });
+}
+
+export function etagOf(st: { size: number; mtimeMs: number; ino?: number }): string {
+  return `"${Math.floor(st.mtimeMs).toString(16)}-${st.size.toString(16)}${st.ino ? `-${st.ino.toString(16)}` : ""}"`;
+}
+
+export class FileBackend implements CacheBackend {
+  readonly url: string;
+  readonly root: string;
+
+  constructor(root: string) {
+    this.root = root;
+    this.url = `file://${root}`;
+  }
+
+  /** Opens (creating) the directory. */
+  static open(root: string): FileBackend {
+    try {
+      fs.mkdirSync(join(root, TMP_DIR), { recursive: true });
+    } catch (e) {
+      throw ioError(e, `cannot create the cache directory ${root}`);
+    }
+    return new FileBackend(root);
+  }
+
+  #path(key: string): string {
+    return join(this.root, checkRelativeKey(key));
+  }
+
+  #info(key: string, st: fs.Stats): ObjectInfo {
+    return { key, size: st.size, etag: etagOf(st), mtimeMs: st.mtimeMs };
+  }
+
+  async stat(key: string): Promise<ObjectInfo | undefined> {
+    const p = this.#path(key);
+    try {
+      const st = await fs.promises.stat(p);
+      return st.isFile() ? this.#info(key, st) : undefined;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === "ENOENT" || (e as NodeJS.ErrnoException).code === "ENOTDIR") return undefined;
+      throw ioError(e, `cannot read ${key} in ${this.url}`);
+    }
+  }
+
+  async read(key: string, range?: ByteRange): Promise<ReadResult | undefined> {
+    const p = this.#path(key);
+    let fh: fs.promises.FileHandle;
+    try {
+      fh = await fs.promises.open(p, "r");
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === "ENOENT" || (e as NodeJS.ErrnoException).code === "ENOTDIR") return undefined;
+      throw ioError(e, `cannot read ${key} in ${this.url}`);
+    }
+    try {
+      const st = await fh.stat();
+      if (!st.isFile()) {
+        await fh.close();
+        return undefined;
+      }
+      const start = range?.start ?? 0;
+      const end = Math.min(range?.end ?? st.size - 1, st.size - 1);
+      const body = fh.createReadStream({ start, end: Math.max(end, start - 1), highWaterMark: 256 * 1024, autoClose: true });
+      return { info: this.#info(key, st), body, start };
+    } catch (e) {
+      await fh.close();
+      throw ioError(e, `cannot read ${key} in ${this.url}`);
+    }
+  }
+
+  async readBytes(key: string): Promise<Uint8Array | undefined> {
+    try {
+      return await fs.promises.readFile(this.#path(key));
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === "ENOENT" || code === "ENOTDIR" || code === "EISDIR") return undefined;
+      throw ioError(e, `cannot read ${key} in ${this.url}`);
+    }
+  }
+
+  async write(key: string, body: Uint8Array | AsyncIterable<Uint8Array>, opts: WriteOptions = {}): Promise<ObjectInfo> {
+    const final = this.#path(key);
+    const tmp = join(this.root, TMP_DIR, `${randomSuffix()}-${key.replace(/\//g, "_")}`);
+    let fh: fs.promises.FileHandle | undefined;
+    try {
+      fs.mkdirSync(join(this.root, TMP_DIR), { recursive: true });
+      fh = await fs.promises.open(tmp, "wx", 0o644);
+      let size = 0;
+      const put = async (c: Uint8Array) => {
+        size += c.length;
+        if (opts.maxBytes !== undefined && size > opts.maxBytes) throw tooLarge(opts.maxBytes);
+        let off = 0;
+        while (off < c.length) off += (await fh!.write(c, off, c.length - off)).bytesWritten;
+      };
+      if (body instanceof Uint8Array) await put(body);
+      else for await (const c of body) await put(c);
+      await fh.sync();
+      await fh.close();
+      fh = undefined;
+      await fs.promises.mkdir(dirname(final), { recursive: true });
+      await fs.promises.rename(tmp, final);
+      fsyncPath(dirname(final));
+      return this.#info(key, await fs.promises.stat(final));
+    } catch (e) {
+      await fh?.close().catch(() => undefined);
+      await fs.promises.rm(tmp, { force: true });
+      throw ioError(e, `cannot write ${key} to ${this.url}`);
+    }
+  }
+
+  async delete(key: string): Promise<boolean> {
+    try {
+      await fs.promises.unlink(this.#path(key));
+      return true;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === "ENOENT") return false;
+      throw ioError(e, `cannot delete ${key} in ${this.url}`);
+    }
+  }
+
+  async *list(prefix: string): AsyncIterable<ObjectInfo> {
+    const walk = async function* (this: FileBackend, rel: string): AsyncIterable<ObjectInfo> {
+      let entries: fs.Dirent[];
+      try {
+        entries = await fs.promises.readdir(join(this.root, rel), { withFileTypes: true });
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code === "ENOENT") return;
+        throw ioError(e, `cannot list ${this.url}`);
+      }
+      for (const d of entries) {
+        if (d.name.startsWith(".")) continue;
+        const key = rel === "" ? d.name : `${rel}/${d.name}`;
+        if (d.isDirectory()) {
+          if (prefix.startsWith(`${key}/`) || key.startsWith(prefix) || `${key}/`.startsWith(prefix)) yield* walk.call(this, key);
+        } else if (d.isFile() && key.startsWith(prefix)) {
+          try {
+            yield this.#info(key, await fs.promises.stat(join(this.root, key)));
+          } catch (e) {
+            if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw ioError(e, `cannot list ${this.url}`);
+          }
+        }
+      }
+    };
+    yield* walk.call(this, "");
+  }
+
+  async close(): Promise<void> {}
+}

@@ -9,10 +9,15 @@ import { spawn } from "node:child_process";
 import { Duplex, PassThrough, Transform, type TransformCallback } from "node:stream";
 import * as zlib from "node:zlib";
 import { CompressStream, DecompressStream } from "zstd-napi";
+import { createRequire } from "node:module";
+import type * as ZstdBinding from "zstd-napi/binding.js";
 import { FerryError } from "../core/errors.js";
 import type { Compression } from "../core/cache-layout.js";
 
 export type { Compression } from "../core/cache-layout.js";
+
+// The native binding is CommonJS without static exports; load it as such.
+const zstdBinding = createRequire(import.meta.url)("zstd-napi/binding.js") as typeof ZstdBinding;
 
 /** The zstd level Ferry writes: fast to make on a worker and about as small as xz -3. */
 const ZSTD_LEVEL = 8;
@@ -101,5 +106,37 @@ export function decompressStream(method: Compression): Duplex {
       return programTransform("bzip2", ["-d", "-c"], "decompress", method);
     case "br":
       return coded(zlib.createBrotliDecompress(), "decompress", method);
+  }
+}
+
+/**
+ * A synchronous zstd compressor for a producer that cannot wait (the NAR dumper calls back
+ * synchronously): output goes to `out` as it is made, so memory stays flat for any input.
+ */
+export class SyncZstdCompressor {
+  readonly #cctx = new zstdBinding.CCtx();
+  readonly #buf = new Uint8Array(256 * 1024);
+  readonly #out: (chunk: Uint8Array) => void;
+
+  constructor(out: (chunk: Uint8Array) => void, level = ZSTD_LEVEL) {
+    this.#out = out;
+    this.#cctx.setParameter(zstdBinding.CParameter.compressionLevel, level);
+  }
+
+  push(chunk: Uint8Array): void {
+    let src = chunk;
+    while (src.length > 0) {
+      const [, written, consumed] = this.#cctx.compressStream2(this.#buf, src, zstdBinding.EndDirective.continue);
+      if (written > 0) this.#out(this.#buf.slice(0, written));
+      src = src.subarray(consumed);
+    }
+  }
+
+  end(): void {
+    for (;;) {
+      const [remaining, written] = this.#cctx.compressStream2(this.#buf, new Uint8Array(0), zstdBinding.EndDirective.end);
+      if (written > 0) this.#out(this.#buf.slice(0, written));
+      if (remaining === 0) return;
+    }
   }
 }

@@ -61,7 +61,7 @@ function badUrl(text: string): FerryError {
   });
 }
 
-export async function openBackend(text: string, _opts: OpenOptions = {}): Promise<CacheBackend> {
+export async function openBackend(text: string, opts: OpenOptions = {}): Promise<CacheBackend> {
   const parsed = parseCacheUrl(text);
   switch (parsed.scheme) {
     case "file":
@@ -69,6 +69,6 @@ export async function openBackend(text: string, _opts: OpenOptions = {}): Promis
     case "s3":
       throw new FerryError("FERRY_CACHE_BAD_URL", `s3 caches are not available yet: ${text}`);
     case "http":
-      throw new FerryError("FERRY_CACHE_BAD_URL", `http caches are not available yet: ${text}`);
+      return (await import("./http-backend.js")).HttpBackend.open(parsed.url, { token: opts.token ?? process.env.FERRY_TOKEN });
   }
 }

@@ -15,6 +15,7 @@ const COMMANDS: Record<string, () => Promise<Command>> = {
   derivation: async () => (await import("./commands/eval.js")).derivationCommand(),
   build: async () => (await import("./commands/build.js")).buildCommand(),
   log: async () => (await import("./commands/build.js")).logCommand(),
+  copy: async () => (await import("./commands/copy.js")).copyCommand(),
   demo: async () => (await import("./commands/demo.js")).demoCommand(),
 };
 

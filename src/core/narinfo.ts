@@ -3,7 +3,8 @@
  */
 import { FerryError } from "./errors.js";
 import { parseHash, printPrefixedHash, type Hash } from "./hash.js";
-import { parseBaseName, parseStorePath, baseName, printStorePath, parseContentAddress, printContentAddress, type ContentAddress } from "./store-path.js";
+import { parseBaseName, parseStorePath, baseName, printStorePath, parseContentAddress, printContentAddress, pathOfContentAddress, type ContentAddress } from "./store-path.js";
+import { fingerprintPath, verifySignature, type PublicKey } from "./signing.js";
 
 export interface NarInfo {
   /** Full store path. */
@@ -127,4 +128,28 @@ export function parseCacheInfo(text: string, defaults: { storeDir: string; prior
 
 export function printCacheInfo(ci: CacheInfo): string {
   return `StoreDir: ${ci.storeDir}\nWantMassQuery: ${ci.wantMassQuery ? 1 : 0}\nPriority: ${ci.priority}\n`;
+}
+
+/**
+ * Whether a client may register the object a narinfo describes (SPEC §9.6, Nix 2.8's rules):
+ * a content-addressed object is trusted when its address, name and references make its
+ * store path; any other needs a signature by one of `trustedKeys` over its fingerprint.
+ * Returns undefined when trusted, else why not (naming the keys involved).
+ */
+export function narInfoDistrust(storeDir: string, info: NarInfo, trustedKeys: readonly PublicKey[]): string | undefined {
+  if (info.ca) {
+    try {
+      const sp = parseStorePath(storeDir, info.storePath);
+      if (printStorePath(pathOfContentAddress(storeDir, sp.name, info.ca, info.references, info.storePath)) === info.storePath) return undefined;
+    } catch {
+      /* a malformed address falls through to the signature check */
+    }
+  }
+  const fp = fingerprintPath(info.storePath, printPrefixedHash(info.narHash), info.narSize, info.references);
+  for (const sig of info.sigs) if (verifySignature(trustedKeys, fp, sig)) return undefined;
+  const signers = [...new Set(info.sigs.map((s) => s.slice(0, Math.max(0, s.indexOf(":")))))].filter((s) => s);
+  const trusted = trustedKeys.map((k) => k.name).join(", ") || "none";
+  return signers.length === 0
+    ? `${info.storePath} has no signature (trusted keys: ${trusted})`
+    : `${info.storePath} is signed by ${signers.join(", ")}, none of them a trusted key with a valid signature (trusted keys: ${trusted})`;
 }

@@ -1,10 +1,9 @@
 /** `ferry store …`: the local store's commands. */
 import { Command, Option } from "commander";
-import * as fs from "node:fs";
 import { FerryError } from "../../core/errors.js";
 import { parseHashAlgo, printHash } from "../../core/hash.js";
 import { printContentAddress } from "../../core/store-path.js";
-import { parseSecretKey } from "../../core/signing.js";
+import { readSecretKeyFile } from "../key-files.js";
 import { writeAllSync } from "../../store/fs-util.js";
 import { computeSourcePath, type LocalStore, type PathInfo } from "../../store/local-store.js";
 import { storeLocation, withStore, withStoreOptions, type StoreFlags } from "../store-options.js";
@@ -173,7 +172,7 @@ export function storeCommand(): Command {
       .addOption(new Option("--secret-key <file>", "secret key file").makeOptionMandatory())
       .argument("<paths...>")
       .action(async (paths: string[], f: StoreFlags & { secretKey: string }) => {
-        const key = parseSecretKey(readText(f.secretKey));
+        const key = readSecretKeyFile(f.secretKey);
         await withStore(f, (s) => reportItems(s.sign(paths, key)));
       }),
   );
@@ -210,14 +209,6 @@ export function storeCommand(): Command {
   );
 
   return cmd;
-}
-
-function readText(file: string): string {
-  try {
-    return fs.readFileSync(file, "utf8");
-  } catch (e) {
-    throw new FerryError("FERRY_FILE_UNREADABLE", `cannot read '${file}': ${(e as Error).message}`);
-  }
 }
 
 function reportItems(items: ReturnType<LocalStore["sign"]>): void {

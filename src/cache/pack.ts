@@ -1,0 +1,81 @@
+/**
+ * Packs a store object for a binary cache: its NAR, compressed, in a temporary file, with the
+ * NAR's hash and size and the file's hash and size (the file's name in the cache is its hash).
+ * zstd and none stream straight from the dumper to the file; xz, bzip2 and brotli go through a
+ * NAR file first because their compressors are asynchronous. Memory stays flat either way.
+ */
+import * as fs from "node:fs";
+import { join } from "node:path";
+import { pipeline } from "node:stream/promises";
+import { createHasher } from "../core/digest.js";
+import { makeHash, type Hash } from "../core/hash.js";
+import type { Compression } from "../core/cache-layout.js";
+import { dumpPath } from "../store/nar-dump.js";
+import { randomSuffix, writeAllSync } from "../store/fs-util.js";
+import { compressStream, SyncZstdCompressor } from "./compression.js";
+
+export interface PackedNar {
+  /** The compressed NAR; the caller removes it. */
+  readonly file: string;
+  readonly compression: Compression;
+  readonly fileHash: Hash;
+  readonly fileSize: number;
+  readonly narHash: Hash;
+  readonly narSize: number;
+}
+
+/** Packs the tree at `realPath` into a new file in `tmpDir`. */
+export async function packNar(realPath: string, compression: Compression, tmpDir: string): Promise<PackedNar> {
+  const file = join(tmpDir, `nar-${randomSuffix()}`);
+  const narHasher = createHasher("sha256");
+  const fileHasher = createHasher("sha256");
+  let fileSize = 0;
+  try {
+    if (compression === "zstd" || compression === "none") {
+      const fd = fs.openSync(file, "wx", 0o600);
+      try {
+        const toFile = (c: Uint8Array) => {
+          fileHasher.update(c);
+          fileSize += c.length;
+          writeAllSync(fd, c);
+        };
+        const zstd = compression === "zstd" ? new SyncZstdCompressor(toFile) : undefined;
+        const narSize = dumpPath(realPath, (c) => {
+          narHasher.update(c);
+          if (zstd) zstd.push(c);
+          else toFile(c);
+        });
+        zstd?.end();
+        return { file, compression, fileHash: makeHash("sha256", fileHasher.digest()), fileSize, narHash: makeHash("sha256", narHasher.digest()), narSize };
+      } finally {
+        fs.closeSync(fd);
+      }
+    }
+    const narFile = `${file}.nar`;
+    let narSize: number;
+    const fd = fs.openSync(narFile, "wx", 0o600);
+    try {
+      narSize = dumpPath(realPath, (c) => {
+        narHasher.update(c);
+        writeAllSync(fd, c);
+      });
+    } finally {
+      fs.closeSync(fd);
+    }
+    try {
+      await pipeline(fs.createReadStream(narFile, { highWaterMark: 256 * 1024 }), compressStream(compression), async function* (source: AsyncIterable<Buffer>) {
+        for await (const c of source) {
+          fileHasher.update(c);
+          fileSize += c.length;
+          yield c;
+        }
+      }, fs.createWriteStream(file, { flags: "wx", mode: 0o600 }));
+    } finally {
+      fs.rmSync(narFile, { force: true });
+    }
+    return { file, compression, fileHash: makeHash("sha256", fileHasher.digest()), fileSize, narHash: makeHash("sha256", narHasher.digest()), narSize };
+  } catch (e) {
+    fs.rmSync(file, { force: true });
+    throw e;
+  }
+}

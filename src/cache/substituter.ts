@@ -1,0 +1,319 @@
+/**
+ * Substitution from binary caches (`ferry copy --from`, and `ferry build` through the
+ * realiser's Substituter port). Three steps:
+ *
+ * 1. Query: the closure's narinfos, level by level, parallel lookups; each path from the first
+ *    cache (by priority) whose narinfo is trusted (a signature by a trusted key, or a content
+ *    address that makes its path).
+ * 2. Fetch: NARs in parallel, each decompressed, parsed and unpacked to a temporary name while
+ *    its hash and size are checked against the narinfo; a bad or missing NAR fails over to the
+ *    next cache that has the path.
+ * 3. Register: one file-system sync, then one transaction for every fetched path whose
+ *    references are valid or fetched too, references first. A path is never registered
+ *    before its signature and hash check out and its references are present.
+ */
+import { FerryError } from "../core/errors.js";
+import { TypedEmitter } from "../core/events.js";
+import { createHasher } from "../core/digest.js";
+import { hashEquals, makeHash, printHash } from "../core/hash.js";
+import { NarParser } from "../core/nar/parser.js";
+import { narInfoDistrust, type NarInfo } from "../core/narinfo.js";
+import type { PublicKey } from "../core/signing.js";
+import { asFerryError, type ItemOutcome, type LocalStore, type NewObject } from "../store/local-store.js";
+import { NarRestorer } from "../store/nar-restore.js";
+import { removeTree, syncFilesystem } from "../store/fs-util.js";
+import type { Substituter } from "../build/realise.js";
+import { BinaryCache } from "./binary-cache.js";
+import { mapLimit } from "./parallel.js";
+import type { SubstitutionSettings } from "./settings.js";
+
+export interface SubstituteEvents {
+  "substitute:planned": { paths: number; toFetch: number; narBytes: number };
+  "path:fetched": { path: string; cache: string; narSize: number; durationMs: number };
+  "path:rejected": { path: string; cache: string; reason: string };
+  "fetch:bytes": { bytes: number };
+}
+
+export class SubstituteEmitter extends TypedEmitter<SubstituteEvents> {}
+
+export interface CacheSubstituterOptions {
+  readonly trustedKeys: readonly PublicKey[];
+  /** Without signatures required any narinfo is accepted (Nix's `require-sigs = false`). */
+  readonly requireSigs?: boolean;
+  /** Parallel NAR downloads. */
+  readonly jobs?: number;
+  /** Parallel narinfo lookups. */
+  readonly lookups?: number;
+  readonly events?: SubstituteEmitter;
+}
+
+export type SubstituteOutcome = ItemOutcome<{ fetched: boolean; cache?: string }>;
+
+interface Found {
+  readonly cache: BinaryCache;
+  readonly info: NarInfo;
+}
+
+interface Fetched {
+  readonly tmpReal: string;
+  readonly found: Found;
+}
+
+/** Paths fetched in a batch at or below this count are fsync'ed file by file; more use one syncfs. */
+const SYNC_BATCH_MIN = 16;
+
+export class CacheSubstituter implements Substituter {
+  readonly #store: LocalStore;
+  /** Sorted by priority, lowest (preferred) first. */
+  readonly caches: readonly BinaryCache[];
+  readonly #opts: CacheSubstituterOptions;
+
+  constructor(store: LocalStore, caches: readonly BinaryCache[], opts: CacheSubstituterOptions) {
+    this.#store = store;
+    this.caches = [...caches].sort((a, b) => a.priority - b.priority);
+    this.#opts = opts;
+  }
+
+  /** Opens the configured caches. A cache that cannot be opened is an error: a typo in a URL
+   *  must not turn into silent rebuilds. */
+  static async open(store: LocalStore, settings: SubstitutionSettings, opts: { token?: string | undefined; jobs?: number; events?: SubstituteEmitter } = {}): Promise<CacheSubstituter> {
+    const caches: BinaryCache[] = [];
+    try {
+      for (const url of settings.substituters) caches.push(await BinaryCache.open(url, { storeDir: store.storeDir, token: opts.token }));
+    } catch (e) {
+      await Promise.all(caches.map((c) => c.close()));
+      throw e;
+    }
+    return new CacheSubstituter(store, caches, {
+      trustedKeys: settings.trustedPublicKeys,
+      requireSigs: settings.requireSigs,
+      ...(opts.jobs !== undefined ? { jobs: opts.jobs } : {}),
+      ...(opts.events ? { events: opts.events } : {}),
+    });
+  }
+
+  async close(): Promise<void> {
+    await Promise.all(this.caches.map((c) => c.close()));
+  }
+
+  #distrust(cache: BinaryCache, info: NarInfo): string | undefined {
+    if (this.#opts.requireSigs === false) return undefined;
+    return narInfoDistrust(cache.storeDir, info, this.#opts.trustedKeys);
+  }
+
+  /** The first cache (by priority, skipping `exclude`) with a trusted narinfo for `path`. */
+  async #find(path: string, exclude: ReadonlySet<BinaryCache> = new Set()): Promise<Found | { reasons: string[] }> {
+    const reasons: string[] = [];
+    for (const cache of this.caches) {
+      if (exclude.has(cache)) continue;
+      let info: NarInfo | undefined;
+      try {
+        info = await cache.narInfo(path);
+      } catch (e) {
+        reasons.push(`${cache.url}: ${(e as Error).message}`);
+        continue;
+      }
+      if (!info) continue;
+      const why = this.#distrust(cache, info);
+      if (why === undefined) return { cache, info };
+      reasons.push(`${cache.url}: ${why}`);
+      this.#opts.events?.emit("path:rejected", { path, cache: cache.url, reason: why });
+    }
+    return { reasons };
+  }
+
+  async has(paths: readonly string[]): Promise<Set<string>> {
+    const found = await mapLimit(paths, this.#opts.lookups ?? 32, (p) => this.#find(p));
+    return new Set(paths.filter((_, k) => "info" in found[k]!));
+  }
+
+  async substitute(path: string): Promise<boolean> {
+    const outcomes = await this.substituteClosure([path]);
+    const mine = outcomes.find((o) => o.path === path);
+    if (mine?.status === "error") throw mine.error;
+    return this.#store.isValid(path);
+  }
+
+  /**
+   * Makes the closures of `paths` valid. One outcome per path that was not valid already
+   * (and per requested path): fetched, or an error that says why.
+   */
+  async substituteClosure(paths: readonly string[]): Promise<SubstituteOutcome[]> {
+    const store = this.#store;
+    const ev = this.#opts.events;
+    const roots = paths.map((p) => store.parsePath(p));
+    const outcomes = new Map<string, SubstituteOutcome>();
+    const found = new Map<string, Found>();
+    const seen = new Set<string>();
+
+    // 1. query, level by level
+    let frontier = [...new Set(roots)];
+    frontier.forEach((p) => seen.add(p));
+    while (frontier.length > 0) {
+      store.addTempRoots(frontier);
+      const wanted = frontier.filter((p) => !store.isValid(p));
+      const results = await mapLimit(wanted, this.#opts.lookups ?? 32, (p) => this.#find(p));
+      const next: string[] = [];
+      wanted.forEach((p, k) => {
+        const r = results[k]!;
+        if ("reasons" in r) {
+          outcomes.set(p, { status: "error", path: p, error: notSubstitutable(p, r.reasons) });
+          return;
+        }
+        found.set(p, r);
+        for (const ref of r.info.references) {
+          if (!seen.has(ref)) {
+            seen.add(ref);
+            next.push(ref);
+          }
+        }
+      });
+      frontier = next;
+    }
+    const toFetch = [...found.keys()];
+    ev?.emit("substitute:planned", { paths: seen.size, toFetch: toFetch.length, narBytes: toFetch.reduce((s, p) => s + found.get(p)!.info.narSize, 0) });
+
+    // 2. fetch
+    const perFileSync = toFetch.length <= SYNC_BATCH_MIN;
+    const fetched = new Map<string, Fetched>();
+    await mapLimit(toFetch, this.#opts.jobs ?? 16, async (p) => {
+      const r = await this.#fetchWithFailover(p, found.get(p)!, perFileSync);
+      if ("error" in r) outcomes.set(p, { status: "error", path: p, error: r.error });
+      else fetched.set(p, r);
+    });
+
+    // 3. register what is complete, references first
+    try {
+      const batch: { tmpReal: string; obj: NewObject; cache: string }[] = [];
+      const registrable = new Set<string>();
+      for (const p of topoOrder([...fetched.keys()], (p) => fetched.get(p)!.found.info.references)) {
+        const { tmpReal, found: f } = fetched.get(p)!;
+        const missing = f.info.references.find((r) => r !== p && !registrable.has(r) && !store.isValid(r));
+        if (missing !== undefined) {
+          removeTree(tmpReal);
+          outcomes.set(p, {
+            status: "error",
+            path: p,
+            error: new FerryError("FERRY_SUBSTITUTE_REFERENCE_MISSING", `not registering ${p}: its reference ${missing} could not be substituted`, {
+              hint: "see the error for the reference; the path is registered once its closure is complete",
+            }),
+          });
+          continue;
+        }
+        registrable.add(p);
+        batch.push({ tmpReal, cache: f.cache.url, obj: { path: p, narHash: f.info.narHash, narSize: f.info.narSize, references: f.info.references, deriver: f.info.deriver, sigs: f.info.sigs, ca: f.info.ca } });
+      }
+      if (batch.length > 0) {
+        if (!perFileSync) syncFilesystem(store.realStoreDir);
+        store.registerObjects(batch);
+        for (const b of batch) outcomes.set(b.obj.path, { status: "ok", path: b.obj.path, value: { fetched: true, cache: b.cache } });
+      }
+    } catch (e) {
+      for (const { tmpReal } of fetched.values()) removeTree(tmpReal);
+      const error = asFerryError(e);
+      for (const p of fetched.keys()) if (!outcomes.has(p)) outcomes.set(p, { status: "error", path: p, error });
+    }
+    for (const p of roots) if (!outcomes.has(p)) outcomes.set(p, { status: "ok", path: p, value: { fetched: false } });
+    return [...outcomes.values()];
+  }
+
+  /** Fetches `path` from `first`, then from every other cache that has it, until one checks out. */
+  async #fetchWithFailover(path: string, first: Found, fsyncEach: boolean): Promise<Fetched | { error: FerryError }> {
+    const tried = new Set<BinaryCache>();
+    const reasons: string[] = [];
+    let current: Found | undefined = first;
+    while (current) {
+      tried.add(current.cache);
+      try {
+        return { tmpReal: await this.#fetchOne(path, current, fsyncEach), found: current };
+      } catch (e) {
+        const err = asFerryError(e);
+        reasons.push(`${current.cache.url}: ${err.message}`);
+        this.#opts.events?.emit("path:rejected", { path, cache: current.cache.url, reason: err.message });
+        if (this.caches.length === 1) return { error: err };
+      }
+      const next = await this.#find(path, tried);
+      current = "info" in next ? next : undefined;
+    }
+    return { error: notSubstitutable(path, reasons) };
+  }
+
+  /** Downloads and unpacks one NAR to a temporary name, checking its hash and size. */
+  async #fetchOne(path: string, { cache, info }: Found, fsyncEach: boolean): Promise<string> {
+    const t0 = Date.now();
+    const store = this.#store;
+    const restorer = new NarRestorer(store.newTempPath(), { canonical: true, fsync: fsyncEach });
+    const parser = new NarParser(restorer.onEvent);
+    const hasher = createHasher(info.narHash.algo);
+    let size = 0;
+    const ev = this.#opts.events;
+    try {
+      await cache.fetchNar(
+        info,
+        (c) => {
+          size += c.length;
+          if (size > info.narSize) throw sizeMismatch(path, cache, info, `more than ${info.narSize}`);
+          hasher.update(c);
+          parser.push(c);
+        },
+        ev ? (n) => ev.emit("fetch:bytes", { bytes: n }) : undefined,
+      );
+      parser.end();
+      if (size !== info.narSize) throw sizeMismatch(path, cache, info, String(size));
+      const actual = makeHash(info.narHash.algo, hasher.digest());
+      if (!hashEquals(actual, info.narHash)) {
+        throw new FerryError("FERRY_SUBSTITUTE_HASH_MISMATCH", `the NAR of ${path} from ${cache.url} hashes to ${printHash(actual, "sri")}, its narinfo says ${printHash(info.narHash, "sri")}`, {
+          hint: "the cache's copy is corrupt; it was not registered, and another cache is tried",
+        });
+      }
+      restorer.finish();
+      ev?.emit("path:fetched", { path, cache: cache.url, narSize: size, durationMs: Date.now() - t0 });
+      return restorer.tmpPath;
+    } catch (e) {
+      restorer.abort();
+      throw e;
+    }
+  }
+}
+
+function sizeMismatch(path: string, cache: BinaryCache, info: NarInfo, got: string): FerryError {
+  return new FerryError("FERRY_SUBSTITUTE_SIZE_MISMATCH", `the NAR of ${path} from ${cache.url} is ${got} bytes, its narinfo says ${info.narSize}`, {
+    hint: "the cache's copy is corrupt or truncated; it was not registered, and another cache is tried",
+  });
+}
+
+function notSubstitutable(path: string, reasons: readonly string[]): FerryError {
+  return new FerryError("FERRY_SUBSTITUTE_UNAVAILABLE", reasons.length ? `cannot substitute ${path}: ${reasons.join("; ")}` : `no configured cache has ${path}`, {
+    hint: reasons.some((r) => r.includes("signature") || r.includes("signed"))
+      ? "trust the cache's key with --trusted-public-keys (or trusted-public-keys in the config) if you mean to"
+      : "check the substituters setting, or build the path",
+  });
+}
+
+/** Orders `paths` so that each comes after those of its references that are among them. */
+function topoOrder(paths: readonly string[], refsOf: (p: string) => readonly string[]): string[] {
+  const set = new Set(paths);
+  const out: string[] = [];
+  const state = new Map<string, 1 | 2>();
+  const visit = (root: string) => {
+    const stack: [string, number][] = [[root, 0]];
+    state.set(root, 1);
+    while (stack.length) {
+      const top = stack[stack.length - 1]!;
+      const refs = refsOf(top[0]);
+      if (top[1] < refs.length) {
+        const r = refs[top[1]++]!;
+        if (r !== top[0] && set.has(r) && !state.has(r)) {
+          state.set(r, 1);
+          stack.push([r, 0]);
+        }
+      } else {
+        state.set(top[0], 2);
+        out.push(top[0]);
+        stack.pop();
+      }
+    }
+  };
+  for (const p of paths) if (!state.has(p)) visit(p);
+  return out;
+}

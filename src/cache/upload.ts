@@ -1,0 +1,127 @@
+/**
+ * `ferry copy --to`: uploads the closures of store paths to a binary cache. Paths the cache
+ * has are skipped (one parallel round of narinfo lookups); the others are packed and uploaded
+ * in parallel, each NAR before its narinfo, and each narinfo only after those of its
+ * references, so a cache never advertises a path whose closure it lacks. Over HTTP a NAR
+ * upload resumes where an interrupted one stopped.
+ */
+import * as fs from "node:fs";
+import * as os from "node:os";
+import { FerryError } from "../core/errors.js";
+import { TypedEmitter } from "../core/events.js";
+import { narInfoKey, narKey, contentTypeOf, type Compression } from "../core/cache-layout.js";
+import { printHash, hashEquals } from "../core/hash.js";
+import { printNarInfo, type NarInfo } from "../core/narinfo.js";
+import { fingerprintPath, signMessage, type SecretKey } from "../core/signing.js";
+import { parseStorePath } from "../core/store-path.js";
+import { printPrefixedHash } from "../core/hash.js";
+import { asFerryError, type ItemOutcome, type LocalStore } from "../store/local-store.js";
+import type { CacheBackend } from "./backend.js";
+import { HttpBackend } from "./http-backend.js";
+import { packNar } from "./pack.js";
+import { mapLimit } from "./parallel.js";
+
+export interface UploadEvents {
+  "copy:planned": { paths: number; toUpload: number; present: number };
+  "path:uploaded": { path: string; narSize: number; fileSize: number; durationMs: number };
+  "path:failed": { path: string; error: { code: string; message: string; hint?: string } };
+  "upload:resumed": { path: string; offset: number };
+}
+
+export class UploadEmitter extends TypedEmitter<UploadEvents> {}
+
+export interface CopyToOptions {
+  readonly compression?: Compression;
+  /** Signs each narinfo (besides the signatures the local store has). */
+  readonly secretKey?: SecretKey | undefined;
+  readonly jobs?: number;
+  readonly events?: UploadEmitter;
+  readonly tmpDir?: string;
+}
+
+export type UploadOutcome = ItemOutcome<{ uploaded: boolean }>;
+
+/** Uploads the closure of `paths`; one outcome per path of the closure. */
+export async function copyToCache(store: LocalStore, backend: CacheBackend, paths: readonly string[], opts: CopyToOptions = {}): Promise<UploadOutcome[]> {
+  const closure = store.topoSort(store.closure(paths.map((p) => store.requirePathInfo(store.parsePath(p)).path)));
+  const storeDir = store.storeDir;
+  const present = await mapLimit(closure, 32, async (p) => (await backend.stat(narInfoKey(parseStorePath(storeDir, p).hashPart))) !== undefined);
+  const toUpload = closure.filter((_, k) => present[k] !== true);
+  opts.events?.emit("copy:planned", { paths: closure.length, toUpload: toUpload.length, present: closure.length - toUpload.length });
+  const compression = opts.compression ?? "zstd";
+  const tmpDir = fs.mkdtempSync(`${opts.tmpDir ?? os.tmpdir()}/ferry-copy-`);
+  // A narinfo is written once those of its references are (or were already) in the cache.
+  const done = new Map<string, Promise<boolean>>();
+  const outcomes = new Map<string, UploadOutcome>();
+  closure.forEach((p, k) => {
+    if (present[k]) outcomes.set(p, { status: "ok", path: p, value: { uploaded: false } });
+  });
+  const ready = new Map<string, (ok: boolean) => void>();
+  for (const p of toUpload) done.set(p, new Promise((res) => ready.set(p, res)));
+
+  const uploadOne = async (path: string): Promise<void> => {
+    const t0 = Date.now();
+    const info = store.requirePathInfo(path);
+    let ok = false;
+    try {
+      const packed = await packNar(store.realPathOf(path), compression, tmpDir);
+      try {
+        if (packed.narSize !== info.narSize || !hashEquals(packed.narHash, info.narHash)) {
+          throw new FerryError("FERRY_STORE_CORRUPT", `'${path}' changed on disk: its NAR hash is ${printHash(packed.narHash, "sri")}, the store recorded ${printHash(info.narHash, "sri")}`, {
+            hint: "run `ferry store verify` to find every damaged path",
+          });
+        }
+        const key = narKey(printHash(packed.fileHash, "nix32"), compression);
+        if (!(await backend.stat(key))) {
+          if (backend instanceof HttpBackend) {
+            await backend.uploadFile(key, packed.file, packed.fileSize, { contentType: contentTypeOf("nar"), onResume: (offset) => opts.events?.emit("upload:resumed", { path, offset }) });
+          } else {
+            await backend.write(key, fs.createReadStream(packed.file, { highWaterMark: 256 * 1024 }), { contentType: contentTypeOf("nar") });
+          }
+        }
+        for (const r of info.references) {
+          if (r !== path && done.has(r) && !(await done.get(r))) {
+            throw new FerryError("FERRY_CACHE_REFERENCE_FAILED", `not publishing ${path}: its reference ${r} could not be uploaded`, { hint: "fix the reference's error and copy again" });
+          }
+        }
+        const sigs = [...info.sigs];
+        if (opts.secretKey) {
+          const sig = signMessage(opts.secretKey, fingerprintPath(path, printPrefixedHash(info.narHash), info.narSize, info.references));
+          if (!sigs.includes(sig)) sigs.push(sig);
+        }
+        const narInfo: NarInfo = {
+          storePath: path,
+          url: key,
+          compression,
+          fileHash: packed.fileHash,
+          fileSize: packed.fileSize,
+          narHash: info.narHash,
+          narSize: info.narSize,
+          references: info.references,
+          ...(info.deriver ? { deriver: info.deriver } : {}),
+          sigs,
+          ...(info.ca ? { ca: info.ca } : {}),
+        };
+        await backend.write(narInfoKey(parseStorePath(storeDir, path).hashPart), new TextEncoder().encode(printNarInfo(storeDir, narInfo)), { contentType: contentTypeOf("narinfo") });
+        ok = true;
+        outcomes.set(path, { status: "ok", path, value: { uploaded: true } });
+        opts.events?.emit("path:uploaded", { path, narSize: info.narSize, fileSize: packed.fileSize, durationMs: Date.now() - t0 });
+      } finally {
+        fs.rmSync(packed.file, { force: true });
+      }
+    } catch (e) {
+      const error = asFerryError(e);
+      outcomes.set(path, { status: "error", path, error });
+      opts.events?.emit("path:failed", { path, error: { code: error.code, message: error.message, ...(error.hint ? { hint: error.hint } : {}) } });
+    } finally {
+      ready.get(path)!(ok);
+    }
+  };
+
+  try {
+    await mapLimit(toUpload, opts.jobs ?? Math.max(2, os.availableParallelism()), uploadOne);
+  } finally {
+    fs.rmSync(tmpDir, { recursive: true, force: true });
+  }
+  return closure.map((p) => outcomes.get(p)!);
+}

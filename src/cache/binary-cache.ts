@@ -157,9 +157,23 @@ export class BinaryCache {
         }
       }
     }
-    await pipeline(Readable.from(compressed()), decompressStream(compression), async function (source: AsyncIterable<Buffer>) {
-      for await (const c of source) onData(c);
-    });
+    // The consumer's own error (a hash or size mismatch) is what the caller must see, not the
+    // abort it causes upstream.
+    let consumerError: { e: unknown } | undefined;
+    try {
+      await pipeline(Readable.from(compressed()), decompressStream(compression), async function (source: AsyncIterable<Buffer>) {
+        for await (const c of source) {
+          try {
+            onData(c);
+          } catch (e) {
+            consumerError = { e };
+            throw e;
+          }
+        }
+      });
+    } catch (e) {
+      throw consumerError ? consumerError.e : e;
+    }
   }
 
   async #withRetry<T>(fn: () => Promise<T>): Promise<T> {

@@ -8,6 +8,8 @@ import { withStore, withStoreOptions, type StoreFlags } from "../store-options.j
 import { evaluateToStore, withEvalOptions, type EvalFlags } from "./eval.js";
 import { attachProgress, BuildHistory } from "../progress.js";
 import { out } from "../output.js";
+import { resolveSubstitutionSettings } from "../../cache/settings.js";
+import { CacheSubstituter } from "../../cache/substituter.js";
 
 interface BuildFlags extends EvalFlags {
   maxJobs: number;
@@ -18,6 +20,9 @@ interface BuildFlags extends EvalFlags {
   maxSilentTime?: number;
   timeout?: number;
   hashedMirror: string[];
+  substituters?: string;
+  trustedPublicKeys?: string;
+  requireSigs: boolean;
 }
 
 /** Installables: `FILE#ATTR` (evaluated first), `FILE` (every package in it) or a `.drv` path. */
@@ -49,6 +54,9 @@ export function buildCommand(): Command {
     .option("--max-silent-time <s>", "stop a build that prints nothing for this long", (v) => Number(v))
     .option("--timeout <s>", "stop a build that runs longer than this", (v) => Number(v))
     .option("--hashed-mirror <url>", "content-addressed mirror for fetchurl (files at URL/sha256/<hex>); repeatable", (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option("--substituters <urls>", "binary caches to substitute from, space-separated ('' for none; default: config, $FERRY_SUBSTITUTERS)")
+    .option("--trusted-public-keys <keys>", "keys whose signatures on substitutes are trusted (default: config, $FERRY_TRUSTED_PUBLIC_KEYS)")
+    .option("--no-require-sigs", "accept substitutes without a trusted signature")
     .option("--json", "print build events as JSON lines on stdout")
     .action(async (items: string[], f: BuildFlags) => {
       const drvs = await resolveInstallables(items, f);
@@ -56,6 +64,8 @@ export function buildCommand(): Command {
         const events = new BuildEmitter();
         const mode = f.json ? "json" : process.stderr.isTTY ? "tty" : "plain";
         const progress = attachProgress(events, mode, new BuildHistory(s.realStateDir));
+        const settings = resolveSubstitutionSettings({ substituters: f.substituters, trustedPublicKeys: f.trustedPublicKeys, requireSigs: f.requireSigs === false ? false : undefined });
+        const substituter = settings.substituters.length ? await CacheSubstituter.open(s, settings, { token: process.env.FERRY_TOKEN }) : undefined;
         let outcomes;
         // Ctrl-C (or SIGTERM) cancels: builders are killed with their whole process trees.
         const cancel = new AbortController();
@@ -69,8 +79,10 @@ export function buildCommand(): Command {
             hashedMirrors: [...f.hashedMirror, ...(process.env.FERRY_HASHED_MIRRORS ?? "").split(" ").filter((x) => x)],
             events,
             signal: cancel.signal,
+            ...(substituter ? { substituters: [substituter] } : {}),
           });
         } finally {
+          await substituter?.close();
           process.removeListener("SIGINT", onSignal);
           process.removeListener("SIGTERM", onSignal);
           progress.stop();

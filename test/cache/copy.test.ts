@@ -1,0 +1,271 @@
+/**
+ * `ferry copy` and the cache substituter against directory caches and a loopback HTTP server:
+ * closures round-trip, signatures are required and checked, corrupt NARs are refused and the
+ * next cache is tried, dropped downloads resume with Range, and `ferry build` substitutes.
+ */
+import { test, describe, before, after } from "node:test";
+import assert from "node:assert/strict";
+import * as fs from "node:fs";
+import { join } from "node:path";
+import { LocalStore } from "../../src/store/local-store.js";
+import { resolveStoreLocation } from "../../src/store/config.js";
+import { hashPath } from "../../src/store/nar-dump.js";
+import { makeOutputPath, printStorePath } from "../../src/core/store-path.js";
+import { sha256 } from "../../src/core/digest.js";
+import { generateSecretKey, publicKeyOf, printPublicKey, printSecretKey, type SecretKey } from "../../src/core/signing.js";
+import { FileBackend } from "../../src/cache/file-backend.js";
+import { BinaryCache } from "../../src/cache/binary-cache.js";
+import { CacheSubstituter } from "../../src/cache/substituter.js";
+import { copyToCache } from "../../src/cache/upload.js";
+import { parseNarInfo, printNarInfo } from "../../src/core/narinfo.js";
+import { tempDir } from "../helpers/fs-trees.js";
+import { ferry, ferryOk } from "../helpers/cli.js";
+import { startFlakyServer } from "../helpers/flaky-http.js";
+
+const STORE_DIR = "/ferry/store";
+const open = (root: string) => LocalStore.open(resolveStoreLocation({ storeDir: STORE_DIR, stateDir: "/ferry/var", root }, {}));
+const storeFlags = (root: string) => ["--store-dir", STORE_DIR, "--state-dir", "/ferry/var", "--root", root];
+
+/** Registers an input-addressed object (like a build output) with the given files and references. */
+function addObject(s: LocalStore, name: string, files: Record<string, string | Buffer>, refs: string[] = []): string {
+  const path = printStorePath(makeOutputPath(STORE_DIR, "out", sha256(`${name}-${Math.random()}`), name));
+  const tmp = s.newTempPath();
+  fs.mkdirSync(tmp);
+  for (const [f, c] of Object.entries(files)) fs.writeFileSync(join(tmp, f), typeof c === "string" ? c.replaceAll("@REFS@", refs.join(" ")) : c);
+  const { hash, size } = hashPath(tmp);
+  s.registerObject(tmp, { path, narHash: hash, narSize: size, references: refs });
+  return path;
+}
+
+describe("binary cache client", () => {
+  let dir: string;
+  let key: SecretKey;
+  let otherKey: SecretKey;
+  let src: LocalStore;
+  let closure: { base: string; mid: string; top: string };
+
+  before(() => {
+    dir = tempDir("ferry-copy-");
+    key = generateSecretKey("cache.test-1");
+    otherKey = generateSecretKey("other.test-1");
+    fs.writeFileSync(join(dir, "sk"), printSecretKey(key));
+    src = open(join(dir, "src"));
+    const base = addObject(src, "base", { "lib.so": Buffer.alloc(300_000, 7), "readme": "base" });
+    const mid = addObject(src, "mid", { bin: "mid uses @REFS@" }, [base]);
+    const top = addObject(src, "top", { bin: "top uses @REFS@", big: Buffer.from(Array.from({ length: 200_000 }, (_, i) => (i * 7919) % 251)) }, [mid, base]);
+    closure = { base, mid, top };
+  });
+  after(() => {
+    src.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  const trusted = (k: SecretKey) => [publicKeyOf(k)];
+
+  test("a closure goes to a directory cache and comes back byte-exact, signed, references first", async () => {
+    const cacheDir = join(dir, "c1");
+    const be = FileBackend.open(cacheDir);
+    const res = await copyToCache(src, be, [closure.top], { secretKey: key });
+    assert.deepEqual(res.map((r) => r.status), ["ok", "ok", "ok"]);
+    assert.ok(res.every((r) => r.status === "ok" && r.value.uploaded));
+    // narinfos name the NAR by its file hash and carry the signature
+    const ni = parseNarInfo(STORE_DIR, fs.readFileSync(join(cacheDir, `${closure.top.slice(STORE_DIR.length + 1, STORE_DIR.length + 33)}.narinfo`), "utf8"));
+    assert.equal(ni.compression, "zstd");
+    assert.match(ni.url, /^nar\/[0-9a-z]{52}\.nar\.zst$/);
+    assert.ok(fs.existsSync(join(cacheDir, ni.url)));
+    assert.equal(ni.sigs.length, 1);
+    assert.deepEqual(ni.references, [closure.base, closure.mid].sort());
+    // a second copy uploads nothing
+    const again = await copyToCache(src, be, [closure.top], { secretKey: key });
+    assert.ok(again.every((r) => r.status === "ok" && !r.value.uploaded));
+
+    const dst = open(join(dir, "d1"));
+    try {
+      const cache = await BinaryCache.open(`file://${cacheDir}`, { storeDir: STORE_DIR });
+      const sub = new CacheSubstituter(dst, [cache], { trustedKeys: trusted(key) });
+      const out = await sub.substituteClosure([closure.top]);
+      assert.deepEqual(out.filter((o) => o.status !== "ok"), []);
+      assert.equal(out.length, 3);
+      for (const p of Object.values(closure)) {
+        assert.ok(dst.isValid(p));
+        assert.deepEqual(dst.queryPathInfo(p)!.references, src.queryPathInfo(p)!.references);
+        assert.equal(dst.queryPathInfo(p)!.ultimate, false);
+      }
+      assert.deepEqual(dst.verify().filter((v) => v.status !== "ok"), []);
+      assert.equal(fs.readFileSync(join(dst.realPathOf(closure.top), "big")).length, 200_000);
+      await sub.close();
+    } finally {
+      dst.close();
+    }
+  });
+
+  test("every compression round-trips (zstd, xz, bzip2, br, none)", async () => {
+    for (const compression of ["xz", "bzip2", "br", "none"] as const) {
+      const cacheDir = join(dir, `comp-${compression}`);
+      const res = await copyToCache(src, FileBackend.open(cacheDir), [closure.mid], { secretKey: key, compression });
+      assert.ok(res.every((r) => r.status === "ok"), compression);
+      const dst = open(join(dir, `dcomp-${compression}`));
+      try {
+        const sub = new CacheSubstituter(dst, [await BinaryCache.open(cacheDir, { storeDir: STORE_DIR })], { trustedKeys: trusted(key) });
+        const out = await sub.substituteClosure([closure.mid]);
+        assert.deepEqual(out.filter((o) => o.status !== "ok").map((o) => o.status === "error" && o.error.message), [], compression);
+        assert.ok(dst.isValid(closure.mid) && dst.isValid(closure.base));
+        await sub.close();
+      } finally {
+        dst.close();
+      }
+    }
+  });
+
+  test("an untrusted or missing signature is refused, naming the keys; nothing is registered", async () => {
+    const cacheDir = join(dir, "c-untrusted");
+    await copyToCache(src, FileBackend.open(cacheDir), [closure.mid], { secretKey: otherKey });
+    const dst = open(join(dir, "d-untrusted"));
+    try {
+      const sub = new CacheSubstituter(dst, [await BinaryCache.open(cacheDir, { storeDir: STORE_DIR })], { trustedKeys: trusted(key) });
+      const out = await sub.substituteClosure([closure.mid]);
+      const err = out.find((o) => o.path === closure.mid);
+      assert.ok(err && err.status === "error");
+      assert.equal(err.error.code, "FERRY_SUBSTITUTE_UNAVAILABLE");
+      assert.match(err.error.message, /signed by other\.test-1/);
+      assert.match(err.error.message, /trusted keys: cache\.test-1/);
+      assert.equal(dst.isValid(closure.mid), false);
+      assert.equal(dst.allValidPaths().length, 0);
+      assert.equal(await sub.has([closure.mid]).then((s) => s.size), 0);
+      await sub.close();
+      // the CLI says the same, with exit status 1
+      const r = ferry(["copy", "--from", cacheDir, "--trusted-public-keys", printPublicKey(key), ...storeFlags(join(dir, "d-untrusted-cli")), closure.mid]);
+      assert.equal(r.status, 1);
+      assert.match(r.stderr, /FERRY_SUBSTITUTE_UNAVAILABLE.*other\.test-1/);
+    } finally {
+      dst.close();
+    }
+  });
+
+  test("a NAR whose hash differs from its narinfo is refused and the next cache is used", async () => {
+    const bad = join(dir, "c-bad");
+    const good = join(dir, "c-good");
+    await copyToCache(src, FileBackend.open(bad), [closure.mid], { secretKey: key, compression: "none" });
+    await copyToCache(src, FileBackend.open(good), [closure.mid], { secretKey: key });
+    // corrupt one byte of base's NAR in the preferred cache, keeping its size
+    const hp = closure.base.slice(STORE_DIR.length + 1, STORE_DIR.length + 33);
+    const ni = parseNarInfo(STORE_DIR, fs.readFileSync(join(bad, `${hp}.narinfo`), "utf8"));
+    const narFile = join(bad, ni.url);
+    const bytes = fs.readFileSync(narFile);
+    const mid = Math.floor(bytes.length / 2);
+    bytes[mid] = bytes[mid]! ^ 0xff;
+    fs.writeFileSync(narFile, bytes);
+    const dst = open(join(dir, "d-bad"));
+    try {
+      const rejected: string[] = [];
+      const { SubstituteEmitter } = await import("../../src/cache/substituter.js");
+      const events = new SubstituteEmitter();
+      events.on("path:rejected", (e) => rejected.push(`${e.cache} ${e.reason}`));
+      const caches = [await BinaryCache.open(`${bad}?priority=10`, { storeDir: STORE_DIR }), await BinaryCache.open(`${good}?priority=20`, { storeDir: STORE_DIR })];
+      const sub = new CacheSubstituter(dst, caches, { trustedKeys: trusted(key), events });
+      const out = await sub.substituteClosure([closure.mid]);
+      assert.deepEqual(out.filter((o) => o.status !== "ok"), []);
+      assert.ok(dst.isValid(closure.base));
+      assert.equal(rejected.length, 1);
+      assert.match(rejected[0]!, /c-bad.*hashes to/);
+      assert.deepEqual(dst.verify().filter((v) => v.status !== "ok"), []);
+      await sub.close();
+
+      // with only the bad cache: refused, base not registered, and mid not either (its reference is missing)
+      const dst2 = open(join(dir, "d-bad2"));
+      const sub2 = new CacheSubstituter(dst2, [await BinaryCache.open(bad, { storeDir: STORE_DIR })], { trustedKeys: trusted(key) });
+      const out2 = await sub2.substituteClosure([closure.mid]);
+      const byPath = new Map(out2.map((o) => [o.path, o]));
+      assert.equal(byPath.get(closure.base)!.status === "error" && byPath.get(closure.base)!.status, "error");
+      const midOutcome = byPath.get(closure.mid)!;
+      assert.ok(midOutcome.status === "error" && midOutcome.error.code === "FERRY_SUBSTITUTE_REFERENCE_MISSING");
+      assert.equal(dst2.allValidPaths().length, 0);
+      // no temporary leftovers in the store dir
+      assert.deepEqual(fs.readdirSync(dst2.realStoreDir).filter((n) => n.startsWith(".ferry-tmp")), []);
+      await sub2.close();
+      dst2.close();
+    } finally {
+      dst.close();
+    }
+  });
+
+  test("a narinfo whose NarSize is wrong, or that is malformed, is refused", async () => {
+    const c = join(dir, "c-size");
+    await copyToCache(src, FileBackend.open(c), [closure.base], { secretKey: key });
+    const hp = closure.base.slice(STORE_DIR.length + 1, STORE_DIR.length + 33);
+    const file = join(c, `${hp}.narinfo`);
+    const ni = parseNarInfo(STORE_DIR, fs.readFileSync(file, "utf8"));
+    fs.writeFileSync(file, printNarInfo(STORE_DIR, { ...ni, narSize: ni.narSize - 8 }));
+    const dst = open(join(dir, "d-size"));
+    try {
+      const sub = new CacheSubstituter(dst, [await BinaryCache.open(c, { storeDir: STORE_DIR })], { trustedKeys: trusted(key), requireSigs: false });
+      const out = await sub.substituteClosure([closure.base]);
+      assert.ok(out[0]!.status === "error" && /SIZE_MISMATCH|more than/.test(`${out[0]!.error.code} ${out[0]!.error.message}`));
+      fs.writeFileSync(file, "StorePath: /ferry/store/nonsense\n");
+      const sub2 = new CacheSubstituter(dst, [await BinaryCache.open(c, { storeDir: STORE_DIR })], { trustedKeys: trusted(key) });
+      const out2 = await sub2.substituteClosure([closure.base]);
+      assert.ok(out2[0]!.status === "error" && /narinfo/.test(out2[0]!.error.message));
+      assert.equal(dst.allValidPaths().length, 0);
+      await sub.close();
+      await sub2.close();
+    } finally {
+      dst.close();
+    }
+  });
+
+  test("over HTTP a dropped NAR download resumes with a Range request", async () => {
+    const c = join(dir, "c-http");
+    await copyToCache(src, FileBackend.open(c), [closure.top], { secretKey: key, compression: "none" });
+    const server = await startFlakyServer(c);
+    const dst = open(join(dir, "d-http"));
+    try {
+      server.cutNars(3, 50_000);
+      const sub = new CacheSubstituter(dst, [await BinaryCache.open(server.url, { storeDir: STORE_DIR })], { trustedKeys: trusted(key) });
+      const out = await sub.substituteClosure([closure.top]);
+      assert.deepEqual(out.filter((o) => o.status !== "ok"), []);
+      assert.ok(server.log.some((l) => /^GET nar\/.* bytes=50000-$/.test(l)), server.log.join("\n"));
+      assert.deepEqual(dst.verify().filter((v) => v.status !== "ok"), []);
+      await sub.close();
+    } finally {
+      dst.close();
+      await server.close();
+    }
+  });
+
+  test("a miss is believed only briefly: a path uploaded after a lookup is found", async () => {
+    const c = join(dir, "c-neg");
+    FileBackend.open(c);
+    const cache = await BinaryCache.open(c, { storeDir: STORE_DIR, negativeTtlMs: 50 });
+    assert.equal(await cache.narInfo(closure.base), undefined);
+    await copyToCache(src, FileBackend.open(c), [closure.base], { secretKey: key });
+    await new Promise((r) => setTimeout(r, 80));
+    assert.ok(await cache.narInfo(closure.base));
+    await cache.close();
+  });
+
+  test("a cache for another store dir is refused", async () => {
+    const c = join(dir, "c-other");
+    fs.mkdirSync(c);
+    fs.writeFileSync(join(c, "nix-cache-info"), "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n");
+    await assert.rejects(BinaryCache.open(c, { storeDir: STORE_DIR }), { code: "FERRY_CACHE_STORE_DIR_MISMATCH" });
+  });
+
+  test("ferry copy --to and --from on the command line", () => {
+    const c = join(dir, "c-cli");
+    const root = join(dir, "src");
+    src.close();
+    try {
+      ferryOk(["copy", "--to", `file://${c}`, "--secret-key", join(dir, "sk"), ...storeFlags(root), closure.top]);
+      const outText = ferryOk(["copy", "--from", `file://${c}`, "--trusted-public-keys", printPublicKey(key), "--json", ...storeFlags(join(dir, "d-cli")), closure.top]);
+      const parsed = JSON.parse(outText) as { results: { status: string; path: string }[] };
+      assert.equal(parsed.results.filter((r) => r.status === "ok").length, 3);
+      const usage = ferry(["copy", ...storeFlags(root), closure.top]);
+      assert.equal(usage.status, 1);
+      assert.match(usage.stderr, /exactly one of --to URL and --from URL/);
+      const badUrl = ferry(["copy", "--to", "ftp://x", ...storeFlags(root), closure.top]);
+      assert.match(badUrl.stderr, /FERRY_CACHE_BAD_URL/);
+    } finally {
+      src = open(root);
+    }
+  });
+});

@@ -9,9 +9,6 @@ import * as fs from "node:fs";
 import { join } from "node:path";
 import { LocalStore } from "../../src/store/local-store.js";
 import { resolveStoreLocation } from "../../src/store/config.js";
-import { hashPath } from "../../src/store/nar-dump.js";
-import { makeOutputPath, printStorePath } from "../../src/core/store-path.js";
-import { sha256 } from "../../src/core/digest.js";
 import { generateSecretKey, publicKeyOf, printPublicKey, printSecretKey, type SecretKey } from "../../src/core/signing.js";
 import { FileBackend } from "../../src/cache/file-backend.js";
 import { BinaryCache } from "../../src/cache/binary-cache.js";
@@ -19,23 +16,13 @@ import { CacheSubstituter } from "../../src/cache/substituter.js";
 import { copyToCache } from "../../src/cache/upload.js";
 import { parseNarInfo, printNarInfo } from "../../src/core/narinfo.js";
 import { tempDir } from "../helpers/fs-trees.js";
+import { addObject } from "../helpers/store-objects.js";
 import { ferry, ferryOk } from "../helpers/cli.js";
 import { startFlakyServer } from "../helpers/flaky-http.js";
 
 const STORE_DIR = "/ferry/store";
 const open = (root: string) => LocalStore.open(resolveStoreLocation({ storeDir: STORE_DIR, stateDir: "/ferry/var", root }, {}));
 const storeFlags = (root: string) => ["--store-dir", STORE_DIR, "--state-dir", "/ferry/var", "--root", root];
-
-/** Registers an input-addressed object (like a build output) with the given files and references. */
-function addObject(s: LocalStore, name: string, files: Record<string, string | Buffer>, refs: string[] = []): string {
-  const path = printStorePath(makeOutputPath(STORE_DIR, "out", sha256(`${name}-${Math.random()}`), name));
-  const tmp = s.newTempPath();
-  fs.mkdirSync(tmp);
-  for (const [f, c] of Object.entries(files)) fs.writeFileSync(join(tmp, f), typeof c === "string" ? c.replaceAll("@REFS@", refs.join(" ")) : c);
-  const { hash, size } = hashPath(tmp);
-  s.registerObject(tmp, { path, narHash: hash, narSize: size, references: refs });
-  return path;
-}
 
 describe("binary cache client", () => {
   let dir: string;

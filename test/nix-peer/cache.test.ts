@@ -1,0 +1,91 @@
+/**
+ * Binary caches with real Nix 2.8 as the peer: Ferry substitutes from caches that
+ * `nix copy --to file://` wrote (Nix's signatures, xz and zstd NARs), and refuses them under
+ * the wrong key.
+ */
+import { test, describe, before, after } from "node:test";
+import assert from "node:assert/strict";
+import * as fs from "node:fs";
+import { join } from "node:path";
+import { LocalStore } from "../../src/store/local-store.js";
+import { resolveStoreLocation } from "../../src/store/config.js";
+import { tempDir } from "../helpers/fs-trees.js";
+import { ferry, ferryOk, nixStoreFlags } from "../helpers/cli.js";
+import { nix, nixChroot } from "../helpers/nix.js";
+import { addObject } from "../helpers/store-objects.js";
+
+const openNixLayout = (root: string) => LocalStore.open(resolveStoreLocation({ storeDir: "/nix/store", stateDir: "/nix/var", root }, {}));
+
+describe("binary caches with Nix as the peer", () => {
+  let dir: string;
+  let nixRoot: string;
+  let nixPub: string;
+  let paths: { base: string; mid: string; top: string; src: string };
+
+  before(() => {
+    dir = tempDir("ferry-nixcache-");
+    nixRoot = nixChroot(dir);
+    nix("nix-store", ["--generate-binary-cache-key", "nix-peer-cache-1", join(dir, "nix.sk"), join(dir, "nix.pk")]);
+    nixPub = fs.readFileSync(join(dir, "nix.pk"), "utf8").trim();
+    // An input-addressed closure made by Ferry, imported into Nix's store, plus a source path.
+    const f = openNixLayout(join(dir, "ferry-src"));
+    try {
+      const base = addObject(f, "base", { "lib.a": Buffer.alloc(100_000, 3) });
+      const mid = addObject(f, "mid", { bin: "uses @REFS@" }, [base]);
+      const top = addObject(f, "top", { bin: "uses @REFS@" }, [mid, base]);
+      const chunks: Uint8Array[] = [];
+      f.exportPaths([base, mid, top], (c) => chunks.push(new Uint8Array(c)));
+      nix("nix-store", ["--store", nixRoot, "--import"], Buffer.concat(chunks));
+      fs.mkdirSync(join(dir, "srcdir"));
+      fs.writeFileSync(join(dir, "srcdir", "hello.c"), "int main(void) { return 0; }\n");
+      const src = nix("nix-store", ["--store", nixRoot, "--add", join(dir, "srcdir")]).toString().trim();
+      paths = { base, mid, top, src };
+    } finally {
+      f.close();
+    }
+  });
+  after(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  for (const compression of ["xz", "zstd"]) {
+    test(`Ferry substitutes from a cache nix copy wrote (${compression}), checking Nix's signatures`, () => {
+      const cache = join(dir, `nix-cache-${compression}`);
+      nix("nix", ["copy", "--from", nixRoot, "--to", `file://${cache}?secret-key=${join(dir, "nix.sk")}&compression=${compression}`, paths.top, paths.src]);
+      const root = join(dir, `ferry-from-nix-${compression}`);
+      const outText = ferryOk(["copy", "--from", `file://${cache}`, "--trusted-public-keys", nixPub, "--json", ...nixStoreFlags(root), paths.top, paths.src]);
+      const results = (JSON.parse(outText) as { results: { status: string; path: string }[] }).results;
+      assert.deepEqual(results.filter((r) => r.status !== "ok"), []);
+      assert.equal(results.length, 4);
+      const s = openNixLayout(root);
+      try {
+        for (const p of Object.values(paths)) assert.ok(s.isValid(p), p);
+        assert.deepEqual(s.verify().filter((v) => v.status !== "ok"), []);
+        assert.deepEqual([...s.queryPathInfo(paths.top)!.references].sort(), [paths.base, paths.mid].sort());
+        assert.ok(s.queryPathInfo(paths.top)!.sigs.some((sig) => sig.startsWith("nix-peer-cache-1:")));
+      } finally {
+        s.close();
+      }
+      // Nix's own view of the same paths agrees with what Ferry registered
+      const theirs = JSON.parse(nix("nix", ["--store", nixRoot, "path-info", "--json", paths.top]).toString())[0] as { narHash: string; narSize: number };
+      const ours = JSON.parse(ferryOk(["store", "path-info", "--json", ...nixStoreFlags(root), paths.top])) as unknown;
+      assert.ok(JSON.stringify(ours).includes(String(theirs.narSize)));
+    });
+  }
+
+  test("a cache signed by a key Ferry does not trust is refused for input-addressed paths only", () => {
+    const cache = join(dir, "nix-cache-xz");
+    const root = join(dir, "ferry-wrong-key");
+    const other = "someone-else-1:" + Buffer.alloc(32, 9).toString("base64");
+    const r = ferry(["copy", "--from", `file://${cache}`, "--trusted-public-keys", other, ...nixStoreFlags(root), paths.top]);
+    assert.equal(r.status, 1);
+    assert.match(r.stderr, /signed by nix-peer-cache-1/);
+    // the source path is content-addressed: its hash vouches for it, whatever the signature
+    ferryOk(["copy", "--from", `file://${cache}`, "--trusted-public-keys", other, ...nixStoreFlags(root), paths.src]);
+    const s = openNixLayout(root);
+    try {
+      assert.equal(s.isValid(paths.top), false);
+      assert.equal(s.isValid(paths.src), true);
+    } finally {
+      s.close();
+    }
+  });
+});

@@ -1,16 +1,12 @@
 /**
  * A binary cache as a client sees it: its settings (nix-cache-info), narinfo lookups with a
- * short-lived negative cache, and NAR downloads that decompress as they stream and resume
- * with a Range request after a dropped connection.
+ * short-lived negative cache. NARs are fetched by fetch-nar.ts.
  */
-import { Readable } from "node:stream";
-import { pipeline } from "node:stream/promises";
 import { FerryError } from "../core/errors.js";
-import { narInfoKey, parseCompression, checkRelativeKey } from "../core/cache-layout.js";
+import { narInfoKey } from "../core/cache-layout.js";
 import { parseCacheInfo, parseNarInfo, type NarInfo } from "../core/narinfo.js";
 import { parseStorePath } from "../core/store-path.js";
 import type { CacheBackend } from "./backend.js";
-import { decompressStream } from "./compression.js";
 import { isRetryable } from "./http-backend.js";
 import { openBackend, parseCacheUrl } from "./open.js";
 
@@ -23,7 +19,7 @@ export interface BinaryCacheOptions {
   /** The local store's dir; the cache must serve the same one. */
   readonly storeDir: string;
   readonly negativeTtlMs?: number;
-  /** Download attempts per NAR (each resumes where the last stopped). */
+  /** Attempts per narinfo lookup on transport errors. */
   readonly attempts?: number;
 }
 
@@ -34,6 +30,8 @@ export class BinaryCache {
   /** Lower is preferred (Nix's convention). */
   readonly priority: number;
   readonly wantMassQuery: boolean;
+  /** The bearer token it was opened with (fetch workers open their own connection). */
+  readonly token: string | undefined;
   readonly #negativeTtlMs: number;
   readonly #attempts: number;
   readonly #positive = new Map<string, NarInfo>();
@@ -45,6 +43,7 @@ export class BinaryCache {
     this.storeDir = storeDir;
     this.priority = priority;
     this.wantMassQuery = wantMassQuery;
+    this.token = opts.token;
     this.#negativeTtlMs = opts.negativeTtlMs ?? NEGATIVE_TTL_MS;
     this.#attempts = opts.attempts ?? 5;
   }
@@ -108,72 +107,6 @@ export class BinaryCache {
     const hashPart = parseStorePath(this.storeDir, storePath).hashPart;
     this.#negative.delete(hashPart);
     this.#positive.delete(hashPart);
-  }
-
-  /**
-   * Streams the NAR of `info`, decompressed, to `onData`. The compressed file is checked
-   * against FileSize/FileHash is left to the NAR hash (what Nix checks); a dropped
-   * connection resumes with a Range request from the last byte received.
-   */
-  async fetchNar(info: NarInfo, onData: (chunk: Uint8Array) => void, onCompressedBytes?: (n: number) => void): Promise<void> {
-    const key = checkRelativeKey(info.url);
-    const compression = parseCompression(info.compression);
-    const attempts = this.#attempts;
-    const backend = this.backend;
-    const url = this.url;
-    async function* compressed(): AsyncIterable<Uint8Array> {
-      let received = 0;
-      for (let attempt = 1; ; attempt++) {
-        try {
-          const r = await backend.read(key, received > 0 ? { start: received } : undefined);
-          if (!r) {
-            throw new FerryError("FERRY_CACHE_NAR_MISSING", `${url}/${key} is missing although a narinfo points at it`, {
-              hint: "the cache is inconsistent (a garbage collection in progress?); another substituter will be tried",
-            });
-          }
-          let skip = received - r.start;
-          for await (const c of r.body as AsyncIterable<Buffer>) {
-            let chunk: Uint8Array = c;
-            if (skip > 0) {
-              if (chunk.length <= skip) {
-                skip -= chunk.length;
-                continue;
-              }
-              chunk = chunk.subarray(skip);
-              skip = 0;
-            }
-            received += chunk.length;
-            onCompressedBytes?.(chunk.length);
-            yield chunk;
-          }
-          if (r.info.size >= 0 && received < r.info.size) {
-            throw new FerryError("FERRY_CACHE_UNREACHABLE", `${url}/${key}: the connection ended after ${received} of ${r.info.size} bytes`, { hint: "the link dropped", details: { retryable: true } });
-          }
-          return;
-        } catch (e) {
-          const retry = isRetryable(e) || (e as Error).message === "aborted";
-          if (!retry || attempt >= attempts) throw e;
-          await new Promise((res) => setTimeout(res, Math.min(100 * 2 ** attempt, 3000)));
-        }
-      }
-    }
-    // The consumer's own error (a hash or size mismatch) is what the caller must see, not the
-    // abort it causes upstream.
-    let consumerError: { e: unknown } | undefined;
-    try {
-      await pipeline(Readable.from(compressed()), decompressStream(compression), async function (source: AsyncIterable<Buffer>) {
-        for await (const c of source) {
-          try {
-            onData(c);
-          } catch (e) {
-            consumerError = { e };
-            throw e;
-          }
-        }
-      });
-    } catch (e) {
-      throw consumerError ? consumerError.e : e;
-    }
   }
 
   async #withRetry<T>(fn: () => Promise<T>): Promise<T> {

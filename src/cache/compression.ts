@@ -140,3 +140,40 @@ export class SyncZstdCompressor {
     }
   }
 }
+
+/**
+ * A synchronous, reusable zstd decompressor: one per thread serves every NAR it fetches
+ * (making a context per NAR costs more than decompressing a small one). Call `reset()` before
+ * each stream; `end()` fails if the stream stopped inside a frame.
+ */
+export class SyncZstdDecompressor {
+  readonly #dctx = new zstdBinding.DCtx();
+  readonly #buf = new Uint8Array(256 * 1024);
+  #inFrame = false;
+
+  reset(): void {
+    this.#dctx.reset(zstdBinding.ResetDirective.sessionOnly);
+    this.#inFrame = false;
+  }
+
+  push(chunk: Uint8Array, out: (chunk: Uint8Array) => void): void {
+    let src = chunk;
+    try {
+      for (;;) {
+        const [hint, written, consumed] = this.#dctx.decompressStream(this.#buf, src);
+        this.#inFrame = hint !== 0;
+        if (written > 0) out(this.#buf.subarray(0, written));
+        src = src.subarray(consumed);
+        // Done with this chunk once it is consumed and the output buffer was not filled.
+        if (src.length === 0 && written < this.#buf.length) return;
+      }
+    } catch (e) {
+      if (e instanceof FerryError) throw e;
+      throw codecError("decompress", "zstd", e);
+    }
+  }
+
+  end(): void {
+    if (this.#inFrame) throw codecError("decompress", "zstd", new Error("the data ends inside a zstd frame (truncated)"));
+  }
+}

@@ -14,17 +14,16 @@
  */
 import { FerryError } from "../core/errors.js";
 import { TypedEmitter } from "../core/events.js";
-import { createHasher } from "../core/digest.js";
-import { hashEquals, makeHash, printHash } from "../core/hash.js";
-import { NarParser } from "../core/nar/parser.js";
+import { availableParallelism } from "node:os";
 import { narInfoDistrust, type NarInfo } from "../core/narinfo.js";
 import type { PublicKey } from "../core/signing.js";
 import { asFerryError, type ItemOutcome, type LocalStore, type NewObject } from "../store/local-store.js";
-import { NarRestorer } from "../store/nar-restore.js";
 import { removeTree, syncFilesystem } from "../store/fs-util.js";
 import type { Substituter } from "../build/realise.js";
 import { BinaryCache } from "./binary-cache.js";
-import { mapLimit } from "./parallel.js";
+import { mapLimit, Semaphore } from "./parallel.js";
+import { fetchNarToTemp } from "./fetch-nar.js";
+import { FetchPool } from "./fetch-pool.js";
 import type { SubstitutionSettings } from "./settings.js";
 
 export interface SubstituteEvents {
@@ -44,6 +43,8 @@ export interface CacheSubstituterOptions {
   readonly jobs?: number;
   /** Parallel narinfo lookups. */
   readonly lookups?: number;
+  /** Fetch worker threads for large closures (default: one per core; 0 fetches in this thread). */
+  readonly workers?: number;
   readonly events?: SubstituteEmitter;
 }
 
@@ -59,8 +60,10 @@ interface Fetched {
   readonly found: Found;
 }
 
-/** Paths fetched in a batch at or below this count are fsync'ed file by file; more use one syncfs. */
+/** The first this many objects of a closure are fsync'ed file by file; beyond, one syncfs. */
 const SYNC_BATCH_MIN = 16;
+/** Closures larger than this are fetched by worker threads. */
+const POOL_THRESHOLD = 8;
 
 export class CacheSubstituter implements Substituter {
   readonly #store: LocalStore;
@@ -146,41 +149,86 @@ export class CacheSubstituter implements Substituter {
     const found = new Map<string, Found>();
     const seen = new Set<string>();
 
-    // 1. query, level by level
-    let frontier = [...new Set(roots)];
-    frontier.forEach((p) => seen.add(p));
-    while (frontier.length > 0) {
-      store.addTempRoots(frontier);
-      const wanted = frontier.filter((p) => !store.isValid(p));
-      const results = await mapLimit(wanted, this.#opts.lookups ?? 32, (p) => this.#find(p));
-      const next: string[] = [];
-      wanted.forEach((p, k) => {
-        const r = results[k]!;
-        if ("reasons" in r) {
-          outcomes.set(p, { status: "error", path: p, error: notSubstitutable(p, r.reasons) });
-          return;
-        }
-        found.set(p, r);
-        for (const ref of r.info.references) {
-          if (!seen.has(ref)) {
-            seen.add(ref);
-            next.push(ref);
-          }
-        }
-      });
-      frontier = next;
-    }
-    const toFetch = [...found.keys()];
-    ev?.emit("substitute:planned", { paths: seen.size, toFetch: toFetch.length, narBytes: toFetch.reduce((s, p) => s + found.get(p)!.info.narSize, 0) });
-
-    // 2. fetch
-    const perFileSync = toFetch.length <= SYNC_BATCH_MIN;
+    // 1. query, level by level; 2. each NAR is fetched as soon as its narinfo is found
     const fetched = new Map<string, Fetched>();
-    await mapLimit(toFetch, this.#opts.jobs ?? 16, async (p) => {
-      const r = await this.#fetchWithFailover(p, found.get(p)!, perFileSync);
-      if ("error" in r) outcomes.set(p, { status: "error", path: p, error: r.error });
-      else fetched.set(p, r);
-    });
+    const fetches: Promise<void>[] = [];
+    const gate = new Semaphore(this.#opts.jobs ?? 16);
+    let perFileSync = 0;
+    let narBytes = 0;
+    const startFetch = (p: string, f: Found) => {
+      // The first few objects are fsync'ed one by one; a larger closure is synced once at the end.
+      const fsyncEach = perFileSync < SYNC_BATCH_MIN;
+      if (fsyncEach) perFileSync++;
+      else needSync = true;
+      narBytes += f.info.narSize;
+      fetches.push(
+        gate.run(async () => {
+          const r = await this.#fetchWithFailover(p, f, fsyncEach, found.size, pools);
+          if ("error" in r) outcomes.set(p, { status: "error", path: p, error: r.error });
+          else fetched.set(p, r);
+        }),
+      );
+    };
+    let needSync = false;
+    // Worker threads of this call, made when the closure turns out to be large.
+    const pools: { pool?: FetchPool } = {};
+    // Lookups run as a queue, not level by level: a found narinfo's references are looked up
+    // at once. References found meanwhile are rooted and checked in one batch.
+    const pending = [...new Set(roots)];
+    pending.forEach((p) => seen.add(p));
+    const lookupGate = new Semaphore(this.#opts.lookups ?? 32);
+    const lookup = async (p: string) => {
+      const r = await this.#find(p);
+      if ("reasons" in r) {
+        outcomes.set(p, { status: "error", path: p, error: notSubstitutable(p, r.reasons) });
+        return;
+      }
+      found.set(p, r);
+      startFetch(p, r);
+      for (const ref of r.info.references) {
+        if (!seen.has(ref)) {
+          seen.add(ref);
+          pending.push(ref);
+        }
+      }
+    };
+    try {
+      await new Promise<void>((resolve, reject) => {
+        let inflight = 0;
+        let scheduled = false;
+        const pump = () => {
+          scheduled = false;
+          try {
+            if (pending.length > 0) {
+              const batch = pending.splice(0);
+              store.addTempRoots(batch);
+              for (const p of batch) {
+                if (store.isValid(p)) continue;
+                inflight++;
+                void lookupGate
+                  .run(() => lookup(p))
+                  .catch((e: unknown) => outcomes.set(p, { status: "error", path: p, error: asFerryError(e) }))
+                  .finally(() => {
+                    inflight--;
+                    if (!scheduled) {
+                      scheduled = true;
+                      setImmediate(pump);
+                    }
+                  });
+              }
+            }
+            if (inflight === 0 && pending.length === 0) resolve();
+          } catch (e) {
+            reject(e);
+          }
+        };
+        pump();
+      });
+      ev?.emit("substitute:planned", { paths: seen.size, toFetch: found.size, narBytes });
+      await Promise.all(fetches);
+    } finally {
+      await pools.pool?.close();
+    }
 
     // 3. register what is complete, references first
     try {
@@ -204,7 +252,7 @@ export class CacheSubstituter implements Substituter {
         batch.push({ tmpReal, cache: f.cache.url, obj: { path: p, narHash: f.info.narHash, narSize: f.info.narSize, references: f.info.references, deriver: f.info.deriver, sigs: f.info.sigs, ca: f.info.ca } });
       }
       if (batch.length > 0) {
-        if (!perFileSync) syncFilesystem(store.realStoreDir);
+        if (needSync) syncFilesystem(store.realStoreDir);
         store.registerObjects(batch);
         for (const b of batch) outcomes.set(b.obj.path, { status: "ok", path: b.obj.path, value: { fetched: true, cache: b.cache } });
       }
@@ -218,14 +266,14 @@ export class CacheSubstituter implements Substituter {
   }
 
   /** Fetches `path` from `first`, then from every other cache that has it, until one checks out. */
-  async #fetchWithFailover(path: string, first: Found, fsyncEach: boolean): Promise<Fetched | { error: FerryError }> {
+  async #fetchWithFailover(path: string, first: Found, fsyncEach: boolean, foundSoFar: number, pools: { pool?: FetchPool }): Promise<Fetched | { error: FerryError }> {
     const tried = new Set<BinaryCache>();
     const reasons: string[] = [];
     let current: Found | undefined = first;
     while (current) {
       tried.add(current.cache);
       try {
-        return { tmpReal: await this.#fetchOne(path, current, fsyncEach), found: current };
+        return { tmpReal: await this.#fetchOne(path, current, fsyncEach, foundSoFar, pools), found: current };
       } catch (e) {
         const err = asFerryError(e);
         reasons.push(`${current.cache.url}: ${err.message}`);
@@ -238,48 +286,24 @@ export class CacheSubstituter implements Substituter {
     return { error: notSubstitutable(path, reasons) };
   }
 
-  /** Downloads and unpacks one NAR to a temporary name, checking its hash and size. */
-  async #fetchOne(path: string, { cache, info }: Found, fsyncEach: boolean): Promise<string> {
+  /**
+   * Downloads and unpacks one NAR to a temporary name, checking its hash and size. Once a
+   * closure turns out to be large, fetches go to worker threads so every core unpacks.
+   */
+  async #fetchOne(path: string, { cache, info }: Found, fsyncEach: boolean, foundSoFar: number, pools: { pool?: FetchPool }): Promise<string> {
     const t0 = Date.now();
-    const store = this.#store;
-    const restorer = new NarRestorer(store.newTempPath(), { canonical: true, fsync: fsyncEach });
-    const parser = new NarParser(restorer.onEvent);
-    const hasher = createHasher(info.narHash.algo);
-    let size = 0;
+    const tmpPath = this.#store.newTempPath();
     const ev = this.#opts.events;
-    try {
-      await cache.fetchNar(
-        info,
-        (c) => {
-          size += c.length;
-          if (size > info.narSize) throw sizeMismatch(path, cache, info, `more than ${info.narSize}`);
-          hasher.update(c);
-          parser.push(c);
-        },
-        ev ? (n) => ev.emit("fetch:bytes", { bytes: n }) : undefined,
-      );
-      parser.end();
-      if (size !== info.narSize) throw sizeMismatch(path, cache, info, String(size));
-      const actual = makeHash(info.narHash.algo, hasher.digest());
-      if (!hashEquals(actual, info.narHash)) {
-        throw new FerryError("FERRY_SUBSTITUTE_HASH_MISMATCH", `the NAR of ${path} from ${cache.url} hashes to ${printHash(actual, "sri")}, its narinfo says ${printHash(info.narHash, "sri")}`, {
-          hint: "the cache's copy is corrupt; it was not registered, and another cache is tried",
-        });
-      }
-      restorer.finish();
-      ev?.emit("path:fetched", { path, cache: cache.url, narSize: size, durationMs: Date.now() - t0 });
-      return restorer.tmpPath;
-    } catch (e) {
-      restorer.abort();
-      throw e;
+    const workers = this.#opts.workers ?? (availableParallelism() > 1 ? availableParallelism() : 0);
+    if (workers > 0 && foundSoFar > POOL_THRESHOLD) {
+      pools.pool ??= new FetchPool(workers, ev ? (n) => ev.emit("fetch:bytes", { bytes: n }) : undefined);
+      await pools.pool.fetch(cache.url, cache.token, info, tmpPath, fsyncEach);
+    } else {
+      await fetchNarToTemp(cache.backend, info, tmpPath, { fsync: fsyncEach, ...(ev ? { onBytes: (n: number) => ev.emit("fetch:bytes", { bytes: n }) } : {}) });
     }
+    ev?.emit("path:fetched", { path, cache: cache.url, narSize: info.narSize, durationMs: Date.now() - t0 });
+    return tmpPath;
   }
-}
-
-function sizeMismatch(path: string, cache: BinaryCache, info: NarInfo, got: string): FerryError {
-  return new FerryError("FERRY_SUBSTITUTE_SIZE_MISMATCH", `the NAR of ${path} from ${cache.url} is ${got} bytes, its narinfo says ${info.narSize}`, {
-    hint: "the cache's copy is corrupt or truncated; it was not registered, and another cache is tried",
-  });
 }
 
 function notSubstitutable(path: string, reasons: readonly string[]): FerryError {

@@ -11,7 +11,7 @@ import { FerryError } from "../core/errors.js";
 import { TypedEmitter } from "../core/events.js";
 import { narInfoKey, narKey, contentTypeOf, type Compression } from "../core/cache-layout.js";
 import { printHash, hashEquals } from "../core/hash.js";
-import { printNarInfo, type NarInfo } from "../core/narinfo.js";
+import { printCacheInfo, printNarInfo, type NarInfo } from "../core/narinfo.js";
 import { fingerprintPath, signMessage, type SecretKey } from "../core/signing.js";
 import { parseStorePath } from "../core/store-path.js";
 import { printPrefixedHash } from "../core/hash.js";
@@ -45,6 +45,10 @@ export type UploadOutcome = ItemOutcome<{ uploaded: boolean }>;
 export async function copyToCache(store: LocalStore, backend: CacheBackend, paths: readonly string[], opts: CopyToOptions = {}): Promise<UploadOutcome[]> {
   const closure = store.topoSort(store.closure(paths.map((p) => store.requirePathInfo(store.parsePath(p)).path)));
   const storeDir = store.storeDir;
+  // A new cache gets its nix-cache-info first, as Nix's stores do: clients refuse a cache without one.
+  if (!(await backend.stat("nix-cache-info"))) {
+    await backend.write("nix-cache-info", new TextEncoder().encode(printCacheInfo({ storeDir, wantMassQuery: true, priority: 50 })), { contentType: contentTypeOf("cache-info") });
+  }
   const present = await mapLimit(closure, 32, async (p) => (await backend.stat(narInfoKey(parseStorePath(storeDir, p).hashPart))) !== undefined);
   const toUpload = closure.filter((_, k) => present[k] !== true);
   opts.events?.emit("copy:planned", { paths: closure.length, toUpload: toUpload.length, present: closure.length - toUpload.length });

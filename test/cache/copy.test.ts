@@ -176,6 +176,36 @@ describe("binary cache client", () => {
     }
   });
 
+  test("a large closure is fetched by worker threads; a corrupt NAR among them fails over", async () => {
+    const chain: string[] = [];
+    for (let i = 0; i < 24; i++) chain.push(addObject(src, `chain-${i}`, { data: `object ${i} `.repeat(500 + i), ...(i % 5 === 0 ? { blob: Buffer.alloc(70_000, i) } : {}) }, chain.slice(-2)));
+    const head = chain[chain.length - 1]!;
+    const bad = join(dir, "c-many-bad");
+    const good = join(dir, "c-many-good");
+    await copyToCache(src, FileBackend.open(bad), [head], { secretKey: key });
+    await copyToCache(src, FileBackend.open(good), [head], { secretKey: key, compression: "xz" });
+    const victim = chain[15]!;
+    const ni = parseNarInfo(STORE_DIR, fs.readFileSync(join(bad, `${victim.slice(STORE_DIR.length + 1, STORE_DIR.length + 33)}.narinfo`), "utf8"));
+    fs.writeFileSync(join(bad, ni.url), Buffer.from("not zstd at all"));
+    const dst = open(join(dir, "d-many"));
+    try {
+      const { SubstituteEmitter } = await import("../../src/cache/substituter.js");
+      const events = new SubstituteEmitter();
+      const rejected: string[] = [];
+      events.on("path:rejected", (e) => rejected.push(e.path));
+      const caches = [await BinaryCache.open(`${bad}?priority=1`, { storeDir: STORE_DIR }), await BinaryCache.open(`${good}?priority=2`, { storeDir: STORE_DIR })];
+      const sub = new CacheSubstituter(dst, caches, { trustedKeys: trusted(key), workers: 2, events });
+      const out = await sub.substituteClosure([head]);
+      assert.deepEqual(out.filter((o) => o.status !== "ok").map((o) => o.status === "error" && o.error.message), []);
+      assert.equal(out.length, 24);
+      assert.deepEqual(rejected, [victim]);
+      assert.deepEqual(dst.verify().filter((v) => v.status !== "ok"), []);
+      await sub.close();
+    } finally {
+      dst.close();
+    }
+  });
+
   test("a narinfo whose NarSize is wrong, or that is malformed, is refused", async () => {
     const c = join(dir, "c-size");
     await copyToCache(src, FileBackend.open(c), [closure.base], { secretKey: key });

@@ -16,6 +16,7 @@ const COMMANDS: Record<string, () => Promise<Command>> = {
   build: async () => (await import("./commands/build.js")).buildCommand(),
   log: async () => (await import("./commands/build.js")).logCommand(),
   demo: async () => (await import("./commands/demo.js")).demoCommand(),
+  cache: async () => (await import("./commands/cache.js")).cacheCommand(),
 };
 
 /** The program with the commands `argv` can reach (all of them for top-level help). */

@@ -49,7 +49,26 @@ export interface CacheServerEvents {
   "cache:rejected": { method: string; key: string; status: number; reason: string };
 }
 
-export class CacheServerEmitter extends TypedEmitter<CacheServerEvents> {}
+export class CacheServerEmitter extends TypedEmitter<CacheServerEvents> {
+  #requestListeners = 0;
+
+  override on<K extends keyof CacheServerEvents>(name: K, fn: (payload: CacheServerEvents[K]) => void): () => void {
+    const off = super.on(name, fn);
+    if (name !== "cache:request" && name !== ("*" as K)) return off;
+    this.#requestListeners++;
+    let on = true;
+    return () => {
+      if (on) this.#requestListeners--;
+      on = false;
+      off();
+    };
+  }
+
+  /** Whether anyone listens to `cache:request` (timing every request is not free). */
+  get timesRequests(): boolean {
+    return this.#requestListeners > 0;
+  }
+}
 
 export interface CacheServerOptions {
   readonly backend: CacheBackend;
@@ -583,9 +602,9 @@ export async function startCacheServer(opts: CacheServerOptions): Promise<CacheS
       kind = classifyCacheKey(key);
     }
     const method = req.method;
-    if (events) {
+    if (events?.timesRequests) {
       const t0 = performance.now();
-      res.once("finish", () => events.emit("cache:request", { method: method ?? "", key, status: res.statusCode, durationMs: performance.now() - t0 }));
+      res.once("finish", () => events!.emit("cache:request", { method: method ?? "", key, status: res.statusCode, durationMs: performance.now() - t0 }));
     }
     try {
       if (kind === undefined) {

@@ -12,6 +12,9 @@ import { parseNarInfo } from "../../src/core/narinfo.js";
 import { printPrefixedHash } from "../../src/core/hash.js";
 import { tempDir } from "../helpers/fs-trees.js";
 import { spawnFerry } from "../helpers/cli.js";
+import { spawn } from "node:child_process";
+import { haveNix, nix, nixChroot, nixEnv } from "../helpers/nix.js";
+import { printPublicKey } from "../../src/core/signing.js";
 import { bearer, makeNarFixture, narInfoText, request, type NarFixture } from "../helpers/cache.js";
 
 const TOKEN = "upload-secret";
@@ -334,5 +337,29 @@ describe("cache server", () => {
     await upload(url, main);
     const info = parseNarInfo(STORE, (await request(url, "GET", `/${main.narInfoKey}`)).body.toString());
     assert.deepEqual((await request(url, "GET", `/${info.url}`)).body, main.file);
+  });
+
+  test("real Nix copies to the server (netrc token) and substitutes from it, checking the server's signature", { skip: !haveNix() }, async () => {
+    const { url } = await start("nix");
+    const nixAsync = (args: string[]) =>
+      new Promise<string>((resolve, reject) => {
+        const c = spawn("nix", args, { env: nixEnv() });
+        let out = "";
+        let err = "";
+        c.stdout.on("data", (b: Buffer) => (out += b.toString()));
+        c.stderr.on("data", (b: Buffer) => (err += b.toString()));
+        c.on("close", (code) => (code === 0 ? resolve(out) : reject(new Error(`nix ${args.join(" ")} exited ${code}: ${err}`))));
+      });
+    const src = join(dir, "nix-src");
+    fs.mkdirSync(src);
+    fs.writeFileSync(join(src, "hello"), "hello from nix\n");
+    const r1 = nixChroot(dir);
+    const path = nix("nix-store", ["--store", r1, "--add", src]).toString().trim();
+    const netrc = join(dir, "netrc");
+    fs.writeFileSync(netrc, `machine 127.0.0.1 login nix password ${TOKEN}\n`);
+    await nixAsync(["copy", "--store", r1, "--option", "netrc-file", netrc, "--to", url, path]);
+    const r2 = nixChroot(dir);
+    await nixAsync(["copy", "--store", r2, "--from", url, "--option", "trusted-public-keys", printPublicKey(publicKeyOf(serverKey)), path]);
+    assert.equal(fs.readFileSync(join(r2, path, "hello"), "utf8"), "hello from nix\n");
   });
 });

@@ -660,10 +660,10 @@ export async function startCacheServer(opts: CacheServerOptions): Promise<CacheS
   };
 
   const server = http.createServer({ keepAliveTimeout: 65_000, requestTimeout: 0, headersTimeout: 60_000 }, (req, res) => {
-    void handle(req, res, false);
+    handle(req, res, false).catch(() => res.destroy());
   });
   server.on("checkContinue", (req: http.IncomingMessage, res: http.ServerResponse) => {
-    void handle(req, res, true);
+    handle(req, res, true).catch(() => res.destroy());
   });
   server.on("clientError", (_e, socket) => {
     if (socket.writable) socket.end("HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");

@@ -168,10 +168,8 @@ export function cacheCommand(): Command {
 
   cmd.addCommand(
     withBackendOptions(new Command("serve"))
-      .description(
-        "serve a binary cache over HTTP: Nix reads it as a substituter and writes it with `nix copy --to http://HOST:PORT`.\n" +
-          "Pass tokens in FERRY_UPLOAD_TOKEN / FERRY_READ_TOKEN rather than flags (flags show in `ps`).",
-      )
+      .description("serve a binary cache over HTTP: Nix reads it as a substituter and writes it with `nix copy --to http://HOST:PORT`")
+      .addHelpText("after", "\nPass tokens in FERRY_UPLOAD_TOKEN / FERRY_READ_TOKEN rather than flags (flags show in `ps`).\nNix sends them from a netrc file (`netrc-file` in nix.conf; the password is the token).")
       .option("--listen <host:port>", "address to listen on (port 0 picks a free one)", "127.0.0.1:8080")
       .option("--secret-key <file>", "sign every narinfo uploaded through the server with this key")
       .addOption(new Option("--upload-token <token>", "the bearer token uploads need (no token: the server is read-only)").env("FERRY_UPLOAD_TOKEN"))

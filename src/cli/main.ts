@@ -17,6 +17,7 @@ const COMMANDS: Record<string, () => Promise<Command>> = {
   log: async () => (await import("./commands/build.js")).logCommand(),
   copy: async () => (await import("./commands/copy.js")).copyCommand(),
   demo: async () => (await import("./commands/demo.js")).demoCommand(),
+  cache: async () => (await import("./commands/cache.js")).cacheCommand(),
 };
 
 /** The program with the commands `argv` can reach (all of them for top-level help). */

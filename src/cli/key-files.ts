@@ -13,5 +13,13 @@ export function readText(file: string): string {
 
 /** A secret key file (`ferry key generate`, `nix-store --generate-binary-cache-key`). */
 export function readSecretKeyFile(file: string): SecretKey {
-  return parseSecretKey(readText(file));
+  let text: string;
+  try {
+    text = fs.readFileSync(file, "utf8");
+  } catch (e) {
+    throw new FerryError("FERRY_KEY_UNREADABLE", `cannot read the secret key ${file}: ${(e as Error).message}`, {
+      hint: "make one with `ferry key generate` and pass its path to --secret-key",
+    });
+  }
+  return parseSecretKey(text);
 }

@@ -1,6 +1,5 @@
 /** `ferry cache …`: serve a binary cache over HTTP, collect its garbage, pin what it must keep. */
 import { Command, Option } from "commander";
-import * as fs from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { createHash } from "node:crypto";
@@ -8,7 +7,7 @@ import { FerryError } from "../../core/errors.js";
 import { classifyCacheKey } from "../../core/cache-layout.js";
 import { parseCacheInfo } from "../../core/narinfo.js";
 import { parseStorePath } from "../../core/store-path.js";
-import { parseSecretKey, type SecretKey } from "../../core/signing.js";
+import { readSecretKeyFile } from "../key-files.js";
 import type { CacheBackend } from "../../cache/backend.js";
 import { FileBackend } from "../../cache/file-backend.js";
 import { openBackend } from "../../cache/open.js";
@@ -91,18 +90,6 @@ export function parseSize(text: string): number {
   return n;
 }
 
-function readSecretKey(file: string): SecretKey {
-  let text: string;
-  try {
-    text = fs.readFileSync(file, "utf8");
-  } catch (e) {
-    throw new FerryError("FERRY_CACHE_KEY_UNREADABLE", `cannot read the secret key ${file}: ${(e as Error).message}`, {
-      hint: "make one with `ferry key generate` and pass its path to --secret-key",
-    });
-  }
-  return parseSecretKey(text);
-}
-
 interface ServeFlags extends BackendFlags {
   listen: string;
   secretKey?: string;
@@ -116,7 +103,7 @@ interface ServeFlags extends BackendFlags {
 
 async function serve(f: ServeFlags): Promise<void> {
   const { host, port } = parseListen(f.listen);
-  const secretKey = f.secretKey === undefined ? undefined : readSecretKey(f.secretKey);
+  const secretKey = f.secretKey === undefined ? undefined : readSecretKeyFile(f.secretKey);
   const maxNarSize = f.maxUploadSize === undefined ? undefined : parseSize(f.maxUploadSize);
   let priority: number | undefined;
   if (f.priority !== undefined) {

@@ -11,11 +11,10 @@ import { generateSecretKey, publicKeyOf, verifySignature, fingerprintPath } from
 import { parseNarInfo } from "../../src/core/narinfo.js";
 import { printPrefixedHash } from "../../src/core/hash.js";
 import { tempDir } from "../helpers/fs-trees.js";
-import { spawnFerry } from "../helpers/cli.js";
 import { spawn } from "node:child_process";
 import { haveNix, nix, nixChroot, nixEnv } from "../helpers/nix.js";
 import { printPublicKey } from "../../src/core/signing.js";
-import { bearer, makeNarFixture, narInfoText, request, type NarFixture } from "../helpers/cache.js";
+import { bearer, makeNarFixture, narInfoText, request, spawnCacheServer, type NarFixture } from "../helpers/cache.js";
 
 const TOKEN = "upload-secret";
 const STORE = "/nix/store";
@@ -278,20 +277,7 @@ describe("cache server", () => {
 
   test("a `ferry cache serve` killed mid-upload leaves no narinfo pointing at a missing or partial NAR", async () => {
     const root = join(dir, "killed");
-    const spawnServe = async () => {
-      const child = spawnFerry(["cache", "serve", "--dir", root, "--listen", "127.0.0.1:0", "--upload-token", TOKEN, "--store-dir", STORE]);
-      let text = "";
-      child.stdout!.setEncoding("utf8");
-      const url = await new Promise<string>((resolve, reject) => {
-        child.stdout!.on("data", (s: string) => {
-          text += s;
-          const m = /^ferry cache: serving .* on (http:\/\/\S+)$/m.exec(text);
-          if (m) resolve(m[1]!);
-        });
-        child.on("exit", (code) => reject(new Error(`ferry cache serve exited ${code}`)));
-      });
-      return { child, url };
-    };
+    const spawnServe = () => spawnCacheServer(["--dir", root, "--upload-token", TOKEN, "--store-dir", STORE]);
     const f = await makeNarFixture({ size: 300_000, compression: "none" });
     const g = await makeNarFixture({ size: 300_000, compression: "none" });
     const first = await spawnServe();

@@ -1,5 +1,7 @@
 /** Binary cache fixtures: NARs and narinfos for made-up store paths, and raw HTTP requests. */
 import * as http from "node:http";
+import { spawn, type ChildProcess } from "node:child_process";
+import { ferryBin } from "./cli.js";
 import { randomBytes } from "node:crypto";
 import { Readable } from "node:stream";
 import { narOfTree } from "../../src/core/nar/tree.js";
@@ -89,3 +91,21 @@ export function request(base: string, method: string, path: string, opts: { head
 }
 
 export const bearer = (token: string): Record<string, string> => ({ Authorization: `Bearer ${token}` });
+
+/** A `ferry cache serve` process, resolved once it listens; `url` is the address it printed. */
+export async function spawnCacheServer(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ child: ChildProcess; url: string }> {
+  const child = spawn(process.execPath, [ferryBin, "cache", "serve", "--listen", "127.0.0.1:0", ...args], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
+  let text = "";
+  let err = "";
+  child.stdout!.setEncoding("utf8");
+  child.stderr!.setEncoding("utf8").on("data", (s: string) => (err += s));
+  const url = await new Promise<string>((resolve, reject) => {
+    child.stdout!.on("data", (s: string) => {
+      text += s;
+      const m = /^ferry cache: serving .* on (http:\/\/\S+)$/m.exec(text);
+      if (m) resolve(m[1]!);
+    });
+    child.on("exit", (code) => reject(new Error(`ferry cache serve exited ${code}: ${err}`)));
+  });
+  return { child, url };
+}

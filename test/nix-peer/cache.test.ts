@@ -1,7 +1,8 @@
 /**
  * Binary caches with real Nix 2.8 as the peer: Ferry substitutes from caches that
  * `nix copy --to file://` wrote (Nix's signatures, xz and zstd NARs), and refuses them under
- * the wrong key.
+ * the wrong key; Nix reads a `ferry cache serve` cache that `ferry copy --to` filled, checking
+ * the server's signature.
  */
 import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
@@ -13,6 +14,10 @@ import { tempDir } from "../helpers/fs-trees.js";
 import { ferry, ferryOk, nixStoreFlags } from "../helpers/cli.js";
 import { nix, nixChroot } from "../helpers/nix.js";
 import { addObject } from "../helpers/store-objects.js";
+import { spawnCacheServer } from "../helpers/cache.js";
+import { spawnSync } from "node:child_process";
+import { nixEnv } from "../helpers/nix.js";
+import { generateSecretKey, printPublicKey, printSecretKey, publicKeyOf } from "../../src/core/signing.js";
 
 const openNixLayout = (root: string) => LocalStore.open(resolveStoreLocation({ storeDir: "/nix/store", stateDir: "/nix/var", root }, {}));
 
@@ -86,6 +91,43 @@ describe("binary caches with Nix as the peer", () => {
       assert.equal(s.isValid(paths.src), true);
     } finally {
       s.close();
+    }
+  });
+
+  test("Nix copies a closure from a Ferry cache server, trusting only Ferry's key; nix path-info reads it", async () => {
+    const key = generateSecretKey("ferry-peer-cache-1");
+    fs.writeFileSync(join(dir, "ferry.sk"), printSecretKey(key));
+    const ferryPub = printPublicKey(publicKeyOf(key));
+    // the Ferry side: the closure, plus a content-addressed path, uploaded over HTTP with a token
+    const froot = join(dir, "ferry-src");
+    const caPath = ferryOk(["store", "add", ...nixStoreFlags(froot), join(dir, "srcdir")]).trim();
+    const server = await spawnCacheServer(["--dir", join(dir, "served"), "--secret-key", join(dir, "ferry.sk"), "--store-dir", "/nix/store"], { FERRY_UPLOAD_TOKEN: "s3cret" });
+    try {
+      ferryOk(["copy", "--to", server.url, "--token", "s3cret", ...nixStoreFlags(froot), paths.top, caPath]);
+      const run = (args: string[]) => spawnSync("nix", args, { env: nixEnv(), encoding: "utf8" });
+      // Nix, signatures required, trusting Ferry's key: the whole closure arrives intact
+      const good = nixChroot(dir);
+      const ok = run(["copy", "--from", server.url, "--to", good, "--option", "trusted-public-keys", ferryPub, paths.top]);
+      assert.equal(ok.status, 0, ok.stderr);
+      for (const p of [paths.base, paths.mid, paths.top]) assert.equal(nix("nix-store", ["--store", good, "--verify-path", p]).toString(), "");
+      assert.deepEqual(nix("nix-store", ["--store", good, "-q", "--references", paths.top]).toString().trim().split("\n").sort(), [paths.base, paths.mid].sort());
+      // trusting another key: Nix refuses the input-addressed path, but takes the content-addressed one
+      const other = "someone-else-1:" + Buffer.alloc(32, 9).toString("base64");
+      const bad = nixChroot(dir);
+      const refused = run(["copy", "--from", server.url, "--to", bad, "--option", "trusted-public-keys", other, paths.top]);
+      assert.notEqual(refused.status, 0);
+      assert.match(refused.stderr, /lacks a valid signature/);
+      const ca = run(["copy", "--from", server.url, "--to", bad, "--option", "trusted-public-keys", other, caPath]);
+      assert.equal(ca.status, 0, ca.stderr);
+      // nix path-info reads the narinfo as Ferry's store describes the path
+      const info = (JSON.parse(nix("nix", ["path-info", "--store", server.url, "--json", paths.top]).toString()) as { path: string; narHash: string; narSize: number; references: string[]; signatures: string[] }[])[0]!;
+      const ours = (JSON.parse(ferryOk(["store", "path-info", "--json", ...nixStoreFlags(froot), paths.top])) as { narHash: string; narSize: number }[])[0]!;
+      assert.equal(info.path, paths.top);
+      assert.equal(info.narSize, ours.narSize);
+      assert.deepEqual([...info.references].sort(), [paths.base, paths.mid].sort());
+      assert.ok(info.signatures.some((sig) => sig.startsWith("ferry-peer-cache-1:")));
+    } finally {
+      server.child.kill("SIGTERM");
     }
   });
 });

@@ -671,7 +671,15 @@ export async function startCacheServer(opts: CacheServerOptions): Promise<CacheS
   });
 
   await new Promise<void>((resolve, reject) => {
-    server.once("error", reject);
+    server.once("error", (e: NodeJS.ErrnoException) => {
+      const where = `${opts.host ?? "127.0.0.1"}:${opts.port ?? 0}`;
+      reject(
+        new FerryError("FERRY_CACHE_LISTEN_FAILED", `cannot listen on ${where}: ${e.message}`, {
+          hint: e.code === "EADDRINUSE" ? "another program uses that port; pick another with --listen HOST:PORT (port 0 picks a free one)" : "check the address and your permissions (ports below 1024 need root)",
+          cause: e,
+        }),
+      );
+    });
     server.listen(opts.port ?? 0, opts.host ?? "127.0.0.1", () => {
       server.off("error", reject);
       resolve();

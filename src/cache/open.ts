@@ -67,7 +67,7 @@ export async function openBackend(text: string, _opts: OpenOptions = {}): Promis
     case "file":
       return FileBackend.open(decodeURIComponent(new URL(parsed.url).pathname));
     case "s3":
-      throw new FerryError("FERRY_CACHE_BAD_URL", `s3 caches are not available yet: ${text}`);
+      return (await import("./s3-backend.js")).S3Backend.open(parsed.url);
     case "http":
       throw new FerryError("FERRY_CACHE_BAD_URL", `http caches are not available yet: ${text}`);
   }

@@ -83,7 +83,7 @@ export function parseS3Url(url: string): S3Location {
   if (u.username || u.password || u.port) throw badUrl(url, "credentials and ports go in the environment and ?endpoint=, not in the URL");
   const prefix = decodeURIComponent(u.pathname).replace(/^\/+|\/+$/g, "");
   if (prefix !== "" && !/^[A-Za-z0-9._+=-][A-Za-z0-9._+=/-]*$/.test(prefix)) throw badUrl(url, `'${prefix}' is not a usable key prefix`);
-  if (prefix.split("/").some((s) => s === "" || s === "." || s === "..")) throw badUrl(url, `'${prefix}' is not a usable key prefix`);
+  if (prefix !== "" && prefix.split("/").some((s) => s === "" || s === "." || s === "..")) throw badUrl(url, `'${prefix}' is not a usable key prefix`);
   for (const k of u.searchParams.keys()) {
     if (!S3_PARAMS.has(k) && !NIX_STORE_PARAMS.has(k)) throw badUrl(url, `unknown parameter '${k}' (known: ${[...S3_PARAMS].join(", ")})`);
   }
@@ -238,11 +238,26 @@ export class S3Backend implements CacheBackend {
       if (statusOf(e) === 416 || nameOf(e) === "InvalidRange") return empty();
       throw this.#error(e, `cannot read ${key} in ${this.url}`);
     }
-    const total = /\/(\d+)$/.exec(out.ContentRange ?? "")?.[1];
-    const size = total !== undefined ? Number(total) : (out.ContentLength ?? 0);
+    const served = /^bytes (\d+)-(\d+)\/(\d+)$/.exec(out.ContentRange ?? "");
+    const size = served ? Number(served[3]) : (out.ContentLength ?? 0);
     const info = { key, size, etag: out.ETag ?? weakEtag(size, out.LastModified), mtimeMs: out.LastModified?.getTime() ?? 0 };
     const body = toReadable(out.Body);
-    return { info, body, start: total !== undefined ? start : 0 };
+    if (range === undefined) return { info, body, start: 0 };
+    // Some S3-compatible servers ignore a range or serve a wider one (s3rver reads "bytes=0-0"
+    // as "bytes=0-"): what they sent is cut down to what was asked.
+    const from = served ? Number(served[1]) : 0;
+    const to = served ? Number(served[2]) : size - 1;
+    const end = Math.min(range.end ?? size - 1, size - 1);
+    if (start > end) {
+      body.destroy();
+      return { info, body: Readable.from([]), start };
+    }
+    if (from === start && to === end) return { info, body, start };
+    if (from > start || to < end) {
+      body.destroy();
+      throw this.#error(new Error(`asked for bytes ${start}-${end}, the server sent ${from}-${to}`), `cannot read ${key} in ${this.url}`);
+    }
+    return { info, body: Readable.from(sliceStream(body, start - from, end - start + 1)), start };
   }
 
   async readBytes(key: string): Promise<Uint8Array | undefined> {
@@ -406,6 +421,23 @@ class MultipartUpload {
   async abort(): Promise<void> {
     await this.#inflight?.catch(() => undefined);
     await this.send((client, sdk) => client.send(new sdk.AbortMultipartUploadCommand({ Bucket: this.bucket, Key: this.key, UploadId: this.uploadId }))).catch(() => undefined);
+  }
+}
+
+/** `length` bytes of `source` after skipping `skip`; the source is closed once they are through. */
+async function* sliceStream(source: Readable, skip: number, length: number): AsyncGenerator<Buffer> {
+  let left = length;
+  for await (const chunk of source) {
+    const c = chunk as Buffer;
+    if (skip >= c.length) {
+      skip -= c.length;
+      continue;
+    }
+    const piece = c.subarray(skip, skip + Math.min(left, c.length - skip));
+    skip = 0;
+    left -= piece.length;
+    yield piece;
+    if (left === 0) return;
   }
 }
 

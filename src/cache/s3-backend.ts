@@ -186,7 +186,7 @@ export class S3Backend implements CacheBackend {
     }
     if (status === 401 || status === 403 || ["AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"].includes(name)) {
       return new FerryError("FERRY_CACHE_DENIED", msg, {
-        hint: `${this.#server} refused the credentials or the bucket's policy does not allow this; check the access key (AWS_ACCESS_KEY_ID, ?profile=) and that it may read, write and list bucket '${this.location.bucket}'`,
+        hint: `${this.#server} refused the credentials or the bucket's policy does not allow this; check the access key (AWS_ACCESS_KEY_ID, ?profile=) and that it may read, write and list bucket '${this.location.bucket}' (without s3:ListBucket, S3 answers a missing object with 403)`,
         cause: e,
       });
     }

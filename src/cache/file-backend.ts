@@ -6,6 +6,7 @@
  */
 import * as fs from "node:fs";
 import { join, dirname } from "node:path";
+import { Readable } from "node:stream";
 import { FerryError } from "../core/errors.js";
 import { checkRelativeKey } from "../core/cache-layout.js";
 import type { ByteRange, CacheBackend, ObjectInfo, ReadResult, WriteOptions } from "./backend.js";
@@ -87,7 +88,12 @@ export class FileBackend implements CacheBackend {
       }
       const start = range?.start ?? 0;
       const end = Math.min(range?.end ?? st.size - 1, st.size - 1);
-      const body = fh.createReadStream({ start, end: Math.max(end, start - 1), highWaterMark: 256 * 1024, autoClose: true });
+      if (start > end) {
+        // At or past the end (createReadStream refuses an end before its start).
+        await fh.close();
+        return { info: this.#info(key, st), body: Readable.from([]), start };
+      }
+      const body = fh.createReadStream({ start, end, highWaterMark: 256 * 1024, autoClose: true });
       return { info: this.#info(key, st), body, start };
     } catch (e) {
       await fh.close();

@@ -67,7 +67,7 @@ export async function openBackend(text: string, opts: OpenOptions = {}): Promise
     case "file":
       return FileBackend.open(decodeURIComponent(new URL(parsed.url).pathname));
     case "s3":
-      throw new FerryError("FERRY_CACHE_BAD_URL", `s3 caches are not available yet: ${text}`);
+      return (await import("./s3-backend.js")).S3Backend.open(parsed.url);
     case "http":
       return (await import("./http-backend.js")).HttpBackend.open(parsed.url, { token: opts.token ?? process.env.FERRY_TOKEN });
   }

@@ -159,6 +159,9 @@ export class S3Backend implements CacheBackend {
   /** Opens a backend for an s3:// URL. Nothing is sent until the first request. */
   static async open(url: string, opts: S3BackendOptions = {}): Promise<S3Backend> {
     const location = parseS3Url(url);
+    // The SDK warns on every Node 20 process about its future Node 22 requirement; Ferry
+    // supports Node 20, so the warning only confuses users.
+    process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= "true";
     const sdk = await import("@aws-sdk/client-s3");
     return new S3Backend(url, location, sdk, opts);
   }

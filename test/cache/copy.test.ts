@@ -19,6 +19,7 @@ import { tempDir } from "../helpers/fs-trees.js";
 import { addObject } from "../helpers/store-objects.js";
 import { ferry, ferryOk } from "../helpers/cli.js";
 import { startFlakyServer } from "../helpers/flaky-http.js";
+import { startS3Server } from "../helpers/s3-server.js";
 
 const STORE_DIR = "/ferry/store";
 const open = (root: string) => LocalStore.open(resolveStoreLocation({ storeDir: STORE_DIR, stateDir: "/ferry/var", root }, {}));
@@ -83,6 +84,28 @@ describe("binary cache client", () => {
       await sub.close();
     } finally {
       dst.close();
+    }
+  });
+
+  test("the same round trip through an S3 bucket (ferry copy --to s3:// and --from s3://)", async () => {
+    const s3 = await startS3Server({ buckets: ["copies"] });
+    try {
+      const url = s3.url("copies", "team/cache");
+      const res = ferry(["copy", "--to", url, "--secret-key", join(dir, "sk"), ...storeFlags(join(dir, "src")), closure.top], { env: s3.env });
+      assert.equal(res.status, 0, res.stderr);
+      const dst = open(join(dir, "d-s3"));
+      try {
+        const sub = new CacheSubstituter(dst, [await BinaryCache.open(url, { storeDir: STORE_DIR })], { trustedKeys: trusted(key) });
+        const out = await sub.substituteClosure([closure.top]);
+        assert.deepEqual(out.filter((o) => o.status !== "ok"), []);
+        assert.equal(out.length, 3);
+        assert.deepEqual(dst.verify().filter((v) => v.status !== "ok"), []);
+        await sub.close();
+      } finally {
+        dst.close();
+      }
+    } finally {
+      await s3.stop();
     }
   });
 

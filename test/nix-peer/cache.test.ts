@@ -15,6 +15,7 @@ import { ferry, ferryOk, nixStoreFlags } from "../helpers/cli.js";
 import { nix, nixChroot } from "../helpers/nix.js";
 import { addObject } from "../helpers/store-objects.js";
 import { spawnCacheServer } from "../helpers/cache.js";
+import { startS3Server } from "../helpers/s3-server.js";
 import { spawnSync } from "node:child_process";
 import { nixEnv } from "../helpers/nix.js";
 import { generateSecretKey, printPublicKey, printSecretKey, publicKeyOf } from "../../src/core/signing.js";
@@ -94,14 +95,16 @@ describe("binary caches with Nix as the peer", () => {
     }
   });
 
-  test("Nix copies a closure from a Ferry cache server, trusting only Ferry's key; nix path-info reads it", async () => {
+  for (const backend of ["dir", "s3"] as const) test(`Nix copies a closure from a Ferry cache server (${backend}), trusting only Ferry's key; nix path-info reads it`, async () => {
     const key = generateSecretKey("ferry-peer-cache-1");
     fs.writeFileSync(join(dir, "ferry.sk"), printSecretKey(key));
     const ferryPub = printPublicKey(publicKeyOf(key));
     // the Ferry side: the closure, plus a content-addressed path, uploaded over HTTP with a token
     const froot = join(dir, "ferry-src");
     const caPath = ferryOk(["store", "add", ...nixStoreFlags(froot), join(dir, "srcdir")]).trim();
-    const server = await spawnCacheServer(["--dir", join(dir, "served"), "--secret-key", join(dir, "ferry.sk"), "--store-dir", "/nix/store"], { FERRY_UPLOAD_TOKEN: "s3cret" });
+    const s3 = backend === "s3" ? await startS3Server({ buckets: ["peer"] }) : undefined;
+    const where = s3 ? ["--s3", s3.url("peer", "cache")] : ["--dir", join(dir, "served")];
+    const server = await spawnCacheServer([...where, "--secret-key", join(dir, "ferry.sk"), "--store-dir", "/nix/store"], { FERRY_UPLOAD_TOKEN: "s3cret", ...s3?.env });
     try {
       ferryOk(["copy", "--to", server.url, "--token", "s3cret", ...nixStoreFlags(froot), paths.top, caPath]);
       const run = (args: string[]) => spawnSync("nix", args, { env: nixEnv(), encoding: "utf8" });
@@ -128,6 +131,7 @@ describe("binary caches with Nix as the peer", () => {
       assert.ok(info.signatures.some((sig) => sig.startsWith("ferry-peer-cache-1:")));
     } finally {
       server.child.kill("SIGTERM");
+      await s3?.stop();
     }
   });
 });

@@ -93,6 +93,17 @@ describe("binary cache client", () => {
       const url = s3.url("copies", "team/cache");
       const res = ferry(["copy", "--to", url, "--secret-key", join(dir, "sk"), ...storeFlags(join(dir, "src")), closure.top], { env: s3.env });
       assert.equal(res.status, 0, res.stderr);
+      // cache GC on the bucket: a pinned closure stays, an unpinned path goes, NARs after narinfos
+      const stray = addObject(src, "stray", { f: "nobody needs me" });
+      ferryOk(["copy", "--to", url, ...storeFlags(join(dir, "src")), stray], { env: s3.env });
+      ferryOk(["cache", "pin", "--s3", url, "--store-dir", STORE_DIR, "release-1", closure.top], { env: s3.env });
+      const gc = ferry(["cache", "gc", "--s3", url, "--keep-recent", "0", "--grace", "0"], { env: s3.env });
+      assert.equal(gc.status, 0, gc.stderr);
+      const deleted = gc.stdout.toString().trim().split("\n");
+      assert.equal(deleted.length, 2);
+      assert.match(deleted[0]!, new RegExp(`^${stray.slice(STORE_DIR.length + 1, STORE_DIR.length + 33)}\\.narinfo$`));
+      assert.match(deleted[1]!, /^nar\//);
+
       const dst = open(join(dir, "d-s3"));
       try {
         const sub = new CacheSubstituter(dst, [await BinaryCache.open(url, { storeDir: STORE_DIR })], { trustedKeys: trusted(key) });
@@ -100,6 +111,8 @@ describe("binary cache client", () => {
         assert.deepEqual(out.filter((o) => o.status !== "ok"), []);
         assert.equal(out.length, 3);
         assert.deepEqual(dst.verify().filter((v) => v.status !== "ok"), []);
+        const gone = await sub.substituteClosure([stray]);
+        assert.equal(gone[0]!.status, "error");
         await sub.close();
       } finally {
         dst.close();

@@ -20,6 +20,13 @@ import { addObject } from "../helpers/store-objects.js";
 import { ferry, ferryOk } from "../helpers/cli.js";
 import { startFlakyServer } from "../helpers/flaky-http.js";
 import { startS3Server } from "../helpers/s3-server.js";
+import * as http from "node:http";
+import { startCacheServer } from "../../src/cache/server.js";
+import { openBackend } from "../../src/cache/open.js";
+import { packNar } from "../../src/cache/pack.js";
+import { UploadEmitter } from "../../src/cache/upload.js";
+import { narKey } from "../../src/core/cache-layout.js";
+import { printHash } from "../../src/core/hash.js";
 
 const STORE_DIR = "/ferry/store";
 const open = (root: string) => LocalStore.open(resolveStoreLocation({ storeDir: STORE_DIR, stateDir: "/ferry/var", root }, {}));
@@ -281,6 +288,56 @@ describe("binary cache client", () => {
       await sub.close();
     } finally {
       dst.close();
+      await server.close();
+    }
+  });
+
+  test("over HTTP an interrupted NAR upload resumes at the server's offset; the server signs", async () => {
+    const root = join(dir, "c-upload");
+    const serverKey = generateSecretKey("server-1");
+    const server = await startCacheServer({ backend: FileBackend.open(root), stagingDir: join(dir, "staging"), uploadToken: "tok", secretKey: serverKey, storeDir: STORE_DIR });
+    try {
+      // What copy will upload for `top`: the packing is deterministic, so its name is known.
+      const packed = await packNar(src.realPathOf(closure.top), "none", dir);
+      const key = narKey(printHash(packed.fileHash, "nix32"), "none");
+      assert.ok(packed.fileSize > 100_000);
+      const body = fs.readFileSync(packed.file);
+      fs.rmSync(packed.file);
+      // a first attempt that died after 60,000 bytes
+      const u = new URL(server.url);
+      const req = http.request({ host: u.hostname, port: u.port, method: "PUT", path: `/${key}`, headers: { authorization: "Bearer tok", "content-length": body.length, "content-range": `bytes 0-${body.length - 1}/${body.length}` } });
+      req.on("error", () => undefined);
+      req.write(body.subarray(0, 60_000));
+      const partial = join(dir, "staging", `${key.replace("/", "_")}.partial`);
+      for (let i = 0; i < 300 && !(fs.existsSync(partial) && fs.statSync(partial).size === 60_000); i++) await new Promise((r) => setTimeout(r, 10));
+      req.destroy();
+      await new Promise((r) => setTimeout(r, 50));
+
+      const events = new UploadEmitter();
+      const resumed: number[] = [];
+      events.on("upload:resumed", (e) => resumed.push(e.offset));
+      const backend = await openBackend(server.url, { token: "tok" });
+      const res = await copyToCache(src, backend, [closure.top], { events, compression: "none" });
+      await backend.close();
+      assert.deepEqual(res.filter((r) => r.status !== "ok"), []);
+      assert.deepEqual(resumed, [60_000]);
+      assert.ok(fs.readFileSync(join(root, key)).equals(body));
+      // the server signed every narinfo; Ferry trusts its key
+      const dst = open(join(dir, "d-upload"));
+      try {
+        const sub = new CacheSubstituter(dst, [await BinaryCache.open(server.url, { storeDir: STORE_DIR })], { trustedKeys: [publicKeyOf(serverKey)] });
+        assert.deepEqual((await sub.substituteClosure([closure.top])).filter((o) => o.status !== "ok"), []);
+        await sub.close();
+      } finally {
+        dst.close();
+      }
+      // without the token the upload is refused with a clear error
+      const anon = await openBackend(server.url);
+      const denied = await copyToCache(src, anon, [addObject(src, "anon", { f: "x" })]);
+      await anon.close();
+      assert.ok(denied[0]!.status === "error" && denied[0]!.error.code === "FERRY_CACHE_DENIED");
+      assert.match(denied[0]!.error.hint ?? "", /token/);
+    } finally {
       await server.close();
     }
   });

@@ -202,6 +202,22 @@ function hashOf(text: string): Buffer {
 }
 
 /** The token a request presents: `Authorization: Bearer T`, or Basic auth's password (netrc, as Nix sends). */
+/**
+ * Whether the request carries any of `names` (lower case), read from rawHeaders: Node builds
+ * `req.headers` lazily, and the narinfo hot path does not need it.
+ */
+function hasHeader(req: http.IncomingMessage, names: readonly string[]): boolean {
+  const raw = req.rawHeaders;
+  for (let i = 0; i < raw.length; i += 2) {
+    const n = raw[i]!;
+    for (const want of names) if (n.length === want.length && n.toLowerCase() === want) return true;
+  }
+  return false;
+}
+
+const CONDITIONAL = ["if-none-match", "if-modified-since"];
+const AUTHORIZATION = ["authorization"];
+
 function presentedToken(req: http.IncomingMessage): string | undefined {
   const a = req.headers.authorization;
   if (a === undefined) return undefined;
@@ -295,12 +311,21 @@ export async function startCacheServer(opts: CacheServerOptions): Promise<CacheS
     return makeEntry(kind, body === undefined ? undefined : Buffer.from(body.buffer, body.byteOffset, body.byteLength), info);
   };
 
+  /** An expired entry whose object did not change (same ETag, or still absent) is kept. */
+  const revalidate = async (key: string, kind: CacheKeyKind, old: Entry): Promise<Entry> => {
+    if (kind !== "narinfo") return loadEntry(key, kind);
+    const info = await backend.stat(key);
+    if (info === undefined && old.body === undefined) return { ...old, expires: Date.now() + ttl };
+    if (info !== undefined && old.body !== undefined && info.etag === old.etag) return { ...old, expires: Date.now() + ttl };
+    return loadEntry(key, kind);
+  };
+
   const lookup = (key: string, kind: CacheKeyKind): Entry | Promise<Entry> => {
     const e = entries.get(key);
     if (e !== undefined && e.expires > Date.now()) return e;
     let p = pending.get(key);
     if (p === undefined) {
-      p = loadEntry(key, kind).then(
+      p = (e === undefined ? loadEntry(key, kind) : revalidate(key, kind, e)).then(
         (fresh) => {
           pending.delete(key);
           return remember(key, fresh);
@@ -359,7 +384,7 @@ export async function startCacheServer(opts: CacheServerOptions): Promise<CacheS
 
   const serveSmall = (req: http.IncomingMessage, res: http.ServerResponse, e: Entry): void => {
     if (e.body === undefined) return notFound(res);
-    if ((req.headers["if-none-match"] !== undefined || req.headers["if-modified-since"] !== undefined) && notModified(req, e.etag, Date.parse(e.lastModified))) {
+    if (hasHeader(req, CONDITIONAL) && notModified(req, e.etag, Date.parse(e.lastModified))) {
       res.writeHead(304, ["ETag", e.etag, "Last-Modified", e.lastModified]);
       res.end();
       return;
@@ -613,7 +638,7 @@ export async function startCacheServer(opts: CacheServerOptions): Promise<CacheS
       }
       if (method === "GET" || method === "HEAD") {
         let access = "read";
-        if (readHash || req.headers.authorization !== undefined) {
+        if (readHash || hasHeader(req, AUTHORIZATION)) {
           const g = grant(req);
           if (g === "none" && readHash) throw new Refusal(401, "this cache needs a token to read");
           if (g === "wrong") throw new Refusal(403, "the token is not valid for this cache");

@@ -104,6 +104,8 @@ export interface CacheServerOptions {
 export interface CacheServer {
   readonly url: string;
   readonly port: number;
+  /** Drops what the server remembers of `key` (another process sharing the cache changed it). */
+  forget(key: string): void;
   close(): Promise<void>;
 }
 
@@ -717,6 +719,9 @@ export async function startCacheServer(opts: CacheServerOptions): Promise<CacheS
   return {
     url,
     port: addr.port,
+    forget: (key: string) => {
+      entries.delete(key);
+    },
     close: () =>
       new Promise<void>((resolve) => {
         server.close(() => resolve());

@@ -315,6 +315,42 @@ describe("cache server", () => {
     }
   });
 
+  test("--workers 2: processes share the port, see each other's uploads, a dead worker is replaced, SIGTERM stops all", async () => {
+    const root = join(dir, "workers");
+    const { child, url } = await spawnCacheServer(["--dir", root, "--upload-token", TOKEN, "--store-dir", STORE, "--workers", "2"]);
+    const workerPids = () =>
+      fs
+        .readdirSync("/proc")
+        .filter((p) => /^\d+$/.test(p))
+        .filter((p) => {
+          try {
+            return fs.readFileSync(`/proc/${p}/stat`, "utf8").split(") ")[1]!.split(" ")[1] === String(child.pid);
+          } catch {
+            return false;
+          }
+        });
+    try {
+      assert.equal(workerPids().length, 2);
+      const f = await makeNarFixture({ name: "shared" });
+      // both workers remember the miss (fresh connections spread over them)
+      for (let i = 0; i < 6; i++) assert.equal((await request(url, "GET", `/${f.narInfoKey}`)).status, 404);
+      await upload(url, f);
+      // within the narinfo memory's lifetime at the latest, every worker serves it
+      const deadline = Date.now() + 1500;
+      let ok = 0;
+      while (ok < 6 && Date.now() < deadline) ok = (await request(url, "GET", `/${f.narInfoKey}`)).status === 200 ? ok + 1 : 0;
+      assert.equal(ok, 6);
+      process.kill(Number(workerPids()[0]), "SIGKILL");
+      for (let i = 0; i < 100 && workerPids().length !== 2; i++) await new Promise((r) => setTimeout(r, 20));
+      assert.equal(workerPids().length, 2, "the dead worker was replaced");
+      assert.equal((await request(url, "GET", `/${f.narInfoKey}`)).status, 200);
+    } finally {
+      child.kill("SIGTERM");
+      const [code] = (await once(child, "exit")) as [number | null];
+      assert.equal(code, 0);
+    }
+  });
+
   test("a full round trip: NARs and narinfos of a closure, read back as Nix reads them", async () => {
     const { url } = await start("roundtrip");
     const dep = await makeNarFixture({ name: "dep", compression: "xz" });

@@ -102,7 +102,7 @@ export async function spawnCacheServer(args: string[], env: NodeJS.ProcessEnv = 
   const url = await new Promise<string>((resolve, reject) => {
     child.stdout!.on("data", (s: string) => {
       text += s;
-      const m = /^ferry cache: serving .* on (http:\/\/\S+)$/m.exec(text);
+      const m = /^ferry cache: serving .* on (http:\/\/[^\s]+)/m.exec(text);
       if (m) resolve(m[1]!);
     });
     child.on("exit", (code) => reject(new Error(`ferry cache serve exited ${code}: ${err}`)));

@@ -12,6 +12,8 @@ import type { CacheBackend } from "../../cache/backend.js";
 import { FileBackend } from "../../cache/file-backend.js";
 import { openBackend } from "../../cache/open.js";
 import { CacheServerEmitter, startCacheServer } from "../../cache/server.js";
+import cluster from "node:cluster";
+import { availableParallelism } from "node:os";
 import { collectCacheGarbage, parseRoots } from "../../cache/gc.js";
 import { DEFAULT_STORE_DIR } from "../../store/config.js";
 import { humanBytes, note, out, outJson } from "../output.js";
@@ -91,6 +93,7 @@ export function parseSize(text: string): number {
 }
 
 interface ServeFlags extends BackendFlags {
+  workers?: string;
   listen: string;
   secretKey?: string;
   uploadToken?: string;
@@ -99,6 +102,48 @@ interface ServeFlags extends BackendFlags {
   priority?: string;
   stagingDir?: string;
   logRequests?: boolean;
+}
+
+/**
+ * `--workers N`: N processes share the listening socket (the kernel spreads connections), each
+ * with its own narinfo memory; an upload through one tells the others to forget that key. A
+ * worker that dies is replaced. SIGTERM/SIGINT stop them all.
+ */
+async function superviseWorkers(n: number, name: string, backend: { close(): Promise<void> }): Promise<void> {
+  await backend.close();
+  cluster.schedulingPolicy = cluster.SCHED_NONE;
+  let stopping = false;
+  let announced = false;
+  const fork = () => {
+    const w = cluster.fork();
+    w.on("message", (m: { listening?: string; forget?: string }) => {
+      if (m.listening !== undefined && !announced) {
+        announced = true;
+        out(`ferry cache: serving ${name} on ${m.listening} (${n} worker processes)`);
+      }
+      if (m.forget !== undefined) for (const other of Object.values(cluster.workers ?? {})) if (other && other !== w) other.send({ forget: m.forget });
+    });
+    w.on("exit", (code, signal) => {
+      if (stopping) return;
+      note(`ferry cache: worker ${w.process.pid} stopped (${signal ?? `status ${code}`}); starting another`);
+      fork();
+    });
+  };
+  for (let i = 0; i < n; i++) fork();
+  await new Promise<void>((done) => {
+    const stop = () => {
+      stopping = true;
+      const all = Object.values(cluster.workers ?? {}).filter((w) => w !== undefined);
+      let left = all.length;
+      if (left === 0) return done();
+      for (const w of all) {
+        w.once("exit", () => --left === 0 && done());
+        w.disconnect();
+      }
+    };
+    process.once("SIGTERM", stop);
+    process.once("SIGINT", stop);
+  });
 }
 
 async function serve(f: ServeFlags): Promise<void> {
@@ -114,9 +159,16 @@ async function serve(f: ServeFlags): Promise<void> {
   const storeDir = await cacheStoreDir(backend, f.storeDir);
   const stagingDir =
     f.stagingDir !== undefined ? resolve(f.stagingDir) : f.dir !== undefined ? join(resolve(f.dir), ".ferry-uploads") : join(tmpdir(), `ferry-cache-uploads-${createHash("sha256").update(name).digest("hex").slice(0, 12)}`);
+  const workers = f.workers === undefined ? 1 : Number(f.workers);
+  if (!Number.isInteger(workers) || workers < 1 || workers > 64) {
+    throw new FerryError("FERRY_CACHE_BAD_WORKERS", `'${f.workers}' is not a number of worker processes`, { hint: "give 1 to 64; 'auto' uses one per core" });
+  }
+  if (workers > 1 && cluster.isPrimary) return superviseWorkers(workers, name, backend);
   const events = new CacheServerEmitter();
   events.on("cache:upload", (e) => {
     if (e.outcome !== "partial") note(`ferry cache: stored ${e.key} (${humanBytes(e.bytes)})`);
+    // Sibling worker processes drop what they remember of the key.
+    if (cluster.isWorker) process.send?.({ forget: e.key });
   });
   events.on("cache:rejected", (e) => {
     if (e.status >= 500) note(`ferry cache: ${e.method} ${e.key} failed: ${e.reason}`);
@@ -135,6 +187,14 @@ async function serve(f: ServeFlags): Promise<void> {
     stagingDir,
     events,
   });
+  if (cluster.isWorker) {
+    process.on("message", (m: { forget?: string }) => {
+      if (typeof m?.forget === "string") server.forget(m.forget);
+    });
+    process.send?.({ listening: server.url });
+    process.on("disconnect", () => void server.close().then(() => backend.close()).finally(() => process.exit(0)));
+    return;
+  }
   out(`ferry cache: serving ${name} on ${server.url}`);
   await new Promise<void>((done) => {
     const stop = () => {
@@ -159,6 +219,7 @@ export function cacheCommand(): Command {
       .addHelpText("after", "\nPass tokens in FERRY_UPLOAD_TOKEN / FERRY_READ_TOKEN rather than flags (flags show in `ps`).\nNix sends them from a netrc file (`netrc-file` in nix.conf; the password is the token).")
       .option("--listen <host:port>", "address to listen on (port 0 picks a free one)", "127.0.0.1:8080")
       .option("--secret-key <file>", "sign every narinfo uploaded through the server with this key")
+      .option("--workers <n>", "server processes sharing the port (default 1; 'auto': one per core)", (v) => (v === "auto" ? String(availableParallelism()) : v))
       .addOption(new Option("--upload-token <token>", "the bearer token uploads need (no token: the server is read-only)").env("FERRY_UPLOAD_TOKEN"))
       .addOption(new Option("--read-token <token>", "the bearer token reads need (no token: reads are public)").env("FERRY_READ_TOKEN"))
       .option("--max-upload-size <bytes>", "largest NAR accepted, e.g. 4G (default 4 GiB; other objects 1 MiB)")

@@ -1,10 +1,12 @@
 /**
  * `ferry demo`: Ferry's main job on its embedded defaults. For now: add a tree to the store,
  * sign it, export and re-import it into a second store, verify; then evaluate a small package
- * set written in TypeScript and build it in the sandbox, twice, to show it is reproducible.
- * Later issues grow it into the whole farm-to-fleet story.
+ * set written in TypeScript and build it in the sandbox, twice, to show it is reproducible;
+ * then publish the build to a binary cache served over HTTP on loopback and substitute it
+ * into a fresh store, signature checked. Later issues grow it into the farm-to-fleet story.
  */
 import { Command } from "commander";
+import { randomBytes } from "node:crypto";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import { join } from "node:path";
@@ -56,7 +58,8 @@ export function demoCommand(): Command {
           const kept = store.gc({ dryRun: true });
           say(`5. rooted it as 'ferry-demo'; a garbage collection now would delete ${kept.deleted.length} unrooted paths and keep ${kept.roots.length} roots`);
           store.removeRoot("ferry-demo");
-          await demoBuild(store, work, say);
+          const built = await demoBuild(store, work, say);
+          if (built) await demoCache(store, built, work, say);
           say("done. Try: ferry store path-info --json " + added.path);
         } finally {
           store.close();
@@ -83,7 +86,7 @@ export const report = runCommand("buoy-report", { config }, [
 `;
 
 /** Evaluates and builds a tiny package set, sandboxed when bubblewrap is there. */
-async function demoBuild(store: LocalStore, work: string, say: (s: string) => void): Promise<void> {
+async function demoBuild(store: LocalStore, work: string, say: (s: string) => void): Promise<string | undefined> {
   const { evaluate } = await import("../../dsl/evaluate.js");
   const { storePort } = await import("./eval.js");
   const { realise } = await import("../../build/realise.js");
@@ -96,7 +99,7 @@ async function demoBuild(store: LocalStore, work: string, say: (s: string) => vo
   const sandbox = sandboxAvailable().ok;
   if (!sandbox && store.loc.root) {
     say("   (skipping the build: bubblewrap is not installed and builds without it need the store at its real place)");
-    return;
+    return undefined;
   }
   const first = await realise(store, [report.drvPath], { sandbox, jobs: 2 });
   const out = report.outputs.out!;
@@ -109,4 +112,37 @@ async function demoBuild(store: LocalStore, work: string, say: (s: string) => vo
   }
   const refs = store.requirePathInfo(out).references;
   say(`   its runtime references, found by scanning: ${refs.length ? refs.join(", ") : "none"}`);
+  return out;
+}
+
+/** Publishes `path`'s closure to a cache served on loopback and substitutes it into a new store. */
+async function demoCache(store: LocalStore, path: string, work: string, say: (s: string) => void): Promise<void> {
+  const { FileBackend } = await import("../../cache/file-backend.js");
+  const { startCacheServer } = await import("../../cache/server.js");
+  const { openBackend } = await import("../../cache/open.js");
+  const { copyToCache } = await import("../../cache/upload.js");
+  const { BinaryCache } = await import("../../cache/binary-cache.js");
+  const { CacheSubstituter } = await import("../../cache/substituter.js");
+  const key = generateSecretKey("ferry-demo-cache-1");
+  const token = randomBytes(16).toString("hex");
+  const server = await startCacheServer({ backend: FileBackend.open(join(work, "cache")), stagingDir: join(work, "cache-uploads"), secretKey: key, uploadToken: token, storeDir: store.storeDir });
+  try {
+    const backend = await openBackend(server.url, { token });
+    const up = await copyToCache(store, backend, [path]);
+    await backend.close();
+    const uploaded = up.filter((r) => r.status === "ok" && r.value.uploaded).length;
+    say(`9. served a binary cache on ${server.url} and uploaded the build's closure to it: ${uploaded} paths (zstd NARs, narinfos signed by the server)`);
+    const device = LocalStore.open(resolveStoreLocation({ storeDir: store.storeDir, stateDir: store.loc.stateDir, root: join(work, "device-store") }));
+    try {
+      const sub = new CacheSubstituter(device, [await BinaryCache.open(server.url, { storeDir: store.storeDir })], { trustedKeys: [publicKeyOf(key)] });
+      const got = await sub.substituteClosure([path]);
+      await sub.close();
+      const v = device.verify();
+      say(`10. a fresh store substituted it from the cache, trusting only ${printPublicKey(key).split(":")[0]}: ${got.filter((r) => r.status === "ok").length} paths, ${v.filter((x) => x.status === "ok").length}/${v.length} intact`);
+    } finally {
+      device.close();
+    }
+  } finally {
+    await server.close();
+  }
 }

@@ -15,6 +15,7 @@
 import { FerryError } from "../core/errors.js";
 import { TypedEmitter } from "../core/events.js";
 import { availableParallelism } from "node:os";
+import { hashEquals } from "../core/hash.js";
 import { narInfoDistrust, type NarInfo } from "../core/narinfo.js";
 import type { PublicKey } from "../core/signing.js";
 import { asFerryError, type ItemOutcome, type LocalStore, type NewObject } from "../store/local-store.js";
@@ -263,6 +264,37 @@ export class CacheSubstituter implements Substituter {
     }
     for (const p of roots) if (!outcomes.has(p)) outcomes.set(p, { status: "ok", path: p, value: { fetched: false } });
     return [...outcomes.values()];
+  }
+
+  /**
+   * Restores valid paths whose files are damaged or missing (`ferry store verify --repair`):
+   * each is fetched from the first cache whose copy has the NAR hash the store recorded, and
+   * swapped in under the store's lock. One outcome per path.
+   */
+  async repair(paths: readonly string[]): Promise<SubstituteOutcome[]> {
+    const store = this.#store;
+    return mapLimit(paths, this.#opts.jobs ?? 16, async (path): Promise<SubstituteOutcome> => {
+      try {
+        const recorded = store.requirePathInfo(path);
+        const reasons: string[] = [];
+        const tried = new Set<BinaryCache>();
+        for (;;) {
+          const f = await this.#find(path, tried);
+          if (!("info" in f)) return { status: "error", path, error: notSubstitutable(path, [...reasons, ...f.reasons]) };
+          tried.add(f.cache);
+          if (f.info.narSize !== recorded.narSize || !hashEquals(f.info.narHash, recorded.narHash)) {
+            reasons.push(`${f.cache.url}: its copy has another NAR hash than the one this store recorded`);
+            continue;
+          }
+          const r = await this.#fetchWithFailover(path, f, true, 0, {});
+          if ("error" in r) return { status: "error", path, error: r.error };
+          store.repairContent(path, r.tmpReal);
+          return { status: "ok", path, value: { fetched: true, cache: r.found.cache.url } };
+        }
+      } catch (e) {
+        return { status: "error", path, error: asFerryError(e) };
+      }
+    });
   }
 
   /** Fetches `path` from `first`, then from every other cache that has it, until one checks out. */

@@ -360,6 +360,26 @@ export class LocalStore {
     }
   }
 
+  /**
+   * Replaces the content of the valid path `path` (damaged or missing on disk) with the complete,
+   * canonical tree at `tmpReal`, which the caller has checked hashes to the recorded NAR hash.
+   * Done under the write lock, so it cannot race a GC or another repair.
+   */
+  repairContent(path: string, tmpReal: string): void {
+    try {
+      this.#db.transaction(() => {
+        if (this.#stmt(SQL.idByPath).get(path) === undefined) throw storeError("FERRY_STORE_NOT_VALID", `'${path}' is not valid, so there is nothing to repair`);
+        const finalReal = this.realPathOf(path);
+        if (pathExists(finalReal)) this.#moveToTrash(finalReal);
+        fs.renameSync(tmpReal, finalReal);
+        fsyncPath(this.realStoreDir);
+      }).immediate();
+    } catch (e) {
+      removeTree(tmpReal);
+      throw e;
+    }
+  }
+
   #moveToTrash(real: string): void {
     const trash = join(this.realStoreDir, `${TRASH_PREFIX}${randomSuffix()}`);
     fs.renameSync(real, trash);

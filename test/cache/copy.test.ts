@@ -342,6 +342,32 @@ describe("binary cache client", () => {
     }
   });
 
+  test("ferry store verify --repair restores damaged and missing paths from a cache", async () => {
+    const cacheDir = join(dir, "c-repair");
+    await copyToCache(src, FileBackend.open(cacheDir), [closure.top], { secretKey: key });
+    const root = join(dir, "d-repair");
+    const dst = open(root);
+    const sub = new CacheSubstituter(dst, [await BinaryCache.open(cacheDir, { storeDir: STORE_DIR })], { trustedKeys: trusted(key) });
+    await sub.substituteClosure([closure.top]);
+    await sub.close();
+    // damage one path's file and delete another path's tree
+    const big = join(dst.realPathOf(closure.top), "big");
+    fs.chmodSync(dst.realPathOf(closure.top), 0o755);
+    fs.chmodSync(big, 0o644);
+    fs.writeFileSync(big, "tampered");
+    fs.rmSync(dst.realPathOf(closure.base), { recursive: true, force: true });
+    dst.close();
+    const before = ferry(["store", "verify", ...storeFlags(root)]);
+    assert.equal(before.status, 1);
+    assert.match(before.stderr, /3 paths checked, 2 damaged/);
+    const r = ferry(["store", "verify", "--repair", "--substituters", `file://${cacheDir}`, "--trusted-public-keys", printPublicKey(key), ...storeFlags(root)]);
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stderr, /2 of 2 damaged paths repaired/);
+    const after = ferry(["store", "verify", ...storeFlags(root)]);
+    assert.equal(after.status, 0, after.stderr);
+    assert.match(after.stderr, /3 paths checked, 0 damaged/);
+  });
+
   test("a miss is believed only briefly: a path uploaded after a lookup is found", async () => {
     const c = join(dir, "c-neg");
     FileBackend.open(c);

@@ -104,24 +104,44 @@ export function storeCommand(): Command {
     withStoreOptions(new Command("verify"))
       .description("re-hash store objects and report any that are missing or corrupt")
       .argument("[paths...]", "only these paths (default: every valid path)")
-      .option("--repair", "restore damaged paths from a binary cache")
+      .option("--repair", "restore damaged paths from the configured binary caches")
+      .option("--substituters <urls>", "with --repair: caches to restore from (default: config, $FERRY_SUBSTITUTERS)")
+      .option("--trusted-public-keys <keys>", "with --repair: keys trusted on those caches")
       .option("--json", "print one result object per path")
-      .action(async (paths: string[], f: StoreFlags & { repair?: boolean; json?: boolean }) => {
-        if (f.repair) {
+      .action(async (paths: string[], f: StoreFlags & { repair?: boolean; json?: boolean; substituters?: string; trustedPublicKeys?: string }) => {
+        // The cache client loads only for --repair: `ferry store …` stays quick to start.
+        const settings = f.repair ? (await import("../../cache/settings.js")).resolveSubstitutionSettings({ substituters: f.substituters, trustedPublicKeys: f.trustedPublicKeys }) : undefined;
+        if (settings && settings.substituters.length === 0) {
           throw new FerryError("FERRY_STORE_REPAIR_UNAVAILABLE", "--repair needs a binary cache to restore from, and no substituter is configured", {
-            hint: "run `ferry store verify` without --repair to list damaged paths; delete them with `ferry store gc` and add them again",
+            hint: "pass --substituters URL (and --trusted-public-keys), or set substituters in the config; without --repair, verify lists the damaged paths",
           });
         }
-        await withStore(f, (s) => {
+        await withStore(f, async (s) => {
           const p = progressLine();
           let n = 0;
           const results = s.verify(paths.length ? paths : undefined, (item) => p.update(`verified ${++n} paths (${item.path})`));
           p.done();
           const bad = results.filter((r) => r.status !== "ok");
-          if (f.json) outJson(results);
+          if (f.json && !settings) outJson(results);
           else for (const r of bad) out(`${r.status}\t${r.path}\texpected ${r.expected}${r.actual ? `, found ${r.actual}` : ""}`);
           note(`${results.length} paths checked, ${bad.length} damaged`);
-          if (bad.length) process.exitCode = 1;
+          if (settings && bad.length) {
+            const { CacheSubstituter } = await import("../../cache/substituter.js");
+            const sub = await CacheSubstituter.open(s, settings, { token: process.env.FERRY_TOKEN });
+            try {
+              const repaired = await sub.repair(bad.map((r) => r.path));
+              if (f.json) outJson(results.map((r) => ({ ...r, ...(r.status !== "ok" ? { repaired: repaired.find((x) => x.path === r.path)?.status === "ok" } : {}) })));
+              for (const r of repaired) {
+                if (r.status === "ok") note(`repaired ${r.path} from ${r.value.cache}`);
+                else note(`error [${r.error.code}]: cannot repair ${r.path}: ${r.error.message}`);
+              }
+              const left = repaired.filter((r) => r.status === "error").length;
+              note(`${bad.length - left} of ${bad.length} damaged paths repaired`);
+              if (left) process.exitCode = 1;
+            } finally {
+              await sub.close();
+            }
+          } else if (bad.length) process.exitCode = 1;
         });
       }),
   );

@@ -12,7 +12,7 @@
  *    references are valid or fetched too, references first. A path is never registered
  *    before its signature and hash check out and its references are present.
  */
-import { FerryError } from "../core/errors.js";
+import { FerryError, isFerryError } from "../core/errors.js";
 import { TypedEmitter } from "../core/events.js";
 import { availableParallelism } from "node:os";
 import { hashEquals } from "../core/hash.js";
@@ -78,12 +78,26 @@ export class CacheSubstituter implements Substituter {
     this.#opts = opts;
   }
 
-  /** Opens the configured caches. A cache that cannot be opened is an error: a typo in a URL
-   *  must not turn into silent rebuilds. */
-  static async open(store: LocalStore, settings: SubstitutionSettings, opts: { token?: string | undefined; jobs?: number; events?: SubstituteEmitter } = {}): Promise<CacheSubstituter> {
+  /**
+   * Opens the configured caches. A misconfigured cache (bad URL, wrong store dir, refused
+   * token) is an error: a typo must not turn into silent rebuilds. An unreachable one is
+   * skipped with a warning, as Nix does: a cache that is down must not fail a build.
+   */
+  static async open(
+    store: LocalStore,
+    settings: SubstitutionSettings,
+    opts: { token?: string | undefined; jobs?: number; events?: SubstituteEmitter; onWarning?: (message: string) => void } = {},
+  ): Promise<CacheSubstituter> {
     const caches: BinaryCache[] = [];
     try {
-      for (const url of settings.substituters) caches.push(await BinaryCache.open(url, { storeDir: store.storeDir, token: opts.token }));
+      for (const url of settings.substituters) {
+        try {
+          caches.push(await BinaryCache.open(url, { storeDir: store.storeDir, token: opts.token }));
+        } catch (e) {
+          if (!isFerryError(e, "FERRY_CACHE_UNREACHABLE")) throw e;
+          opts.onWarning?.(`not substituting from ${url}: ${e.message}`);
+        }
+      }
     } catch (e) {
       await Promise.all(caches.map((c) => c.close()));
       throw e;

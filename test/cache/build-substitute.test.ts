@@ -8,7 +8,8 @@ import * as fs from "node:fs";
 import { join } from "node:path";
 import { generateSecretKey, printPublicKey, printSecretKey } from "../../src/core/signing.js";
 import { tempDir } from "../helpers/fs-trees.js";
-import { ferryOk } from "../helpers/cli.js";
+import { ferry, ferryOk } from "../helpers/cli.js";
+import * as net from "node:net";
 
 const storeFlags = (root: string) => ["--store-dir", "/ferry/store", "--state-dir", "/ferry/var", "--root", root];
 
@@ -25,17 +26,28 @@ describe("ferry build with substituters", () => {
   });
   after(() => fs.rmSync(dir, { recursive: true, force: true }));
 
-  test("outputs in a trusted cache are substituted, the rest is built", () => {
+  test("outputs in a trusted cache are substituted, the rest is built; a cache that is down is skipped", async () => {
     const key = generateSecretKey("build-cache-1");
     fs.writeFileSync(join(dir, "sk"), printSecretKey(key));
     const built = ferryOk(["build", ...storeFlags(join(dir, "a")), `${join(dir, "set.ts")}#top`]).trim();
     ferryOk(["copy", "--to", join(dir, "cache"), "--secret-key", join(dir, "sk"), ...storeFlags(join(dir, "a")), built]);
 
-    const run = (root: string, extra: string[]) => {
-      const lines = ferryOk(["build", "--json", ...storeFlags(join(dir, root)), "--substituters", `file://${join(dir, "cache")}`, ...extra, `${join(dir, "set.ts")}#extra`]).trim().split("\n");
-      return lines.slice(0, -1).map((l) => JSON.parse(l) as { event: string; name?: string });
+    const run = (root: string, extra: string[], substituters = `file://${join(dir, "cache")}`) => {
+      const r = ferry(["build", "--json", ...storeFlags(join(dir, root)), "--substituters", substituters, ...extra, `${join(dir, "set.ts")}#extra`]);
+      assert.equal(r.status, 0, r.stderr);
+      const lines = r.stdout.toString().trim().split("\n");
+      return { stderr: r.stderr, events: lines.slice(0, -1).map((l) => JSON.parse(l) as { event: string; name?: string }) };
     };
-    const events = run("b", ["--trusted-public-keys", printPublicKey(key)]);
+    // a cache that is down comes first: it is skipped with a warning, not a failure
+    const closedPort = await new Promise<number>((resolve) => {
+      const srv = net.createServer().listen(0, "127.0.0.1", () => {
+        const port = (srv.address() as net.AddressInfo).port;
+        srv.close(() => resolve(port));
+      });
+    });
+    const b = run("b", ["--trusted-public-keys", printPublicKey(key)], `http://127.0.0.1:${closedPort} file://${join(dir, "cache")}`);
+    assert.match(b.stderr, new RegExp(`warning: not substituting from http://127\\.0\\.0\\.1:${closedPort}`));
+    const events = b.events;
     const names = (kind: string) => events.filter((e) => e.event === kind).map((e) => e.name).sort();
     assert.deepEqual(names("substitute:finished"), ["top"]);
     assert.deepEqual(names("build:started"), ["extra"]);
@@ -43,7 +55,7 @@ describe("ferry build with substituters", () => {
     assert.ok(JSON.stringify(info).includes(built));
 
     // an untrusted key: nothing is substituted, everything is built
-    const other = run("c", ["--trusted-public-keys", printPublicKey(generateSecretKey("someone-else-1"))]);
+    const other = run("c", ["--trusted-public-keys", printPublicKey(generateSecretKey("someone-else-1"))]).events;
     assert.deepEqual(other.filter((e) => e.event === "substitute:finished"), []);
     assert.deepEqual(other.filter((e) => e.event === "build:started").map((e) => e.name).sort(), ["base", "extra", "top"]);
   });

@@ -7,7 +7,7 @@ import { readLog } from "../../build/logs.js";
 import { withStore, withStoreOptions, type StoreFlags } from "../store-options.js";
 import { evaluateToStore, withEvalOptions, type EvalFlags } from "./eval.js";
 import { attachProgress, BuildHistory } from "../progress.js";
-import { out } from "../output.js";
+import { note, out } from "../output.js";
 import { resolveSubstitutionSettings } from "../../cache/settings.js";
 import { CacheSubstituter } from "../../cache/substituter.js";
 
@@ -65,7 +65,7 @@ export function buildCommand(): Command {
         const mode = f.json ? "json" : process.stderr.isTTY ? "tty" : "plain";
         const progress = attachProgress(events, mode, new BuildHistory(s.realStateDir));
         const settings = resolveSubstitutionSettings({ substituters: f.substituters, trustedPublicKeys: f.trustedPublicKeys, requireSigs: f.requireSigs === false ? false : undefined });
-        const substituter = settings.substituters.length ? await CacheSubstituter.open(s, settings, { token: process.env.FERRY_TOKEN }) : undefined;
+        const substituter = settings.substituters.length ? await CacheSubstituter.open(s, settings, { token: process.env.FERRY_TOKEN, onWarning: (m) => note(`warning: ${m}`) }) : undefined;
         let outcomes;
         // Ctrl-C (or SIGTERM) cancels: builders are killed with their whole process trees.
         const cancel = new AbortController();

@@ -93,7 +93,7 @@ export function request(base: string, method: string, path: string, opts: { head
 export const bearer = (token: string): Record<string, string> => ({ Authorization: `Bearer ${token}` });
 
 /** A `ferry cache serve` process, resolved once it listens; `url` is the address it printed. */
-export async function spawnCacheServer(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ child: ChildProcess; url: string }> {
+export async function spawnCacheServer(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ child: ChildProcess; url: string; stderr: () => string }> {
   const child = spawn(process.execPath, [ferryBin, "cache", "serve", "--listen", "127.0.0.1:0", ...args], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
   let text = "";
   let err = "";
@@ -107,5 +107,5 @@ export async function spawnCacheServer(args: string[], env: NodeJS.ProcessEnv = 
     });
     child.on("exit", (code) => reject(new Error(`ferry cache serve exited ${code}: ${err}`)));
   });
-  return { child, url };
+  return { child, url, stderr: () => err };
 }

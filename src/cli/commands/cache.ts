@@ -113,14 +113,12 @@ async function superviseWorkers(n: number, name: string, backend: { close(): Pro
   await backend.close();
   cluster.schedulingPolicy = cluster.SCHED_NONE;
   let stopping = false;
-  let announced = false;
+  let listening = 0;
   const fork = () => {
     const w = cluster.fork();
     w.on("message", (m: { listening?: string; forget?: string }) => {
-      if (m.listening !== undefined && !announced) {
-        announced = true;
-        out(`ferry cache: serving ${name} on ${m.listening} (${n} worker processes)`);
-      }
+      // Announced once every first-generation worker accepts connections.
+      if (m.listening !== undefined && ++listening === n) out(`ferry cache: serving ${name} on ${m.listening} (${n} worker processes)`);
       if (m.forget !== undefined) for (const other of Object.values(cluster.workers ?? {})) if (other && other !== w) other.send({ forget: m.forget });
     });
     w.on("exit", (code, signal) => {

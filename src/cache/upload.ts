@@ -19,6 +19,7 @@ import { asFerryError, type ItemOutcome, type LocalStore } from "../store/local-
 import type { CacheBackend } from "./backend.js";
 import { HttpBackend } from "./http-backend.js";
 import { packNar } from "./pack.js";
+import { readLog } from "../build/logs.js";
 import { mapLimit } from "./parallel.js";
 
 export interface UploadEvents {
@@ -107,6 +108,7 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
           ...(info.ca ? { ca: info.ca } : {}),
         };
         await backend.write(narInfoKey(parseStorePath(storeDir, path).hashPart), new TextEncoder().encode(printNarInfo(storeDir, narInfo)), { contentType: contentTypeOf("narinfo") });
+        await uploadLog(store, backend, info.deriver);
         ok = true;
         outcomes.set(path, { status: "ok", path, value: { uploaded: true } });
         opts.events?.emit("path:uploaded", { path, narSize: info.narSize, fileSize: packed.fileSize, durationMs: Date.now() - t0 });
@@ -128,4 +130,21 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
     fs.rmSync(tmpDir, { recursive: true, force: true });
   }
   return closure.map((p) => outcomes.get(p)!);
+}
+
+/**
+ * Publishes the build log of `deriver` as `log/<drv base name>` (what `nix log` reads from a
+ * cache) when this store built it and the cache lacks it. A missing log is not an error.
+ */
+async function uploadLog(store: LocalStore, backend: CacheBackend, deriver: string | undefined): Promise<void> {
+  if (deriver === undefined) return;
+  let text: string;
+  try {
+    text = readLog(store.realStateDir, deriver);
+  } catch {
+    return;
+  }
+  const key = `log/${deriver.slice(store.storeDir.length + 1)}`;
+  if (await backend.stat(key)) return;
+  await backend.write(key, new TextEncoder().encode(text), { contentType: contentTypeOf("log") });
 }

@@ -31,6 +31,9 @@ describe("ferry build with substituters", () => {
     fs.writeFileSync(join(dir, "sk"), printSecretKey(key));
     const built = ferryOk(["build", ...storeFlags(join(dir, "a")), `${join(dir, "set.ts")}#top`]).trim();
     ferryOk(["copy", "--to", join(dir, "cache"), "--secret-key", join(dir, "sk"), ...storeFlags(join(dir, "a")), built]);
+    // the build logs went along, under log/<drv>
+    const logs = fs.readdirSync(join(dir, "cache", "log")).map((l) => l.replace(/^[0-9a-z]{32}-/, ""));
+    assert.deepEqual(logs.sort(), ["base.drv", "top.drv"]);
 
     const run = (root: string, extra: string[], substituters = `file://${join(dir, "cache")}`) => {
       const r = ferry(["build", "--json", ...storeFlags(join(dir, root)), "--substituters", substituters, ...extra, `${join(dir, "set.ts")}#extra`]);

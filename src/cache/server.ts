@@ -219,6 +219,7 @@ function hasHeader(req: http.IncomingMessage, names: readonly string[]): boolean
 
 const CONDITIONAL = ["if-none-match", "if-modified-since"];
 const AUTHORIZATION = ["authorization"];
+const CONDITIONAL_OR_AUTH = [...CONDITIONAL, ...AUTHORIZATION];
 
 function presentedToken(req: http.IncomingMessage): string | undefined {
   const a = req.headers.authorization;
@@ -686,7 +687,27 @@ export async function startCacheServer(opts: CacheServerOptions): Promise<CacheS
     }
   };
 
+  /**
+   * The hot path, without promises or parsing: a plain GET of `/<hash>.narinfo` whose answer is
+   * in memory and fresh, on a public cache, without conditional headers or request timing.
+   * Anything else goes through `handle`. Returns whether it answered.
+   */
+  const answerFromMemory = (req: http.IncomingMessage, res: http.ServerResponse): boolean => {
+    const url = req.url;
+    if (url === undefined || url.length !== 41 || req.method !== "GET" || readHash !== undefined || events?.timesRequests) return false;
+    const key = url.slice(1);
+    const e = entries.get(key);
+    if (e === undefined || e.expires <= Date.now() || !key.endsWith(".narinfo") || hasHeader(req, CONDITIONAL_OR_AUTH)) return false;
+    if (e.body === undefined) notFound(res);
+    else {
+      res.writeHead(200, e.headers as string[]);
+      res.end(e.body);
+    }
+    return true;
+  };
+
   const server = http.createServer({ keepAliveTimeout: 65_000, requestTimeout: 0, headersTimeout: 60_000 }, (req, res) => {
+    if (answerFromMemory(req, res)) return;
     handle(req, res, false).catch(() => res.destroy());
   });
   server.on("checkContinue", (req: http.IncomingMessage, res: http.ServerResponse) => {

@@ -94,7 +94,9 @@ export const bearer = (token: string): Record<string, string> => ({ Authorizatio
 
 /** A `ferry cache serve` process, resolved once it listens; `url` is the address it printed. */
 export async function spawnCacheServer(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ child: ChildProcess; url: string; stderr: () => string }> {
-  const child = spawn(process.execPath, [ferryBin, "cache", "serve", "--listen", "127.0.0.1:0", ...args], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
+  // One process unless the test asks for more: fewer processes to start and to stop.
+  const workers = args.includes("--workers") ? [] : ["--workers", "1"];
+  const child = spawn(process.execPath, [ferryBin, "cache", "serve", "--listen", "127.0.0.1:0", ...workers, ...args], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
   let text = "";
   let err = "";
   child.stdout!.setEncoding("utf8");

@@ -157,7 +157,7 @@ async function serve(f: ServeFlags): Promise<void> {
   const storeDir = await cacheStoreDir(backend, f.storeDir);
   const stagingDir =
     f.stagingDir !== undefined ? resolve(f.stagingDir) : f.dir !== undefined ? join(resolve(f.dir), ".ferry-uploads") : join(tmpdir(), `ferry-cache-uploads-${createHash("sha256").update(name).digest("hex").slice(0, 12)}`);
-  const workers = f.workers === undefined ? 1 : Number(f.workers);
+  const workers = f.workers === undefined ? availableParallelism() : Number(f.workers);
   if (!Number.isInteger(workers) || workers < 1 || workers > 64) {
     throw new FerryError("FERRY_CACHE_BAD_WORKERS", `'${f.workers}' is not a number of worker processes`, { hint: "give 1 to 64; 'auto' uses one per core" });
   }
@@ -217,7 +217,7 @@ export function cacheCommand(): Command {
       .addHelpText("after", "\nPass tokens in FERRY_UPLOAD_TOKEN / FERRY_READ_TOKEN rather than flags (flags show in `ps`).\nNix sends them from a netrc file (`netrc-file` in nix.conf; the password is the token).")
       .option("--listen <host:port>", "address to listen on (port 0 picks a free one)", "127.0.0.1:8080")
       .option("--secret-key <file>", "sign every narinfo uploaded through the server with this key")
-      .option("--workers <n>", "server processes sharing the port (default 1; 'auto': one per core)", (v) => (v === "auto" ? String(availableParallelism()) : v))
+      .option("--workers <n>", "server processes sharing the port: a number, or 'auto' for one per core (the default, like nginx's worker_processes auto)", (v) => (v === "auto" ? String(availableParallelism()) : v))
       .addOption(new Option("--upload-token <token>", "the bearer token uploads need (no token: the server is read-only)").env("FERRY_UPLOAD_TOKEN"))
       .addOption(new Option("--read-token <token>", "the bearer token reads need (no token: reads are public)").env("FERRY_READ_TOKEN"))
       .option("--max-upload-size <bytes>", "largest NAR accepted, e.g. 4G (default 4 GiB; other objects 1 MiB)")

@@ -62,8 +62,10 @@ function packageSet(rnd, system, n, prefix) {
     let kind;
     if (i < nCore) {
       kind = "core";
-      if (i > 0) deps.add(i - 1 - (i > 40 ? int(rnd, Math.min(i, 20)) : 0));
-      for (let k = 0; k < 2 && i > 1; k++) deps.add(int(rnd, i));
+      // A bootstrap chain (stdenv stages), then core packages on 1–3 earlier core packages.
+      if (i > 0 && i < 30) deps.add(i - 1);
+      const k = i < 30 ? 0 : 1 + int(rnd, 3);
+      for (let j = 0; j < k; j++) deps.add(int(rnd, i));
     } else if (i < nCore + nLib) {
       kind = "lib";
       const c = int(rnd, chains * 4);
@@ -77,7 +79,7 @@ function packageSet(rnd, system, n, prefix) {
       for (let j = 0; j < k; j++) deps.add(rnd() < 0.3 ? int(rnd, nCore) : pick(nCore, nCore + nLib));
     }
     steps.push({ id: `${prefix}${i}`, name: `pkg${i}`, system, deps: [...deps].filter((d) => d !== i).map((d) => `${prefix}${d}`), jobsets: ["nixpkgs"] });
-    dur.push(Math.max(1000, lognormal(kind === "core" ? 300e3 : 60e3, 1.4)));
+    dur.push(Math.max(1000, lognormal(kind === "core" ? 120e3 : 60e3, kind === "core" ? 1.0 : 1.4)));
   }
   return { steps, dur };
 }
@@ -97,8 +99,8 @@ function makeWorkload(seed) {
 }
 
 const MACHINES = [
-  ...[[1, 8], [1, 8], [1, 12], [1.2, 8], [1.2, 16], [1.5, 8], [1.5, 12], [2, 6], [2, 16], [2.5, 8], [3, 4]].map(([speedFactor, maxJobs], i) => ({ id: `x86-${i}`, systems: [X86], speedFactor, maxJobs })),
-  ...[[1, 8], [1, 12], [1.5, 8], [2, 6], [2, 8]].map(([speedFactor, maxJobs], i) => ({ id: `arm-${i}`, systems: [ARM], speedFactor, maxJobs })),
+  ...[[1, 8], [1, 8], [1, 12], [1.2, 8], [1.2, 16], [1.5, 8], [1.5, 12], [2, 6], [2, 16], [2.5, 8], [3, 4]].map(([speedFactor, maxJobs], i) => ({ id: `x86-${i}`, systems: [X86], speedFactor: process.env.UNIFORM ? 1 : speedFactor, maxJobs })),
+  ...[[1, 8], [1, 12], [1.5, 8], [2, 6], [2, 8]].map(([speedFactor, maxJobs], i) => ({ id: `arm-${i}`, systems: [ARM], speedFactor: process.env.UNIFORM ? 1 : speedFactor, maxJobs })),
 ];
 
 function lowerBound(steps, truth) {
@@ -122,7 +124,9 @@ function lowerBound(steps, truth) {
       cp.set(s.id, v);
       longest = Math.max(longest, v);
     }
-    out[system] = { criticalPath: longest / fastest, workBound: work / capacity, bound: Math.max(longest / fastest, work / capacity) };
+    let depth = 0; const dp = new Map();
+    for (let i = own.length - 1; i >= 0; i--) { let b = 0; for (const r of dependents.get(own[i].id) ?? []) b = Math.max(b, dp.get(r)); dp.set(own[i].id, b + 1); depth = Math.max(depth, b + 1); }
+    out[system] = { depth, criticalPath: longest / fastest, workBound: work / capacity, bound: Math.max(longest / fastest, work / capacity) };
   }
   return { perSystem: out, bound: Math.max(...Object.values(out).map((x) => x.bound)) };
 }
@@ -244,7 +248,7 @@ const work = makeWorkload(SEED);
 const lb = lowerBound(work.steps, work.truth);
 console.log(`schedule-sim: N=${N} steps (x86_64 ${work.steps.filter((s) => s.system === X86).length}, aarch64 ${work.steps.filter((s) => s.system === ARM).length}), ${MACHINES.length} machines, seed ${SEED}; node ${process.version}`);
 for (const [system, b] of Object.entries(lb.perSystem)) {
-  console.log(`  ${system}: critical path ${fmtH(b.criticalPath)}, work/capacity ${fmtH(b.workBound)}`);
+  console.log(`  ${system}: longest chain ${b.depth} steps, critical path ${fmtH(b.criticalPath)}, work/capacity ${fmtH(b.workBound)}`);
 }
 console.log(`  lower bound ${fmtH(lb.bound)}`);
 console.log("");
@@ -252,8 +256,9 @@ console.log(`| ordering                              | makespan | / lower bound 
 console.log(`|---------------------------------------|---------:|--------------:|---------------:|--------:|-------:|`);
 const rows = [
   ["priority, estimates from history", { durations: work.history }],
+  ["same, never holding for faster machines", { durations: work.history, holdForFasterMachines: false }],
   ["priority, no history (depth)", {}],
-  ["FIFO (age only)", { ordering: "fifo" }],
+  ["FIFO (age only), never holding", { ordering: "fifo", holdForFasterMachines: false }],
 ];
 const results = {};
 for (const [label, opts] of rows) {

@@ -150,7 +150,7 @@ describe("farm scheduler: queues and machines", () => {
   });
 
   test("max jobs is honoured and faster, less loaded machines are preferred", () => {
-    const s = new Scheduler();
+    const s = new Scheduler({ holdForFasterMachines: false });
     s.addMachine({ id: "slow", systems: [X86], maxJobs: 2, speedFactor: 1 });
     s.addMachine({ id: "fast", systems: [X86], maxJobs: 2, speedFactor: 3 });
     add(s, Array.from({ length: 10 }, (_, i) => step(`s${i}`, [], { createdAt: i })));
@@ -168,6 +168,29 @@ describe("farm scheduler: queues and machines", () => {
     const [a, b] = s.dispatch(6);
     assert.equal(a?.machineId, "fast2");
     assert.equal(b?.machineId, "fast2");
+  });
+
+  test("a step whose chain ends sooner on a busy faster machine waits for it", () => {
+    const s = new Scheduler({ durations: [["long", 3000], ["short", 10]] });
+    s.addMachine({ id: "fast", systems: [X86], maxJobs: 1, speedFactor: 3 });
+    add(s, [step("busy", [], { name: "short" })]);
+    assert.deepEqual(s.dispatch(0), [{ stepId: "busy", machineId: "fast" }]);
+    s.addMachine({ id: "slow", systems: [X86], maxJobs: 2, speedFactor: 1 });
+    add(s, [step("crit", [], { name: "long", createdAt: 0 }), step("leaf", [], { name: "short", createdAt: 1 })], 1);
+    // "crit" would take 3000 on slow but ~1003 on fast, which frees in ~3: it waits; "leaf" takes the slow slot.
+    assert.deepEqual(s.dispatch(1), [{ stepId: "leaf", machineId: "slow" }]);
+    assert.equal(s.step("crit").state, "runnable");
+    assert.equal(s.pick("slow", 1), undefined);
+    s.finish("busy", { kind: "succeeded" }, 4);
+    assert.deepEqual(s.dispatch(4), [{ stepId: "crit", machineId: "fast" }]);
+    // Without holding, the slow machine would have taken it.
+    const t = new Scheduler({ durations: [["long", 3000], ["short", 10]], holdForFasterMachines: false });
+    t.addMachine({ id: "fast", systems: [X86], maxJobs: 1, speedFactor: 3 });
+    add(t, [step("busy", [], { name: "short" })]);
+    t.dispatch(0);
+    t.addMachine({ id: "slow", systems: [X86], maxJobs: 2, speedFactor: 1 });
+    add(t, [step("crit", [], { name: "long", createdAt: 0 })], 1);
+    assert.deepEqual(t.dispatch(1), [{ stepId: "crit", machineId: "slow" }]);
   });
 
   test("a machine that leaves hands its running steps back, without counting an attempt", () => {

@@ -63,6 +63,12 @@ interface Machine {
   readonly queues: Set<Queue>;
 }
 
+/** Within one dispatch/pick call: slots promised to held steps, and predicted slot ends per machine. */
+interface HoldContext {
+  readonly promised: Map<Machine, number>;
+  readonly ends: Map<Machine, Millis[]>;
+}
+
 interface BackoffEntry extends HeapItem {
   readonly step: Step;
 }
@@ -192,6 +198,7 @@ export class Scheduler {
   readonly #window: Millis;
   readonly #defaultShares: number;
   readonly #defaultEstimate: Millis | undefined;
+  readonly #hold: boolean;
   readonly #stepBefore: (a: Step, b: Step) => boolean;
   readonly #jqBefore: (a: JobsetQueue, b: JobsetQueue) => boolean;
 
@@ -202,6 +209,7 @@ export class Scheduler {
     this.#window = opts.shareWindowMs ?? 86_400_000;
     this.#defaultShares = opts.defaultShares ?? 100;
     this.#defaultEstimate = opts.defaultEstimateMs;
+    this.#hold = opts.holdForFasterMachines ?? true;
     const fifo = opts.ordering === "fifo";
     this.#stepBefore = fifo ? fifoBefore : stepBefore;
     this.#jqBefore = fifo ? jqFifoBefore : jqBefore;
@@ -529,30 +537,50 @@ export class Scheduler {
 
   /**
    * Chooses the best runnable step for one free slot of `machineId` and marks it running there.
-   * Undefined when the machine is full or nothing it can build is runnable.
+   * Undefined when the machine is full or nothing it should build is runnable (see `dispatch`
+   * for steps held for a faster machine).
    */
   pick(machineId: string, now: Millis): Assignment | undefined {
     this.#advance(now);
     const m = this.#machines.get(machineId);
     if (!m) throw unknownMachine(machineId);
     if (m.running.size >= m.maxJobs) return undefined;
-    let best: JobsetQueue | undefined;
-    for (const q of m.queues) {
-      const t = q.top.peek();
-      if (t && (!best || this.#jqBefore(t, best))) best = t;
+    const held: Step[] = [];
+    const ctx: HoldContext = { promised: new Map(), ends: new Map() };
+    try {
+      for (;;) {
+        let best: JobsetQueue | undefined;
+        for (const q of m.queues) {
+          const t = q.top.peek();
+          if (t && (!best || this.#jqBefore(t, best))) best = t;
+        }
+        if (!best) return undefined;
+        const step = best.heap.peek()!.step;
+        if (this.#holdForFaster(step, m, now, ctx)) {
+          this.#dequeue(step);
+          held.push(step);
+          continue;
+        }
+        return this.#assign(step, m, now);
+      }
+    } finally {
+      for (const h of held) this.#makeRunnable(h);
     }
-    if (!best) return undefined;
-    return this.#assign(best.heap.peek()!.step, m, now);
   }
 
   /**
-   * Fills every free slot it can: repeatedly the best runnable step among the queues that some
-   * free machine serves, on the best free machine that serves its queue (faster, then less
-   * loaded). Returns the decisions in the order they were taken.
+   * Fills every free slot it should: repeatedly the best runnable step among the queues that
+   * some free machine serves, on the best free machine that serves its queue (faster, then
+   * less loaded). A step is held back instead when a busy, faster machine is expected (from
+   * the estimates of what it runs) to free a slot early enough that the chain behind the step
+   * (its critical path) ends sooner there; each such slot is promised to one step per call,
+   * and held steps stay queued for the next event. Returns the decisions in order.
    */
   dispatch(now: Millis): Assignment[] {
     this.#advance(now);
     const out: Assignment[] = [];
+    const held: Step[] = [];
+    const ctx: HoldContext = { promised: new Map(), ends: new Map() };
     for (;;) {
       let best: JobsetQueue | undefined;
       for (const q of this.#queues.values()) {
@@ -560,9 +588,60 @@ export class Scheduler {
         if (!t || (best && !this.#jqBefore(t, best))) continue;
         if (this.#freeMachine(q)) best = t;
       }
-      if (!best) return out;
-      out.push(this.#assign(best.heap.peek()!.step, this.#freeMachine(best.queue)!, now));
+      if (!best) break;
+      const step = best.heap.peek()!.step;
+      const m = this.#freeMachine(best.queue)!;
+      if (this.#holdForFaster(step, m, now, ctx)) {
+        this.#dequeue(step);
+        held.push(step);
+        continue;
+      }
+      out.push(this.#assign(step, m, now));
+      ctx.ends.delete(m);
     }
+    for (const h of held) this.#makeRunnable(h);
+    return out;
+  }
+
+  /**
+   * Whether `s` should wait for a slot of a faster, busy machine rather than start on `m` now:
+   * true when some faster machine's next unpromised slot (predicted from the estimates of its
+   * running steps; an overrunning step is expected to run half as long again) plus the step's
+   * critical path at that speed ends before the critical path at `m`'s speed from now.
+   * The chosen slot is then promised to `s`.
+   */
+  #holdForFaster(s: Step, m: Machine, now: Millis, ctx: HoldContext): boolean {
+    if (!this.#hold) return false;
+    const onM = now + s.cp / m.speed;
+    let bestAt = onM;
+    let bestMachine: Machine | undefined;
+    for (const f of s.queue.machines) {
+      if (f.speed <= m.speed || f.maxJobs === 0) continue;
+      if (now + s.cp / f.speed >= bestAt) continue; // even free at once, no better
+      let ends = ctx.ends.get(f);
+      if (!ends) {
+        ends = [];
+        for (const r of f.running) {
+          const elapsed = now - r.startedAt!;
+          const left = r.estimate / f.speed - elapsed;
+          ends.push(now + (left > 0 ? left : elapsed / 2));
+        }
+        ends.sort((x, y) => x - y);
+        ctx.ends.set(f, ends);
+      }
+      const free = f.maxJobs - f.running.size;
+      const k = (ctx.promised.get(f) ?? 0) - free;
+      const at = k < 0 ? now : ends[k];
+      if (at === undefined) continue;
+      const fin = at + s.cp / f.speed;
+      if (fin < bestAt) {
+        bestAt = fin;
+        bestMachine = f;
+      }
+    }
+    if (!bestMachine) return false;
+    ctx.promised.set(bestMachine, (ctx.promised.get(bestMachine) ?? 0) + 1);
+    return true;
   }
 
   /** The earliest time at which a step in backoff becomes runnable, for the caller's timer. */

@@ -132,4 +132,6 @@ export interface SchedulerOptions {
   readonly durations?: Iterable<readonly [string, Millis]>;
   /** `priority` (bump, fair share, critical path, age) or `fifo` (age only; a baseline for benchmarks). */
   readonly ordering?: "priority" | "fifo";
+  /** Let a step whose chain would end sooner on a busy, faster machine wait for it (see Scheduler.dispatch). Default true. */
+  readonly holdForFasterMachines?: boolean;
 }

@@ -124,11 +124,41 @@ function lowerBound(steps, truth) {
       cp.set(s.id, v);
       longest = Math.max(longest, v);
     }
+    // A tighter bound from release and tail times: a step cannot start before its longest
+    // chain of dependencies (E) has run on the fastest machine, so the work of steps with
+    // E ≥ τ fits only after τ: OPT ≥ τ + W(E ≥ τ)/capacity; likewise with the chain after a
+    // step (its tail T): OPT ≥ τ + W(T ≥ τ)/capacity.
+    const E = new Map();
+    for (const s of own) {
+      let e = 0;
+      for (const d of s.deps) e = Math.max(e, E.get(d) + truth.get(d) / fastest);
+      E.set(s.id, e);
+    }
+    const sweep = (key) => {
+      const xs = own.map((s) => [key(s), truth.get(s.id)]).sort((a, b) => b[0] - a[0]);
+      let w = 0;
+      let best = 0;
+      for (const [t, d] of xs) {
+        w += d;
+        best = Math.max(best, t + w / capacity);
+      }
+      return best;
+    };
+    const releaseBound = sweep((s) => E.get(s.id));
+    const tailBound = sweep((s) => (cp.get(s.id) - truth.get(s.id)) / fastest);
     let depth = 0; const dp = new Map();
     for (let i = own.length - 1; i >= 0; i--) { let b = 0; for (const r of dependents.get(own[i].id) ?? []) b = Math.max(b, dp.get(r)); dp.set(own[i].id, b + 1); depth = Math.max(depth, b + 1); }
-    out[system] = { depth, criticalPath: longest / fastest, workBound: work / capacity, bound: Math.max(longest / fastest, work / capacity) };
+    out[system] = {
+      depth,
+      criticalPath: longest / fastest,
+      workBound: work / capacity,
+      bound: Math.max(longest / fastest, work / capacity),
+      tight: Math.max(longest / fastest, work / capacity, releaseBound, tailBound),
+      releaseBound,
+      tailBound,
+    };
   }
-  return { perSystem: out, bound: Math.max(...Object.values(out).map((x) => x.bound)) };
+  return { perSystem: out, bound: Math.max(...Object.values(out).map((x) => x.bound)), tight: Math.max(...Object.values(out).map((x) => x.tight)) };
 }
 
 /** A min-heap of completion events. */
@@ -210,7 +240,9 @@ function stats(xs) {
 /** Decision time with Q steps queued: finish one running step, time the dispatch that refills it. */
 function decisionBench(seed) {
   const rnd = mulberry32(seed ^ 0x5eed);
-  const s = new Scheduler({ durations: [] });
+  // Measured durations for the package names, so that holding for faster machines is weighed.
+  const durations = Array.from({ length: 5000 }, (_, i) => [`r${i}`, Math.min(8 * 3600e3, 60e3 * Math.exp(1.4 * normal(rnd)))]);
+  const s = new Scheduler({ durations });
   for (const m of MACHINES) s.addMachine(m);
   const specs = [];
   for (let i = 0; i < Q; i++) {
@@ -228,8 +260,8 @@ function decisionBench(seed) {
   const queuedAtStart = s.counts().runnable;
   const times = [];
   const ROUNDS = 20000;
-  for (let r = 0; r < ROUNDS; r++) {
-    now += 1000;
+  for (let r = 0; r < ROUNDS && running.length > 0; r++) {
+    now += 5000;
     const k = int(rnd, running.length);
     const id = running[k];
     running[k] = running[running.length - 1];
@@ -248,12 +280,12 @@ const work = makeWorkload(SEED);
 const lb = lowerBound(work.steps, work.truth);
 console.log(`schedule-sim: N=${N} steps (x86_64 ${work.steps.filter((s) => s.system === X86).length}, aarch64 ${work.steps.filter((s) => s.system === ARM).length}), ${MACHINES.length} machines, seed ${SEED}; node ${process.version}`);
 for (const [system, b] of Object.entries(lb.perSystem)) {
-  console.log(`  ${system}: longest chain ${b.depth} steps, critical path ${fmtH(b.criticalPath)}, work/capacity ${fmtH(b.workBound)}`);
+  console.log(`  ${system}: longest chain ${b.depth} steps, critical path ${fmtH(b.criticalPath)}, work/capacity ${fmtH(b.workBound)}; release-time bound ${fmtH(b.releaseBound)}, tail-time bound ${fmtH(b.tailBound)}`);
 }
-console.log(`  lower bound ${fmtH(lb.bound)}`);
+console.log(`  lower bound ${fmtH(lb.bound)} (max over systems of max(critical path, work/capacity)); tighter bound ${fmtH(lb.tight)} (also release and tail times)`);
 console.log("");
-console.log(`| ordering                              | makespan | / lower bound | dispatch calls | mean ms | p99 ms |`);
-console.log(`|---------------------------------------|---------:|--------------:|---------------:|--------:|-------:|`);
+console.log(`| ordering                                  | makespan | / lower bound | / tighter bound | dispatch calls | mean ms | p99 ms |`);
+console.log(`|-------------------------------------------|---------:|--------------:|----------------:|---------------:|--------:|-------:|`);
 const rows = [
   ["priority, estimates from history", { durations: work.history }],
   ["same, never holding for faster machines", { durations: work.history, holdForFasterMachines: false }],
@@ -265,13 +297,14 @@ for (const [label, opts] of rows) {
   const r = simulate(work, opts);
   const d = stats(r.dispatchTimes);
   results[label] = r.makespan / lb.bound;
-  console.log(`| ${label.padEnd(37)} | ${fmtH(r.makespan).padStart(8)} | ${(r.makespan / lb.bound).toFixed(3).padStart(13)} | ${String(d.n).padStart(14)} | ${d.mean.toFixed(4).padStart(7)} | ${d.p99.toFixed(4).padStart(6)} |`);
+  console.log(`| ${label.padEnd(41)} | ${fmtH(r.makespan).padStart(8)} | ${(r.makespan / lb.bound).toFixed(3).padStart(13)} | ${(r.makespan / lb.tight).toFixed(3).padStart(15)} | ${String(d.n).padStart(14)} | ${d.mean.toFixed(4).padStart(7)} | ${d.p99.toFixed(4).padStart(6)} |`);
 }
 const best = results[rows[0][0]];
 console.log("");
 console.log(`goal makespan ≤ 1.10 × lower bound: ${best.toFixed(3)} ${best <= 1.1 ? "MET" : "MISSED"}`);
+console.log(`(the tighter bound is also a valid lower bound: no schedule beats it, so the gap between the two is the farm idling while the bootstrap chain runs, not the order)`);
 console.log("");
 const d = decisionBench(SEED);
 console.log(`decision time: ${d.steps} steps added in ${d.ingestMs.toFixed(0)} ms (${Math.round(d.steps / (d.ingestMs / 1000))} steps/s); ${d.queuedAtStart} runnable at the start, ${d.queuedAtEnd} at the end`);
-console.log(`  ${d.rounds} rounds of finish one step + dispatch: mean ${(d.times.mean * 1000).toFixed(1)} µs, p50 ${(d.times.p50 * 1000).toFixed(1)} µs, p99 ${(d.times.p99 * 1000).toFixed(1)} µs, max ${d.times.max.toFixed(2)} ms`);
+console.log(`  ${d.rounds} rounds (finish one running step, then time the dispatch that refills the slot): mean ${(d.times.mean * 1000).toFixed(1)} µs, p50 ${(d.times.p50 * 1000).toFixed(1)} µs, p99 ${(d.times.p99 * 1000).toFixed(1)} µs, max ${d.times.max.toFixed(2)} ms`);
 console.log(`goal decision < 1 ms with ${Q} queued: p99 ${d.times.p99.toFixed(3)} ms ${d.times.p99 < 1 ? "MET" : "MISSED"}`);

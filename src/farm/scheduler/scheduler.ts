@@ -172,10 +172,16 @@ function unknownMachine(id: string): FerryError {
  * "which step runs where" per event. It does no I/O and reads no clock: every call that
  * depends on time takes `now`, and `now` must not go backwards between calls.
  *
- * Cost contract: with n runnable steps, Q queues and M machines, one decision (`pick`, or one
- * assignment of `dispatch`) costs O(Q·M + J·log n) where J is the number of jobsets that want
- * the chosen step (Q, M and J are small next to n). Nothing walks the whole queue: finishing a
- * step touches its dependents, a critical-path change touches only the steps whose value changes.
+ * Order inside a queue: admin bump, then fair share (the jobset's build time in the share
+ * window divided by its shares; a step wanted by several jobsets ranks by the least-used one),
+ * then critical path (estimated, see StepView.criticalPath), then age.
+ *
+ * Cost contract: with n runnable steps, Q queues, M machines and S running steps, one decision
+ * (`pick`, or one assignment of `dispatch`) costs O(Q·M + S + (h+1)·J·log n), where J is the
+ * number of jobsets that want a step and h the steps held for a faster machine (at most the
+ * slots of faster machines). Q, M, S and J are small next to n. Nothing walks the whole queue:
+ * finishing a step touches its dependents, and a critical-path or bump change touches only
+ * the steps whose value changes.
  */
 export class Scheduler {
   readonly #steps = new Map<string, Step>();
@@ -223,6 +229,9 @@ export class Scheduler {
    * same batch. Every item gets a result: duplicates, unknown dependencies and cycles are
    * rejected (with a FerryError, code FERRY_FARM_DUPLICATE_STEP / _UNKNOWN_STEP /
    * _DEPENDENCY_CYCLE), as is any step that depends on a rejected one; the rest are added.
+   * Known steps never gain dependencies, so a cycle can only lie within one batch. A step's
+   * estimate is taken when it is added (`estimate(name)`). The value of an accepted item is the
+   * step's state: runnable, waiting, or depFailed when a dependency already failed.
    */
   addSteps(specs: readonly StepSpec[], now: Millis): ItemResult<StepState>[] {
     this.#advance(now);
@@ -356,7 +365,8 @@ export class Scheduler {
    * succeeded and records the duration (scaled to a speed-1 machine) as the estimate for the
    * package name. A transient failure is retried after a backoff (see SchedulerOptions.retry),
    * and becomes permanent after the last attempt. A permanent failure marks every step that
-   * depends on it, transitively, as depFailed. Throws FERRY_FARM_UNKNOWN_STEP, or
+   * depends on it, transitively, as depFailed. Every outcome charges the elapsed time to each
+   * jobset that wants the step (fair share). Throws FERRY_FARM_UNKNOWN_STEP, or
    * FERRY_FARM_STEP_NOT_RUNNING when the step is not running (e.g. a late report after a cancel).
    */
   finish(stepId: string, outcome: StepOutcome, now: Millis): FinishResult {

@@ -18,6 +18,7 @@
  *      the `dispatch` call that refills the slot (performance.now). Mean, p50, p99 and max.
  *
  *   N=20000 Q=100000 SEED=1 bench/schedule-sim
+ *   UNIFORM=1 bench/schedule-sim      # every machine at speed factor 1
  */
 import { performance } from "node:perf_hooks";
 import { Scheduler } from "../dist/src/farm/scheduler/index.js";

@@ -1,4 +1,5 @@
-// Lint rules: typescript-eslint's recommended set, plus the house rule that core/ does no I/O.
+// Lint rules: typescript-eslint's recommended set, plus the house rule that core/ and the farm's
+// scheduler do no I/O (and the scheduler reads no clock: time is passed in).
 import js from "@eslint/js";
 import tseslint from "typescript-eslint";
 
@@ -18,6 +19,17 @@ export default tseslint.config(
         paths: ["node:fs", "node:fs/promises", "node:child_process", "node:net", "node:http", "node:os", "fs", "child_process"],
         patterns: ["../store/*", "../cli/*", "../build/*", "../cache/*"],
       }],
+    },
+  },
+  {
+    files: ["src/farm/scheduler/**/*.ts"],
+    rules: {
+      "no-restricted-imports": ["error", {
+        paths: ["node:fs", "node:fs/promises", "node:child_process", "node:net", "node:http", "node:os", "fs", "child_process", "kysely", "pg"],
+        patterns: ["../../store/*", "../../cli/*", "../../build/*", "../../cache/*", "../db/*"],
+      }],
+      "no-restricted-properties": ["error", { object: "Date", property: "now", message: "the scheduler takes `now` as an argument" }],
+      "no-restricted-globals": ["error", "setTimeout", "setInterval", "performance"],
     },
   },
   {

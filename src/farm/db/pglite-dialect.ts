@@ -26,9 +26,8 @@ class PGliteConnection implements DatabaseConnection {
 
   async executeQuery<R>(compiled: CompiledQuery): Promise<QueryResult<R>> {
     const r = await this.#pg.query<R>(compiled.sql, compiled.parameters as unknown[]);
-    const kind = compiled.query.kind;
-    const changed = kind === "InsertQueryNode" || kind === "UpdateQueryNode" || kind === "DeleteQueryNode" || kind === "MergeQueryNode";
-    return { rows: r.rows, ...(changed && r.affectedRows !== undefined ? { numAffectedRows: BigInt(r.affectedRows) } : {}) };
+    // Like Kysely's pg driver: the count of rows a statement changed, raw SQL included.
+    return { rows: r.rows, ...(r.affectedRows !== undefined ? { numAffectedRows: BigInt(r.affectedRows) } : {}) };
   }
 
   // eslint-disable-next-line require-yield

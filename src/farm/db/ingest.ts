@@ -1,0 +1,154 @@
+/**
+ * Ingesting an evaluation: its jobs become builds (one per job), the derivations that need
+ * building become steps (one per derivation, shared with every earlier evaluation and jobset
+ * that needs it), with their dependency edges. Everything goes in one transaction, in
+ * multi-row statements of a few thousand rows, so an evaluation of 100,000 jobs is a few dozen
+ * round trips, and a crash leaves either the whole evaluation or none of it.
+ *
+ * The plan (which rows to write) is computed first, as a value; `ingestEvaluation` applies it.
+ */
+import { sql, type Kysely, type Transaction } from "kysely";
+import type { FarmSchema } from "./index.js";
+
+export interface EvalJob {
+  readonly job: string;
+  readonly drvPath: string;
+  readonly system: string;
+  readonly outputs: Readonly<Record<string, string>>;
+  /** Aggregate jobs (like Hydra's `tested`) name the jobs they are made of. */
+  readonly members?: readonly string[];
+}
+
+export interface EvalStep {
+  readonly drvPath: string;
+  readonly name: string;
+  readonly system: string;
+  readonly features?: readonly string[];
+  /** Derivations (among the steps) that must be built first. */
+  readonly dependsOn: readonly string[];
+}
+
+export interface IngestInput {
+  readonly jobsetId: number;
+  readonly inputsHash: string;
+  readonly revision?: string | undefined;
+  readonly jobs: readonly EvalJob[];
+  /** Every derivation of the jobs' closures that is not built yet. */
+  readonly steps: readonly EvalStep[];
+  readonly evalMs?: number;
+}
+
+export interface IngestResult {
+  readonly evaluationId: string;
+  readonly builds: number;
+  /** Steps this evaluation added (the others existed already). */
+  readonly newSteps: number;
+  /** Jobs whose derivation differs from the previous evaluation of the jobset, or that are new. */
+  readonly changedJobs: number;
+}
+
+/** Rows per multi-row statement (PostgreSQL takes at most 65,535 parameters per statement). */
+const CHUNK = 5000;
+
+function chunks<T>(items: readonly T[], size = CHUNK): T[][] {
+  const out: T[][] = [];
+  for (let i = 0; i < items.length; i += size) out.push(items.slice(i, i + size));
+  return out;
+}
+
+type Tx = Transaction<FarmSchema> | Kysely<FarmSchema>;
+
+/** Inserts rows with one array parameter per column (unnest), whatever their number. */
+async function insertColumns(tx: Tx, table: string, columns: Record<string, { type: string; values: readonly unknown[] }>, suffix = ""): Promise<number> {
+  const names = Object.keys(columns);
+  const selects = names.map((n) => sql`unnest(${sql.val(columns[n]!.values)}::${sql.raw(columns[n]!.type)}[])`);
+  const r = await sql`insert into ${sql.table(table)} (${sql.join(names.map((n) => sql.ref(n)))}) select ${sql.join(selects)} ${sql.raw(suffix)}`.execute(tx);
+  return Number(r.numAffectedRows ?? 0n);
+}
+
+export async function ingestEvaluation(db: Kysely<FarmSchema>, input: IngestInput): Promise<IngestResult> {
+  return db.transaction().execute(async (tx) => {
+    const previous = await sql<{ job: string; drv_path: string }>`
+      select b.job, b.drv_path from builds b
+      where b.evaluation_id = (select max(id) from evaluations where jobset_id = ${input.jobsetId} and error is null and finished_at is not null)`.execute(tx);
+    const before = new Map(previous.rows.map((r) => [r.job, r.drv_path]));
+    const changedJobs = input.jobs.filter((j) => before.get(j.job) !== j.drvPath).length;
+
+    const ev = await sql<{ id: string }>`
+      insert into evaluations (jobset_id, inputs_hash, revision, eval_ms, nr_builds, nr_new, finished_at)
+      values (${input.jobsetId}, ${input.inputsHash}, ${input.revision ?? null}, ${input.evalMs ?? null}, ${input.jobs.length}, ${changedJobs}, now())
+      returning id`.execute(tx);
+    const evaluationId = ev.rows[0]!.id;
+
+    let newSteps = 0;
+    for (const part of chunks(input.steps)) {
+      // Features travel as one comma-joined text per step (arrays of arrays do not unnest).
+      const r = await sql`
+        insert into steps (drv_path, name, system, features)
+        select d, n, s, case when f = '' then '{}'::text[] else string_to_array(f, ',') end
+        from unnest(${sql.val(part.map((x) => x.drvPath))}::text[], ${sql.val(part.map((x) => x.name))}::text[], ${sql.val(part.map((x) => x.system))}::text[],
+                    ${sql.val(part.map((x) => [...(x.features ?? [])].sort().join(",")))}::text[]) as t(d, n, s, f)
+        on conflict (drv_path) do nothing`.execute(tx);
+      newSteps += Number(r.numAffectedRows ?? 0n);
+    }
+
+    const ids = new Map<string, string>();
+    for (const part of chunks([...new Set([...input.steps.map((s) => s.drvPath), ...input.jobs.map((j) => j.drvPath)])])) {
+      const rows = await sql<{ id: string; drv_path: string }>`select id, drv_path from steps where drv_path = any(${sql.val(part)}::text[])`.execute(tx);
+      for (const r of rows.rows) ids.set(r.drv_path, r.id);
+    }
+    const edges: [string, string][] = [];
+    for (const s of input.steps) for (const d of s.dependsOn) if (ids.has(d)) edges.push([ids.get(s.drvPath)!, ids.get(d)!]);
+    for (const part of chunks(edges)) {
+      await insertColumns(tx, "step_deps", { step_id: { type: "bigint", values: part.map((e) => e[0]) }, depends_on: { type: "bigint", values: part.map((e) => e[1]) } }, "on conflict do nothing");
+    }
+
+    const buildIds = new Map<string, string>();
+    for (const part of chunks(input.jobs)) {
+      const rows = await sql<{ id: string; job: string }>`
+        insert into builds (evaluation_id, jobset_id, job, drv_path, system, outputs, is_aggregate, status)
+        select ${evaluationId}::bigint, ${input.jobsetId}::int, j, d, s, o::jsonb, a, case when st then 'queued' else 'succeeded' end
+        from unnest(${sql.val(part.map((j) => j.job))}::text[], ${sql.val(part.map((j) => j.drvPath))}::text[], ${sql.val(part.map((j) => j.system))}::text[],
+                    ${sql.val(part.map((j) => JSON.stringify(j.outputs)))}::text[], ${sql.val(part.map((j) => (j.members?.length ?? 0) > 0))}::boolean[],
+                    ${sql.val(part.map((j) => ids.has(j.drvPath)))}::boolean[]) as t(j, d, s, o, a, st)
+        returning id, job`.execute(tx);
+      for (const r of rows.rows) buildIds.set(r.job, r.id);
+    }
+    const links = input.jobs.filter((j) => ids.has(j.drvPath)).map((j) => [buildIds.get(j.job)!, ids.get(j.drvPath)!] as const);
+    for (const part of chunks(links)) {
+      await insertColumns(tx, "build_steps", { build_id: { type: "bigint", values: part.map((l) => l[0]) }, step_id: { type: "bigint", values: part.map((l) => l[1]) } }, "on conflict do nothing");
+    }
+    const members = input.jobs.flatMap((j) => (j.members ?? []).filter((m) => buildIds.has(m)).map((m) => [buildIds.get(j.job)!, buildIds.get(m)!] as const));
+    for (const part of chunks(members)) {
+      await insertColumns(tx, "aggregate_members", { aggregate_id: { type: "bigint", values: part.map((l) => l[0]) }, member_id: { type: "bigint", values: part.map((l) => l[1]) } }, "on conflict do nothing");
+    }
+    return { evaluationId, builds: input.jobs.length, newSteps, changedJobs };
+  });
+}
+
+export interface EvaluationDiff {
+  readonly added: readonly string[];
+  readonly removed: readonly string[];
+  readonly changed: readonly string[];
+  /** Steps the changed and added jobs need that are not finished (what the change costs). */
+  readonly stepsNeeded: number;
+}
+
+/** What changed between two evaluations of a jobset (`ferry farm diff`). */
+export async function diffEvaluations(db: Kysely<FarmSchema>, fromId: string, toId: string): Promise<EvaluationDiff> {
+  const rows = async (id: string) => new Map((await sql<{ job: string; drv_path: string }>`select job, drv_path from builds where evaluation_id = ${id}`.execute(db)).rows.map((r) => [r.job, r.drv_path]));
+  const [a, b] = await Promise.all([rows(fromId), rows(toId)]);
+  const added = [...b.keys()].filter((j) => !a.has(j)).sort();
+  const removed = [...a.keys()].filter((j) => !b.has(j)).sort();
+  const changed = [...b.keys()].filter((j) => a.has(j) && a.get(j) !== b.get(j)).sort();
+  const roots = [...added, ...changed].map((j) => b.get(j)!);
+  const needed = roots.length
+    ? await sql<{ n: string }>`
+        with recursive need(id) as (
+          select id from steps where drv_path = any(${sql.val(roots)}::text[]) and status not in ('succeeded')
+          union
+          select d.depends_on from step_deps d join need on d.step_id = need.id join steps s on s.id = d.depends_on where s.status not in ('succeeded')
+        ) select count(*) as n from need`.execute(db)
+    : { rows: [{ n: "0" }] };
+  return { added, removed, changed, stepsNeeded: Number(needed.rows[0]!.n) };
+}

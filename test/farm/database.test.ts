@@ -4,31 +4,15 @@
  * together; steps are claimed with FOR UPDATE SKIP LOCKED so two coordinators never take the
  * same one; a restarted PostgreSQL is reconnected to.
  */
-import { test, describe, before, after } from "node:test";
+import { test, describe } from "node:test";
 import assert from "node:assert/strict";
-import * as fs from "node:fs";
-import { join } from "node:path";
 import { sql } from "kysely";
 import { openFarmDatabase, migrateFarmDatabase, migrationNames, type FarmDatabase } from "../../src/farm/db/index.js";
-import { tempDir } from "../helpers/fs-trees.js";
-import { startPostgres, type PostgresServer } from "../helpers/postgres.js";
+import { useFarmEngines } from "../helpers/farm-db.js";
 
 describe("farm database", () => {
-  let dir: string;
-  let pg: PostgresServer;
-  before(async () => {
-    dir = tempDir("ferry-farm-db-");
-    pg = await startPostgres();
-  });
-  after(async () => {
-    await pg?.destroy();
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
-
-  const engines = () => [
-    { name: "pglite", open: () => openFarmDatabase({ dataDir: join(dir, "pglite-data") }) },
-    { name: "postgres", open: () => openFarmDatabase({ url: pg.url }) },
-  ];
+  const farm = useFarmEngines("ferry-farm-db-");
+  const engines = () => (["pglite", "postgres"] as const).map((name) => ({ name, open: () => farm.open(name) }));
 
   test("the migrations apply once on each engine, with per-migration results, and the data survives a reopen", async () => {
     for (const e of engines()) {
@@ -54,7 +38,7 @@ describe("farm database", () => {
   });
 
   test("two coordinators starting together on PostgreSQL apply each migration once", async () => {
-    const { url } = pg;
+    const { url } = farm.pg();
     // a fresh database for this test
     const admin = await openFarmDatabase({ url });
     await sql.raw("create database together").execute(admin.db);
@@ -72,8 +56,8 @@ describe("farm database", () => {
   });
 
   test("FOR UPDATE SKIP LOCKED: two coordinators claiming at once never take the same step", async () => {
-    const a = await openFarmDatabase({ url: pg.url, poolSize: 4 });
-    const b = await openFarmDatabase({ url: pg.url, poolSize: 4 });
+    const a = await openFarmDatabase({ url: farm.pg().url, poolSize: 4 });
+    const b = await openFarmDatabase({ url: farm.pg().url, poolSize: 4 });
     try {
       await a.db.deleteFrom("steps").execute();
       const n = 200;
@@ -110,12 +94,12 @@ describe("farm database", () => {
   });
 
   test("a PostgreSQL restart: queries fail while it is down, then the same handle carries on", async () => {
-    const d = await openFarmDatabase({ url: pg.url });
+    const d = await openFarmDatabase({ url: farm.pg().url });
     try {
       await d.db.selectFrom("projects").selectAll().execute();
-      await pg.stop("immediate");
+      await farm.pg().stop("immediate");
       await assert.rejects(d.db.selectFrom("projects").selectAll().execute());
-      await pg.start();
+      await farm.pg().start();
       let ok = false;
       for (let i = 0; i < 50 && !ok; i++) {
         try {

@@ -3,15 +3,12 @@
  * job, steps shared across evaluations, the step graph, aggregates, and the diff between two
  * evaluations. One transaction: a failed ingest leaves nothing.
  */
-import { test, describe, before, after } from "node:test";
+import { test, describe } from "node:test";
 import assert from "node:assert/strict";
-import * as fs from "node:fs";
-import { join } from "node:path";
 import { sql } from "kysely";
-import { openFarmDatabase, migrateFarmDatabase, type FarmDatabase } from "../../src/farm/db/index.js";
+import { migrateFarmDatabase } from "../../src/farm/db/index.js";
 import { ingestEvaluation, diffEvaluations, type EvalJob, type EvalStep } from "../../src/farm/db/ingest.js";
-import { tempDir } from "../helpers/fs-trees.js";
-import { startPostgres, type PostgresServer } from "../helpers/postgres.js";
+import { useFarmEngines } from "../helpers/farm-db.js";
 
 const drv = (n: string) => `/ferry/store/${n.padStart(32, "a").slice(0, 32)}-${n}.drv`;
 
@@ -36,20 +33,11 @@ function evaluation(version: string): { jobs: EvalJob[]; steps: EvalStep[] } {
 }
 
 describe("farm ingest", () => {
-  let dir: string;
-  let pg: PostgresServer;
-  before(async () => {
-    dir = tempDir("ferry-farm-ingest-");
-    pg = await startPostgres();
-  });
-  after(async () => {
-    await pg?.destroy();
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
+  const engines = useFarmEngines("ferry-farm-ingest-");
 
   for (const engine of ["pglite", "postgres"] as const) {
     test(`evaluations become builds and shared steps, and their diff is known (${engine})`, async () => {
-      const fdb: FarmDatabase = engine === "pglite" ? await openFarmDatabase({ dataDir: join(dir, "pglite") }) : await openFarmDatabase({ url: pg.url });
+      const fdb = await engines.open(engine);
       try {
         assert.equal((await migrateFarmDatabase(fdb)).error, undefined);
         const db = fdb.db;

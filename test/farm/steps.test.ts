@@ -3,16 +3,13 @@
  * are honoured, an expired lease re-queues the step, a stale owner's result is refused, and
  * with claimers racing (and one of them "dying") every step finishes exactly once.
  */
-import { test, describe, before, after } from "node:test";
+import { test, describe } from "node:test";
 import assert from "node:assert/strict";
-import * as fs from "node:fs";
-import { join } from "node:path";
 import { sql } from "kysely";
-import { openFarmDatabase, migrateFarmDatabase, type FarmDatabase } from "../../src/farm/db/index.js";
+import { migrateFarmDatabase, type FarmDatabase } from "../../src/farm/db/index.js";
 import { ingestEvaluation, type EvalStep } from "../../src/farm/db/ingest.js";
 import { claimSteps, finishStep, renewLeases, requeueExpired } from "../../src/farm/db/steps.js";
-import { tempDir } from "../helpers/fs-trees.js";
-import { startPostgres, type PostgresServer } from "../helpers/postgres.js";
+import { useFarmEngines } from "../helpers/farm-db.js";
 
 const drv = (n: string) => `/ferry/store/${n.padStart(32, "b").slice(0, 32)}-${n}.drv`;
 
@@ -24,20 +21,11 @@ async function seed(db: FarmDatabase["db"], steps: EvalStep[]): Promise<void> {
 }
 
 describe("farm step claims", () => {
-  let dir: string;
-  let pg: PostgresServer;
-  before(async () => {
-    dir = tempDir("ferry-farm-steps-");
-    pg = await startPostgres();
-  });
-  after(async () => {
-    await pg?.destroy();
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
+  const engines = useFarmEngines("ferry-farm-steps-");
 
   for (const engine of ["pglite", "postgres"] as const) {
     test(`claims follow dependencies, systems and features; leases expire; stale results are refused (${engine})`, async () => {
-      const fdb = engine === "pglite" ? await openFarmDatabase({ dataDir: join(dir, "pglite") }) : await openFarmDatabase({ url: pg.url });
+      const fdb = await engines.open(engine);
       try {
         await migrateFarmDatabase(fdb);
         const db = fdb.db;
@@ -75,7 +63,7 @@ describe("farm step claims", () => {
   }
 
   test("racing claimers on PostgreSQL, one of them dying mid-step: every step finishes exactly once", async () => {
-    const fdb = await openFarmDatabase({ url: pg.url, poolSize: 8 });
+    const fdb = await engines.open("postgres", { poolSize: 8 });
     try {
       await migrateFarmDatabase(fdb);
       const db = fdb.db;

@@ -35,6 +35,17 @@ export function writePlannedTexts(store: LocalStore, ts: readonly PlannedTextMsg
   store.addTexts(ts.map((t) => ({ name: t.name, text: t.text, references: t.references, expectedPath: t.storePath })));
 }
 
+/**
+ * An evaluation's plan written into `store` on this thread, each path checked against the
+ * plan (the shape of dsl's EvalStorePort; the store does not depend on the DSL).
+ */
+export function storePort(store: LocalStore): { addSource(s: PlannedSourceMsg): void; addTexts(ts: readonly PlannedTextMsg[]): void } {
+  return {
+    addSource: (src) => writePlannedSource(store, src),
+    addTexts: (ts) => writePlannedTexts(store, ts),
+  };
+}
+
 type Msg = { t: "source"; s: PlannedSourceMsg } | { t: "texts"; ts: readonly PlannedTextMsg[] } | { t: "end" };
 type Reply = { t: "done" } | { t: "error"; code: string; message: string; hint?: string };
 

@@ -5,17 +5,11 @@ import { FerryError } from "../../core/errors.js";
 import { checkDerivationOutputs, derivationToJson, parseDerivation, printDerivation, type Derivation } from "../../core/derivation.js";
 import { evaluate, type EvalJob, type EvalStorePort } from "../../dsl/evaluate.js";
 import { LocalStore } from "../../store/local-store.js";
-import { StoreWriterThread, writePlannedSource, writePlannedTexts } from "../../store/writer-thread.js";
+import { StoreWriterThread } from "../../store/writer-thread.js";
 import { storeLocation, withStore, withStoreOptions, type StoreFlags } from "../store-options.js";
 import { out, outJson } from "../output.js";
 
-/** Writes an evaluation's plan into a local store on this thread, checking every path is what was planned. */
-export function storePort(s: LocalStore): EvalStorePort {
-  return {
-    addSource: (src) => writePlannedSource(s, src),
-    addTexts: (ts) => writePlannedTexts(s, ts),
-  };
-}
+export { storePort } from "../../store/writer-thread.js";
 
 export interface EvalFlags extends StoreFlags {
   attr?: string;

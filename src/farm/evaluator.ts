@@ -1,0 +1,129 @@
+/**
+ * Evaluating a jobset: check out its branch (any URL git understands, local paths included;
+ * checkouts are kept in `<dataDir>/checkouts`),
+ * skip when the inputs did not change, run `ferry eval`'s evaluator (a sandboxed subprocess with
+ * time and memory limits) into the coordinator's store, plan which derivations need building,
+ * and ingest the evaluation. A failed checkout or evaluation is kept, with its error, for display.
+ */
+import { execFile } from "node:child_process";
+import { createHash } from "node:crypto";
+import * as fs from "node:fs";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import { sql, type Kysely } from "kysely";
+import { FerryError } from "../core/errors.js";
+import type { LocalStore } from "../store/local-store.js";
+import { asFerryError } from "../store/local-store.js";
+import { evaluate } from "../dsl/evaluate.js";
+import { storePort } from "../store/writer-thread.js";
+import { planBuild } from "../build/plan.js";
+import { readStoreDerivation } from "../build/realise.js";
+import type { FarmSchema } from "./db/index.js";
+import { ingestEvaluation, type EvalStep, type IngestResult } from "./db/ingest.js";
+
+const run = promisify(execFile);
+
+export interface JobsetSpec {
+  readonly id: number;
+  readonly repo: string;
+  readonly branch: string;
+  readonly file: string;
+  readonly attr?: string | null;
+  readonly lastInputsHash?: string | null;
+}
+
+export interface EvaluatorContext {
+  readonly db: Kysely<FarmSchema>;
+  readonly store: LocalStore;
+  /** Checkouts live under `<dataDir>/checkouts/<jobset id>-<repository hash>`. */
+  readonly dataDir: string;
+  readonly timeoutSeconds?: number;
+  readonly memoryMiB?: number;
+}
+
+export type EvaluationOutcome =
+  | { readonly kind: "unchanged"; readonly inputsHash: string; readonly revision: string }
+  | { readonly kind: "evaluated"; readonly inputsHash: string; readonly revision: string; readonly result: IngestResult }
+  | { readonly kind: "failed"; readonly evaluationId: string; readonly error: FerryError };
+
+async function git(args: string[], cwd?: string): Promise<string> {
+  try {
+    const { stdout } = await run("git", args, { cwd, maxBuffer: 16 << 20, env: { ...process.env, GIT_TERMINAL_PROMPT: "0" } });
+    return stdout.trim();
+  } catch (e) {
+    const err = e as { stderr?: string; message: string };
+    throw new FerryError("FERRY_FARM_CHECKOUT_FAILED", `git ${args[0]} failed: ${(err.stderr ?? err.message).trim()}`, {
+      hint: "check the jobset's repository URL and branch, and that this machine can reach it",
+    });
+  }
+}
+
+/** Brings the jobset's checkout to the head of its branch; returns the revision. */
+async function checkout(dir: string, repo: string, branch: string): Promise<string> {
+  if (!fs.existsSync(join(dir, ".git"))) {
+    fs.rmSync(dir, { recursive: true, force: true });
+    fs.mkdirSync(dir, { recursive: true });
+    await git(["clone", "--quiet", "--branch", branch, "--single-branch", repo, dir]);
+  } else {
+    await git(["fetch", "--quiet", "origin", branch], dir);
+    await git(["checkout", "--quiet", "--force", "FETCH_HEAD"], dir);
+  }
+  return git(["rev-parse", "HEAD"], dir);
+}
+
+/** The derivations the jobs need built, with their edges (what is valid is left out). */
+export function planSteps(store: LocalStore, drvPaths: readonly string[]): EvalStep[] {
+  const plan = planBuild(drvPaths, { readDerivation: (p) => readStoreDerivation(store, p), isValid: (p) => store.isValid(p) });
+  return plan.nodes
+    .filter((n) => n.kind === "build")
+    .map((n) => ({
+      drvPath: n.drvPath,
+      name: n.name,
+      system: n.drv.system,
+      features: (n.drv.env.get("requiredSystemFeatures") ?? "").split(/\s+/).filter((f) => f !== ""),
+      dependsOn: n.waitsFor,
+    }));
+}
+
+export async function evaluateJobset(ctx: EvaluatorContext, js: JobsetSpec): Promise<EvaluationOutcome> {
+  // One checkout per jobset and repository: a jobset moved to another URL starts afresh.
+  const dir = join(ctx.dataDir, "checkouts", `${js.id}-${createHash("sha256").update(js.repo).digest("hex").slice(0, 12)}`);
+  let revision = "";
+  let inputsHash = "";
+  const t0 = Date.now();
+  try {
+    revision = await checkout(dir, js.repo, js.branch);
+    inputsHash = createHash("sha256").update(JSON.stringify({ repo: js.repo, branch: js.branch, file: js.file, attr: js.attr ?? null, revision })).digest("hex");
+    if (inputsHash === js.lastInputsHash) {
+      await sql`update jobsets set last_checked_at = now() where id = ${js.id}`.execute(ctx.db);
+      return { kind: "unchanged", inputsHash, revision };
+    }
+    const { jobs } = await evaluate({
+      file: join(dir, js.file),
+      attr: js.attr ?? undefined,
+      storeDir: ctx.store.storeDir,
+      store: storePort(ctx.store),
+      timeoutSeconds: ctx.timeoutSeconds ?? 600,
+      memoryMiB: ctx.memoryMiB ?? 4096,
+    });
+    const steps = planSteps(ctx.store, jobs.map((j) => j.drvPath));
+    const result = await ingestEvaluation(ctx.db, {
+      jobsetId: js.id,
+      inputsHash,
+      revision,
+      evalMs: Date.now() - t0,
+      jobs: jobs.map((j) => ({ job: j.attr, drvPath: j.drvPath, system: j.system, outputs: j.outputs })),
+      steps,
+    });
+    await sql`update jobsets set last_checked_at = now(), last_inputs_hash = ${inputsHash}, error = null where id = ${js.id}`.execute(ctx.db);
+    return { kind: "evaluated", inputsHash, revision, result };
+  } catch (e) {
+    const error = asFerryError(e);
+    const text = `${error.code}: ${error.message}${error.hint ? `\nhint: ${error.hint}` : ""}`;
+    const ev = await sql<{ id: string }>`
+      insert into evaluations (jobset_id, inputs_hash, revision, eval_ms, error, finished_at)
+      values (${js.id}, ${inputsHash || "-"}, ${revision || null}, ${Date.now() - t0}, ${text}, now()) returning id`.execute(ctx.db);
+    await sql`update jobsets set last_checked_at = now(), error = ${text} where id = ${js.id}`.execute(ctx.db);
+    return { kind: "failed", evaluationId: ev.rows[0]!.id, error };
+  }
+}

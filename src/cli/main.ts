@@ -18,6 +18,7 @@ const COMMANDS: Record<string, () => Promise<Command>> = {
   copy: async () => (await import("./commands/copy.js")).copyCommand(),
   demo: async () => (await import("./commands/demo.js")).demoCommand(),
   cache: async () => (await import("./commands/cache.js")).cacheCommand(),
+  farm: async () => (await import("./commands/farm.js")).farmCommand(),
 };
 
 /** The program with the commands `argv` can reach (all of them for top-level help). */

@@ -8,6 +8,8 @@ import { classifyCacheKey } from "../../core/cache-layout.js";
 import { parseCacheInfo } from "../../core/narinfo.js";
 import { parseStorePath } from "../../core/store-path.js";
 import { readSecretKeyFile } from "../key-files.js";
+import { parseListen } from "../listen.js";
+import { untilStopSignal } from "../signals.js";
 import type { CacheBackend } from "../../cache/backend.js";
 import { FileBackend } from "../../cache/file-backend.js";
 import { openBackend } from "../../cache/open.js";
@@ -57,17 +59,6 @@ async function cacheStoreDir(backend: CacheBackend, flag: string | undefined): P
     });
   }
   return flag ?? (stated || DEFAULT_STORE_DIR);
-}
-
-export function parseListen(text: string): { host: string; port: number } {
-  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]*)):(\d{1,5})$/.exec(text);
-  const port = m ? Number(m[3]) : NaN;
-  if (!m || port > 65535) {
-    throw new FerryError("FERRY_CACHE_BAD_LISTEN", `'${text}' is not HOST:PORT`, {
-      hint: "e.g. --listen 127.0.0.1:8080, --listen 0.0.0.0:80, --listen [::1]:8080 (port 0 picks a free port)",
-    });
-  }
-  return { host: m[1] ?? (m[2] || "127.0.0.1"), port };
 }
 
 const DURATION_UNITS: Record<string, number> = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000, w: 604_800_000 };
@@ -194,18 +185,8 @@ async function serve(f: ServeFlags): Promise<void> {
     return;
   }
   out(`ferry cache: serving ${name} on ${server.url}`);
-  await new Promise<void>((done) => {
-    const stop = () => {
-      process.off("SIGTERM", stop);
-      process.off("SIGINT", stop);
-      void server
-        .close()
-        .then(() => backend.close())
-        .then(done, done);
-    };
-    process.on("SIGTERM", stop);
-    process.on("SIGINT", stop);
-  });
+  await untilStopSignal();
+  await server.close().finally(() => backend.close());
 }
 
 export function cacheCommand(): Command {

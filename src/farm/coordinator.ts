@@ -10,6 +10,11 @@
  *   GET  /api/projects/:project/jobsets/:jobset/evaluations
  *   GET  /api/projects/:project/jobsets/:jobset/builds           (the latest successful evaluation)
  *   GET  /api/health
+ *   GET  /metrics                                                 (Prometheus text)
+ *
+ * Jobsets whose check interval has passed are evaluated by a loop; a due jobset is claimed
+ * with `FOR UPDATE SKIP LOCKED`, so several coordinators on one database evaluate it once.
+ * A one-shot jobset (state 2) is disabled after its evaluation.
  */
 import * as http from "node:http";
 import { createHash, timingSafeEqual } from "node:crypto";
@@ -30,6 +35,8 @@ export interface CoordinatorOptions {
   readonly readToken?: string;
   readonly evalTimeoutSeconds?: number;
   readonly evalMemoryMiB?: number;
+  /** How often to look for jobsets whose check interval has passed (ms; 0 turns it off). */
+  readonly checkEveryMs?: number;
 }
 
 export interface Coordinator {
@@ -113,6 +120,80 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Coordi
     if (reader && r === "none") throw new ApiError(401, "FERRY_FARM_UNAUTHORIZED", "this farm needs a token to read");
   };
 
+  type JobsetRow = { id: number; repo: string; branch: string; file: string; attr: string | null; last_inputs_hash: string | null };
+  const startEvaluation = (js: JobsetRow): Promise<EvaluationOutcome> => {
+    let job = running.get(js.id);
+    if (!job) {
+      job = evaluateJobset(
+        { db, store: opts.store, dataDir: opts.dataDir, ...(opts.evalTimeoutSeconds ? { timeoutSeconds: opts.evalTimeoutSeconds } : {}), ...(opts.evalMemoryMiB ? { memoryMiB: opts.evalMemoryMiB } : {}) },
+        { id: js.id, repo: js.repo, branch: js.branch, file: js.file, attr: js.attr, lastInputsHash: js.last_inputs_hash },
+      ).finally(() => running.delete(js.id));
+      running.set(js.id, job);
+    }
+    return job;
+  };
+
+  /** Claims the jobsets that are due (their check interval passed) and evaluates them. */
+  const checkDue = async (): Promise<void> => {
+    const due = await sql<JobsetRow & { state: number }>`
+      update jobsets set last_checked_at = now()
+      where id in (
+        select id from jobsets
+        where state in (1, 2) and check_interval_s > 0
+          and (last_checked_at is null or last_checked_at + check_interval_s * interval '1 second' <= now())
+        for update skip locked)
+      returning id, repo, branch, file, attr, last_inputs_hash, state`.execute(db);
+    for (const js of due.rows) {
+      if (running.has(js.id)) continue;
+      void startEvaluation(js)
+        .then(async () => {
+          if (js.state === 2) await sql`update jobsets set state = 0 where id = ${js.id}`.execute(db);
+        })
+        .catch((e: unknown) => console.error(`ferry farm: evaluating jobset ${js.id} failed: ${(e as Error).message}`));
+    }
+  };
+  let checking = false;
+  const checkTimer =
+    (opts.checkEveryMs ?? 5000) > 0
+      ? setInterval(() => {
+          if (checking) return;
+          checking = true;
+          checkDue()
+            .catch((e: unknown) => console.error(`ferry farm: checking jobsets failed: ${(e as Error).message}`))
+            .finally(() => (checking = false));
+        }, opts.checkEveryMs ?? 5000)
+      : undefined;
+
+  const metrics = async (): Promise<string> => {
+    const steps = await sql<{ system: string; status: string; n: string }>`select system, status, count(*) as n from steps group by system, status order by system, status`.execute(db);
+    const waits = await sql<{ system: string; s: number | null }>`
+      select system, extract(epoch from now() - min(created_at))::float8 as s from steps where status = 'queued' group by system order by system`.execute(db);
+    const evals = await sql<{ n: string; failed: string; ms: string | null }>`
+      select count(*) as n, count(*) filter (where error is not null) as failed, sum(eval_ms) as ms from evaluations`.execute(db);
+    const durations = await sql<{ system: string; n: string; ms: string | null }>`
+      select system, count(*) as n, sum(duration_ms) as ms from steps where duration_ms is not null group by system order by system`.execute(db);
+    const lines = [
+      "# HELP ferry_farm_steps Steps by system and status (queued is the queue depth).",
+      "# TYPE ferry_farm_steps gauge",
+      ...steps.rows.map((r) => `ferry_farm_steps{system="${r.system}",status="${r.status}"} ${r.n}`),
+      "# HELP ferry_farm_queue_oldest_seconds How long the oldest queued step of a system has waited.",
+      "# TYPE ferry_farm_queue_oldest_seconds gauge",
+      ...waits.rows.map((r) => `ferry_farm_queue_oldest_seconds{system="${r.system}"} ${(r.s ?? 0).toFixed(3)}`),
+      "# HELP ferry_farm_step_duration_seconds Build time of finished steps.",
+      "# TYPE ferry_farm_step_duration_seconds summary",
+      ...durations.rows.flatMap((r) => [`ferry_farm_step_duration_seconds_sum{system="${r.system}"} ${(Number(r.ms ?? 0) / 1000).toFixed(3)}`, `ferry_farm_step_duration_seconds_count{system="${r.system}"} ${r.n}`]),
+      "# HELP ferry_farm_evaluations_total Evaluations, and how many failed.",
+      "# TYPE ferry_farm_evaluations_total counter",
+      `ferry_farm_evaluations_total ${evals.rows[0]!.n}`,
+      `ferry_farm_evaluations_failed_total ${evals.rows[0]!.failed}`,
+      "# HELP ferry_farm_evaluation_seconds Time spent evaluating.",
+      "# TYPE ferry_farm_evaluation_seconds counter",
+      `ferry_farm_evaluation_seconds_sum ${(Number(evals.rows[0]!.ms ?? 0) / 1000).toFixed(3)}`,
+      `ferry_farm_evaluations_running ${running.size}`,
+    ];
+    return lines.join("\n") + "\n";
+  };
+
   const jobsetRow = async (project: string, jobset: string) => {
     const r = await sql<{ id: number; repo: string; branch: string; file: string; attr: string | null; last_inputs_hash: string | null }>`
       select j.id, j.repo, j.branch, j.file, j.attr, j.last_inputs_hash from jobsets j join projects p on p.id = j.project_id
@@ -167,14 +248,7 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Coordi
       run: async (req, [p, j], query) => {
         requireAdmin(req);
         const js = await jobsetRow(p!, j!);
-        let job = running.get(js.id);
-        if (!job) {
-          job = evaluateJobset(
-            { db, store: opts.store, dataDir: opts.dataDir, ...(opts.evalTimeoutSeconds ? { timeoutSeconds: opts.evalTimeoutSeconds } : {}), ...(opts.evalMemoryMiB ? { memoryMiB: opts.evalMemoryMiB } : {}) },
-            { id: js.id, repo: js.repo, branch: js.branch, file: js.file, attr: js.attr, lastInputsHash: js.last_inputs_hash },
-          ).finally(() => running.delete(js.id));
-          running.set(js.id, job);
-        }
+        const job = startEvaluation(js);
         if (query.get("wait") !== "1") {
           job.catch(() => undefined);
           return [202, { started: true }];
@@ -214,6 +288,18 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Coordi
   const server = http.createServer((req, res) => {
     void (async () => {
       const u = new URL(req.url ?? "/", "http://x");
+      if (u.pathname === "/metrics" && req.method === "GET") {
+        try {
+          requireRead(req);
+          const text = await metrics();
+          res.writeHead(200, { "Content-Type": "text/plain; version=0.0.4", "Content-Length": Buffer.byteLength(text) });
+          res.end(text);
+        } catch (e) {
+          res.writeHead(e instanceof ApiError ? e.status : 500, { "Content-Type": "text/plain" });
+          res.end(`${(e as Error).message}\n`);
+        }
+        return;
+      }
       let status = 404;
       let body: unknown = { error: { code: "FERRY_FARM_NOT_FOUND", message: `no such endpoint: ${req.method} ${u.pathname}` } };
       try {
@@ -242,6 +328,7 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Coordi
   return {
     url: `http://${addr.address}:${addr.port}`,
     close: async () => {
+      if (checkTimer) clearInterval(checkTimer);
       await Promise.allSettled(running.values());
       await new Promise<void>((r) => {
         server.close(() => r());

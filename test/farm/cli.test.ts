@@ -69,6 +69,11 @@ describe("ferry farm on the command line", () => {
         const again = JSON.parse(ferryOk(["farm", "eval", ...c, "--token", "adm", "demo", "main", "--wait"])) as { status: string };
         assert.equal(again.status, "unchanged");
 
+        // /metrics: the queue per system, the evaluations
+        const metrics = await (await fetch(`${farm.url}/metrics`)).text();
+        assert.match(metrics, /^ferry_farm_steps\{system="x86_64-linux",status="queued"\} 2$/m);
+        assert.match(metrics, /^ferry_farm_evaluations_total 1$/m);
+
         const errors: [string[], RegExp][] = [
           [["farm", "jobset", "add", ...c, "demo", "x", "--repo", repo, "--file", "p.ts"], /FERRY_FARM_UNAUTHORIZED/],
           [["farm", "jobset", "add", ...c, "--token", "wrong", "demo", "x", "--repo", repo, "--file", "p.ts"], /FERRY_FARM_FORBIDDEN/],
@@ -86,4 +91,29 @@ describe("ferry farm on the command line", () => {
       }
     });
   }
+
+  test("a jobset with a check interval is evaluated by the coordinator itself", async () => {
+    const dir = join(engines.dir(), "interval");
+    const repo = join(dir, "repo");
+    fs.mkdirSync(repo, { recursive: true });
+    const g = (...args: string[]) => execFileSync("git", ["-c", "user.name=t", "-c", "user.email=t@example.org", "-C", repo, ...args], { stdio: "pipe" });
+    g("init", "--quiet", "--initial-branch=main");
+    fs.writeFileSync(join(repo, "packages.ts"), SET);
+    g("add", ".");
+    g("commit", "--quiet", "-m", "one");
+    const farm = await serveFarm(["--data-dir", join(dir, "farm"), "--admin-token", "adm", "--check-every", "0.2", "--store-dir", "/ferry/store", "--state-dir", "/ferry/var", "--root", join(dir, "store")]);
+    try {
+      const c = ["--farm", farm.url];
+      ferryOk(["farm", "jobset", "add", ...c, "--token", "adm", "demo", "auto", "--repo", repo, "--file", "packages.ts", "--check-interval", "1"]);
+      let evals: unknown[] = [];
+      for (let i = 0; i < 100 && evals.length === 0; i++) {
+        await new Promise((r) => setTimeout(r, 100));
+        evals = ferryOk(["farm", "evals", ...c, "demo", "auto"]).trim().split("\n").filter((l) => l);
+      }
+      assert.equal(evals.length, 1, "evaluated without being asked");
+      assert.equal(ferryOk(["farm", "builds", ...c, "demo", "auto"]).trim().split("\n").length, 2);
+    } finally {
+      assert.equal(await farm.stop(), 0);
+    }
+  });
 });

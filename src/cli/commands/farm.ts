@@ -14,6 +14,7 @@ import { untilStopSignal } from "../signals.js";
 
 interface ServeFlags extends StoreFlags {
   dataDir: string;
+  checkEvery: number;
   listen: string;
   database?: string;
   adminToken?: string;
@@ -38,7 +39,7 @@ async function serve(f: ServeFlags): Promise<void> {
   }
   for (const r of migrated.results ?? []) note(`ferry farm: migration ${r.migrationName}: ${r.status}`);
   const store = LocalStore.open(storeLocation(f));
-  const c = await startCoordinator({ db, store, dataDir, host, port, adminToken: f.adminToken, ...(f.workerToken ? { workerToken: f.workerToken } : {}), ...(f.readToken ? { readToken: f.readToken } : {}) });
+  const c = await startCoordinator({ db, store, dataDir, host, port, adminToken: f.adminToken, checkEveryMs: Math.round(f.checkEvery * 1000), ...(f.workerToken ? { workerToken: f.workerToken } : {}), ...(f.readToken ? { readToken: f.readToken } : {}) });
   out(`ferry farm: serving on ${c.url} (database: ${db.kind === "pglite" ? `embedded, in ${dataDir}` : "PostgreSQL"})`);
   await untilStopSignal();
   await c.close();
@@ -97,6 +98,7 @@ export function farmCommand(): Command {
       .addOption(new Option("--admin-token <token>", "token for changes (projects, jobsets, evaluations)").env("FERRY_ADMIN_TOKEN"))
       .addOption(new Option("--worker-token <token>", "token workers present").env("FERRY_WORKER_TOKEN"))
       .addOption(new Option("--read-token <token>", "token reads need (default: reads are public)").env("FERRY_READ_TOKEN"))
+      .option("--check-every <seconds>", "how often to look for jobsets whose check interval has passed", (v) => Number(v), 5)
       .action(serve),
   );
   const jobset = new Command("jobset").description("manage jobsets");

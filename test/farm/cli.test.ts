@@ -19,6 +19,18 @@ export const base = derivation({ name: "base", system: "x86_64-linux", builder: 
 export const app = derivation({ name: "app", system: "x86_64-linux", builder: "/bin/sh", args: ["-c", "echo $base > $out"], base });
 `;
 
+/** A git repository at DIR/repo with the package set committed on main. */
+function makeRepo(dir: string): string {
+  const repo = join(dir, "repo");
+  fs.mkdirSync(repo, { recursive: true });
+  const g = (...args: string[]) => execFileSync("git", ["-c", "user.name=t", "-c", "user.email=t@example.org", "-C", repo, ...args], { stdio: "pipe" });
+  g("init", "--quiet", "--initial-branch=main");
+  fs.writeFileSync(join(repo, "packages.ts"), SET);
+  g("add", ".");
+  g("commit", "--quiet", "-m", "one");
+  return repo;
+}
+
 async function serveFarm(args: string[]): Promise<{ url: string; stop(): Promise<number | null> }> {
   const child = spawn(process.execPath, [ferryBin, "farm", "serve", "--listen", "127.0.0.1:0", ...args], { stdio: ["ignore", "pipe", "pipe"] });
   let text = "";
@@ -48,13 +60,7 @@ describe("ferry farm on the command line", () => {
   for (const engine of ["pglite", "postgres"] as const) {
     test(`serve, jobset add, eval --wait, builds --json (${engine})`, async () => {
       const dir = join(engines.dir(), engine);
-      const repo = join(dir, "repo");
-      fs.mkdirSync(repo, { recursive: true });
-      const g = (...args: string[]) => execFileSync("git", ["-c", "user.name=t", "-c", "user.email=t@example.org", "-C", repo, ...args], { stdio: "pipe" });
-      g("init", "--quiet", "--initial-branch=main");
-      fs.writeFileSync(join(repo, "packages.ts"), SET);
-      g("add", ".");
-      g("commit", "--quiet", "-m", "one");
+      const repo = makeRepo(dir);
       const db = engine === "postgres" ? ["--database", engines.pg().url] : [];
       const farm = await serveFarm(["--data-dir", join(dir, "farm"), "--admin-token", "adm", "--worker-token", "wrk", "--store-dir", "/ferry/store", "--state-dir", "/ferry/var", "--root", join(dir, "store"), ...db]);
       try {
@@ -94,13 +100,7 @@ describe("ferry farm on the command line", () => {
 
   test("a jobset with a check interval is evaluated by the coordinator itself", async () => {
     const dir = join(engines.dir(), "interval");
-    const repo = join(dir, "repo");
-    fs.mkdirSync(repo, { recursive: true });
-    const g = (...args: string[]) => execFileSync("git", ["-c", "user.name=t", "-c", "user.email=t@example.org", "-C", repo, ...args], { stdio: "pipe" });
-    g("init", "--quiet", "--initial-branch=main");
-    fs.writeFileSync(join(repo, "packages.ts"), SET);
-    g("add", ".");
-    g("commit", "--quiet", "-m", "one");
+    const repo = makeRepo(dir);
     const farm = await serveFarm(["--data-dir", join(dir, "farm"), "--admin-token", "adm", "--check-every", "0.2", "--store-dir", "/ferry/store", "--state-dir", "/ferry/var", "--root", join(dir, "store")]);
     try {
       const c = ["--farm", farm.url];

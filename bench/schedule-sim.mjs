@@ -22,6 +22,7 @@
  */
 import { performance } from "node:perf_hooks";
 import { Scheduler } from "../dist/src/farm/scheduler/index.js";
+import { prng } from "../dist/test/helpers/fs-trees.js";
 
 const N = Number(process.env.N ?? 20000);
 const Q = Number(process.env.Q ?? 100000);
@@ -30,16 +31,6 @@ const X86 = "x86_64-linux";
 const ARM = "aarch64-linux";
 
 // ---- seeded randomness ---------------------------------------------------------------------
-function mulberry32(seed) {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 const normal = (rnd) => Math.sqrt(-2 * Math.log(1 - rnd())) * Math.cos(2 * Math.PI * rnd());
 const int = (rnd, n) => Math.floor(rnd() * n);
 
@@ -86,7 +77,7 @@ function packageSet(rnd, system, n, prefix) {
 }
 
 function makeWorkload(seed) {
-  const rnd = mulberry32(seed);
+  const rnd = prng(seed);
   const nx = Math.round(N * 0.7);
   const a = packageSet(rnd, X86, nx, "x");
   const b = packageSet(rnd, ARM, N - nx, "a");
@@ -240,7 +231,7 @@ function stats(xs) {
 
 /** Decision time with Q steps queued: finish one running step, time the dispatch that refills it. */
 function decisionBench(seed) {
-  const rnd = mulberry32(seed ^ 0x5eed);
+  const rnd = prng(seed ^ 0x5eed);
   // Measured durations for the package names, so that holding for faster machines is weighed.
   const durations = Array.from({ length: 5000 }, (_, i) => [`r${i}`, Math.min(8 * 3600e3, 60e3 * Math.exp(1.4 * normal(rnd)))]);
   const s = new Scheduler({ durations });

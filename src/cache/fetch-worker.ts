@@ -5,7 +5,7 @@
  */
 import { parentPort } from "node:worker_threads";
 import type { NarInfo } from "../core/narinfo.js";
-import { asFerryError } from "../store/local-store.js";
+import { asFerryError } from "../core/errors.js";
 import type { CacheBackend } from "./backend.js";
 import { fetchNarToTemp } from "./fetch-nar.js";
 import { openBackend } from "./open.js";

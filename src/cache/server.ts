@@ -698,11 +698,7 @@ export async function startCacheServer(opts: CacheServerOptions): Promise<CacheS
     const key = url.slice(1);
     const e = entries.get(key);
     if (e === undefined || e.expires <= Date.now() || !key.endsWith(".narinfo") || hasHeader(req, CONDITIONAL_OR_AUTH)) return false;
-    if (e.body === undefined) notFound(res);
-    else {
-      res.writeHead(200, e.headers as string[]);
-      res.end(e.body);
-    }
+    serveSmall(req, res, e);
     return true;
   };
 

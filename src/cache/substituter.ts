@@ -169,6 +169,7 @@ export class CacheSubstituter implements Substituter {
     const fetches: Promise<void>[] = [];
     const gate = new Semaphore(this.#opts.jobs ?? 16);
     let perFileSync = 0;
+    let needSync = false;
     let narBytes = 0;
     const startFetch = (p: string, f: Found) => {
       // The first few objects are fsync'ed one by one; a larger closure is synced once at the end.
@@ -184,7 +185,6 @@ export class CacheSubstituter implements Substituter {
         }),
       );
     };
-    let needSync = false;
     // Worker threads of this call, made when the closure turns out to be large.
     const pools: { pool?: FetchPool } = {};
     // Lookups run as a queue, not level by level: a found narinfo's references are looked up

@@ -23,3 +23,10 @@ export class FerryError extends Error {
 export function isFerryError(e: unknown, code?: string): e is FerryError {
   return e instanceof FerryError && (code === undefined || e.code === code);
 }
+
+/** Any thrown value as a FerryError: coded errors pass through, others (system errors) become FERRY_IO. */
+export function asFerryError(e: unknown): FerryError {
+  if (e instanceof FerryError) return e;
+  const err = e as { message?: string } | undefined;
+  return new FerryError("FERRY_IO", err?.message ?? String(e), { hint: "see the message for the file and the system error", cause: e });
+}

@@ -11,7 +11,7 @@
 import * as fs from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
-import { FerryError } from "../core/errors.js";
+import { FerryError, asFerryError } from "../core/errors.js";
 import { makeHash, parseHash, printHash, printPrefixedHash, toBase16, fromBase16, hashEquals, type Hash, type HashAlgo } from "../core/hash.js";
 import { createHasher, sha256 } from "../core/digest.js";
 import {
@@ -881,8 +881,4 @@ function narHashOfBytes(bytes: Uint8Array): { hash: Hash; size: number } {
   return { hash: makeHash("sha256", h.digest()), size };
 }
 
-export function asFerryError(e: unknown): FerryError {
-  if (e instanceof FerryError) return e;
-  const err = e as NodeJS.ErrnoException;
-  return new FerryError("FERRY_IO", err?.message ?? String(e), { hint: "see the message for the file and the system error", cause: e });
-}
+export { asFerryError } from "../core/errors.js";

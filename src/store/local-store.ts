@@ -151,7 +151,18 @@ export class LocalStore {
     }
     // Wait for other writers (up to 10 minutes) rather than failing with SQLITE_BUSY.
     const db = new Database(join(realState, "db", "db.sqlite"), { timeout: 600_000 });
-    db.pragma("journal_mode = WAL");
+    // Switching to WAL needs a lock SQLite does not wait for (no busy handler), so a store opened
+    // while another process writes can see SQLITE_BUSY here: set it only when it is not WAL yet,
+    // and retry briefly.
+    for (let attempt = 0; ; attempt++) {
+      try {
+        if (db.pragma("journal_mode", { simple: true }) !== "wal") db.pragma("journal_mode = WAL");
+        break;
+      } catch (e) {
+        if ((e as { code?: string }).code !== "SQLITE_BUSY" || attempt >= 200) throw e;
+        Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 25);
+      }
+    }
     db.pragma("synchronous = FULL");
     db.pragma("foreign_keys = ON");
     migrate(db);

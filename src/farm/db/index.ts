@@ -9,9 +9,10 @@ import { join } from "node:path";
 import { Kysely, Migrator, PostgresDialect, type Generated, type Migration, type MigrationResultSet } from "kysely";
 import { FerryError } from "../../core/errors.js";
 import * as m0001 from "./migrations/0001-initial.js";
+import * as m0002 from "./migrations/0002-dispatch.js";
 
 /** The migrations, in order. A new one is a new numbered module added at the end. */
-const MIGRATIONS: readonly { name: string; up(db: Kysely<unknown>): Promise<void> }[] = [m0001];
+const MIGRATIONS: readonly { name: string; up(db: Kysely<unknown>): Promise<void> }[] = [m0001, m0002];
 
 export interface ProjectsTable {
   id: Generated<number>;

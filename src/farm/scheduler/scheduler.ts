@@ -53,11 +53,11 @@ interface Queue {
 
 interface Machine {
   readonly id: string;
-  readonly systems: readonly string[];
-  readonly supported: ReadonlySet<string>;
-  readonly mandatory: readonly string[];
-  readonly maxJobs: number;
-  readonly speed: number;
+  systems: readonly string[];
+  supported: ReadonlySet<string>;
+  mandatory: readonly string[];
+  maxJobs: number;
+  speed: number;
   readonly seq: number;
   readonly running: Set<Step>;
   readonly queues: Set<Queue>;
@@ -492,6 +492,47 @@ export class Scheduler {
     });
   }
 
+  /**
+   * Puts a runnable step on a named machine, as already running since `startedAt`: how a
+   * coordinator restores the leases it finds in its database, or a step a reconnecting worker
+   * still runs. The machine may end up over its max jobs. Error items: FERRY_FARM_UNKNOWN_STEP,
+   * FERRY_FARM_UNKNOWN_MACHINE, FERRY_FARM_STEP_NOT_RUNNABLE.
+   */
+  assignTo(stepId: string, machineId: string, startedAt: Millis, now: Millis): ItemResult<Assignment> {
+    this.#advance(now);
+    const s = this.#steps.get(stepId);
+    if (!s) return { id: stepId, ok: false, error: unknownStep(stepId) };
+    const m = this.#machines.get(machineId);
+    if (!m) return { id: stepId, ok: false, error: unknownMachine(machineId) };
+    if (s.state === "running" && s.machine === m) return { id: stepId, ok: true, value: { stepId, machineId } };
+    if (s.state !== "runnable") {
+      return { id: stepId, ok: false, error: new FerryError("FERRY_FARM_STEP_NOT_RUNNABLE", `step '${stepId}' is ${s.state}, not runnable`, { details: { id: stepId, state: s.state } }) };
+    }
+    const a = this.#assign(s, m, now);
+    s.startedAt = Math.min(startedAt, now);
+    return { id: stepId, ok: true, value: a };
+  }
+
+  /**
+   * Puts running steps back in their queues without counting an attempt (their lease
+   * expired: the worker vanished, the build itself did not fail). The value is the machine
+   * the step was on. Error items: FERRY_FARM_UNKNOWN_STEP, FERRY_FARM_STEP_NOT_RUNNING.
+   */
+  requeue(ids: readonly string[], now: Millis): ItemResult<string>[] {
+    this.#advance(now);
+    return ids.map((id): ItemResult<string> => {
+      const s = this.#steps.get(id);
+      if (!s) return { id, ok: false, error: unknownStep(id) };
+      if (s.state !== "running") {
+        return { id, ok: false, error: new FerryError("FERRY_FARM_STEP_NOT_RUNNING", `step '${id}' is ${s.state}, not running`, { details: { id, state: s.state } }) };
+      }
+      const machine = s.machine!.id;
+      this.#release(s);
+      this.#makeRunnable(s);
+      return { id, ok: true, value: machine };
+    });
+  }
+
   // ---- machines ---------------------------------------------------------------------------
 
   /** A machine joins. Throws FERRY_FARM_DUPLICATE_MACHINE or FERRY_FARM_BAD_MACHINE. */
@@ -527,6 +568,46 @@ export class Scheduler {
         q.machines.add(m);
       }
     }
+  }
+
+  /**
+   * Changes a known machine (a worker reconnected with other settings, went away for a while
+   * (max jobs 0: it keeps its running steps but takes no new ones), or came back). Its running
+   * steps stay; queue membership follows the new systems and features. Throws
+   * FERRY_FARM_UNKNOWN_MACHINE or FERRY_FARM_BAD_MACHINE.
+   */
+  updateMachine(spec: MachineSpec): void {
+    const m = this.#machines.get(spec.id);
+    if (!m) throw unknownMachine(spec.id);
+    const speed = spec.speedFactor ?? 1;
+    if (!Number.isInteger(spec.maxJobs) || spec.maxJobs < 0 || !(speed > 0) || spec.systems.length === 0) {
+      throw new FerryError("FERRY_FARM_BAD_MACHINE", `machine '${spec.id}' needs at least one system, an integer maxJobs ≥ 0 and a speed factor > 0`, {
+        details: { id: spec.id, maxJobs: spec.maxJobs, speedFactor: speed },
+      });
+    }
+    m.systems = [...new Set(spec.systems)];
+    m.mandatory = sortedUnique(spec.mandatoryFeatures);
+    m.supported = new Set([...(spec.supportedFeatures ?? []), ...m.mandatory]);
+    m.maxJobs = spec.maxJobs;
+    m.speed = speed;
+    for (const q of m.queues) q.machines.delete(m);
+    m.queues.clear();
+    for (const q of this.#queues.values()) {
+      if (serves(m, q)) {
+        m.queues.add(q);
+        q.machines.add(m);
+      }
+    }
+  }
+
+  /** Whether a machine is known. */
+  hasMachine(id: string): boolean {
+    return this.#machines.has(id);
+  }
+
+  /** Whether a step is known. */
+  hasStep(id: string): boolean {
+    return this.#steps.has(id);
   }
 
   /** A machine leaves for good: its running steps are runnable again (no attempt is counted). Returns their ids. */

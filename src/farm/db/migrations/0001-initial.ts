@@ -4,7 +4,8 @@
  * it), the step graph, machines (workers) and tokens. Steps are claimed with
  * `FOR UPDATE SKIP LOCKED` and carry a lease, so several coordinators can share the database.
  */
-import { sql, type Kysely } from "kysely";
+import type { Kysely } from "kysely";
+import { runStatements } from "./statements.js";
 
 export const name = "0001-initial";
 
@@ -125,10 +126,4 @@ const SCHEMA = `
     )
 `;
 
-/** Runs the schema one statement at a time (PGlite's extended protocol takes one per query). */
-export async function up(db: Kysely<unknown>): Promise<void> {
-  for (const statement of SCHEMA.split(/;\s*\n/)) {
-    const text = statement.replace(/^\s*--.*$/gm, "").trim();
-    if (text !== "") await sql.raw(text).execute(db);
-  }
-}
+export const up = (db: Kysely<unknown>): Promise<void> => runStatements(db, SCHEMA);

@@ -50,6 +50,8 @@ export interface FarmSchema {
 export interface FarmDatabase {
   readonly db: Kysely<FarmSchema>;
   readonly kind: "pglite" | "postgres";
+  /** The PostgreSQL URL (for sessions of its own, like the leader lock); undefined on PGlite. */
+  readonly url?: string;
   close(): Promise<void>;
 }
 
@@ -71,7 +73,7 @@ export async function openFarmDatabase(opts: OpenOptions): Promise<FarmDatabase>
     // A broken idle connection (the server restarted) is dropped from the pool, not fatal.
     pool.on("error", () => undefined);
     const db = new Kysely<FarmSchema>({ dialect: new PostgresDialect({ pool }) });
-    return { db, kind: "postgres", close: () => db.destroy() };
+    return { db, kind: "postgres", url: opts.url, close: () => db.destroy() };
   }
   if (opts.dataDir === undefined) throw new Error("openFarmDatabase needs a url or a dataDir");
   const dir = join(opts.dataDir, "pglite");

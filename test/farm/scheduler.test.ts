@@ -208,6 +208,37 @@ describe("farm scheduler: queues and machines", () => {
     throwsFerry(() => s.addMachine({ id: "m2", systems: [X86], maxJobs: 1 }), "FERRY_FARM_DUPLICATE_MACHINE");
     throwsFerry(() => s.addMachine({ id: "m3", systems: [X86], maxJobs: 1.5 }), "FERRY_FARM_BAD_MACHINE");
   });
+
+  test("restoring a lease, a machine that goes away and comes back, and a requeue after its lease expired", () => {
+    const s = new Scheduler();
+    add(s, [step("a"), step("b", ["a"]), step("c")]);
+    // A coordinator restarting finds "a" leased to m1, which has not said hello yet.
+    s.addMachine({ id: "m1", systems: [X86], maxJobs: 0 });
+    const r = s.assignTo("a", "m1", 5, 10);
+    assert.ok(r.ok);
+    assert.equal(s.step("a").state, "running");
+    assert.equal(s.step("a").startedAt, 5);
+    assert.deepEqual(s.dispatch(10), [], "a machine with max jobs 0 takes nothing new");
+    const again = s.assignTo("c", "nope", 10, 10);
+    assert.equal(again.ok ? "" : again.error.code, "FERRY_FARM_UNKNOWN_MACHINE");
+    const notRunnable = s.assignTo("b", "m1", 10, 10);
+    assert.equal(notRunnable.ok ? "" : notRunnable.error.code, "FERRY_FARM_STEP_NOT_RUNNABLE");
+    // m1 says hello with two slots: it keeps "a" and takes "c".
+    s.updateMachine({ id: "m1", systems: [X86], maxJobs: 2 });
+    assert.deepEqual(s.dispatch(11), [{ stepId: "c", machineId: "m1" }]);
+    // m1 vanishes (max jobs 0); its lease on "a" expires and "a" goes elsewhere, no attempt counted.
+    s.updateMachine({ id: "m1", systems: [X86], maxJobs: 0 });
+    const q = s.requeue(["a", "b"], 20);
+    assert.deepEqual(q.map((x) => (x.ok ? x.value : x.error.code)), ["m1", "FERRY_FARM_STEP_NOT_RUNNING"]);
+    assert.equal(s.step("a").failedAttempts, 0);
+    s.addMachine({ id: "m2", systems: [X86, ARM], maxJobs: 1 });
+    assert.deepEqual(s.dispatch(20), [{ stepId: "a", machineId: "m2" }]);
+    // A machine that changes its systems leaves the queues it no longer serves.
+    s.updateMachine({ id: "m2", systems: [ARM], maxJobs: 1 });
+    assert.deepEqual(s.queues().find((x) => x.system === X86)!.machines, ["m1"]);
+    throwsFerry(() => s.updateMachine({ id: "zz", systems: [X86], maxJobs: 1 }), "FERRY_FARM_UNKNOWN_MACHINE");
+    throwsFerry(() => s.updateMachine({ id: "m2", systems: [], maxJobs: 1 }), "FERRY_FARM_BAD_MACHINE");
+  });
 });
 
 describe("farm scheduler: dependencies and estimates", () => {

@@ -46,7 +46,6 @@ import {
   CLOSE_PROTOCOL_ERROR,
   CLOSE_REDIRECT,
   CLOSE_REPLACED,
-  CLOSE_UNAUTHORIZED,
   parseWorkerMessage,
   type CoordinatorMessage,
   type Hello,
@@ -147,7 +146,7 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
   let hellos: Session[] = [];
   let gone: Session[] = [];
   let results: { session: Session; msg: Result }[] = [];
-  let drains: string[] = [];
+  const drains: string[] = [];
 
   // counters for /metrics
   let dispatched = 0;
@@ -581,7 +580,6 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
     }
   };
 
-  let timer: NodeJS.Timeout | undefined;
   let running = false;
   let again = false;
   let closed = false;
@@ -626,7 +624,7 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
     })();
   };
 
-  timer = setInterval(() => {
+  const timer = setInterval(() => {
     dirty = true;
     kick();
   }, pollMs);
@@ -798,7 +796,7 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
     },
     close: async () => {
       closed = true;
-      if (timer) clearInterval(timer);
+      clearInterval(timer);
       for (const sess of sessions.values()) sess.ws.close(1001, "the coordinator is stopping");
       while (running) await new Promise((r) => setTimeout(r, 10));
       await leadership.close();

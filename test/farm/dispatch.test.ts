@@ -221,6 +221,37 @@ describe("farm dispatcher", () => {
     }
   });
 
+  test("PostgreSQL restarted under load: the coordinator reconnects and carries on, every build finishing once", async () => {
+    const fdb = await engines.open("postgres");
+    await migrateFarmDatabase(fdb);
+    const jobsetId = await seedJobset(fdb.db);
+    const { steps, jobs } = dag(600, 7);
+    await ingestEvaluation(fdb.db, { jobsetId, inputsHash: "h", jobs, steps });
+    const farm = await startFarm(fdb, join(engines.dir(), "logs-pg-restart"), { leaseMs: 4000 });
+    const workers = ["w1", "w2"].map((id) => startScriptedWorker({ url: farm.url, token: "wtok", id, maxJobs: 4, duration: () => 15 }));
+    try {
+      await until("a third of the builds", async () => ((await statusCounts(fdb.db, "builds")).succeeded ?? 0) >= 200);
+      await engines.pg().stop("immediate");
+      await new Promise((r) => setTimeout(r, 1500));
+      await engines.pg().start();
+      await until("every build", async () => {
+        try {
+          return (await statusCounts(fdb.db, "builds")).succeeded === 600;
+        } catch {
+          return false; // the pool's connections died with the server
+        }
+      }, 60_000);
+      const ev = await sql<{ n: string; d: string }>`select count(*) as n, count(distinct payload->>'buildId') as d from farm_events where kind = 'build:finished'`.execute(fdb.db);
+      assert.equal(Number(ev.rows[0]!.n), 600, "one build:finished event per build");
+      assert.equal(Number(ev.rows[0]!.d), 600);
+      assert.ok(farm.dispatcher.isLeader(), "leader again after the restart");
+    } finally {
+      for (const w of workers) await w.stop();
+      await farm.close();
+      await fdb.close();
+    }
+  });
+
   test("workers with a wrong token are refused before the upgrade", async () => {
     const fdb = await engines.open("pglite", { name: "auth" });
     await migrateFarmDatabase(fdb);

@@ -72,6 +72,8 @@ export async function openFarmDatabase(opts: OpenOptions): Promise<FarmDatabase>
     const pool = new pg.Pool({ connectionString: opts.url, max: opts.poolSize ?? 10 });
     // A broken idle connection (the server restarted) is dropped from the pool, not fatal.
     pool.on("error", () => undefined);
+    // So is one that breaks while checked out between two queries: the next query fails instead.
+    pool.on("connect", (client) => client.on("error", () => undefined));
     const db = new Kysely<FarmSchema>({ dialect: new PostgresDialect({ pool }) });
     return { db, kind: "postgres", url: opts.url, close: () => db.destroy() };
   }

@@ -152,6 +152,11 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
   let dispatched = 0;
   let finished = 0;
   let refusedResults = 0;
+  /** Time spent in the scheduler's dispatch, the decisions it made, and the slowest per decision. */
+  let decisionSeconds = 0;
+  let decisionCalls = 0;
+  let decisions = 0;
+  let decisionMax = 0;
 
   const send = (s: Session | undefined, m: CoordinatorMessage): boolean => {
     if (!s || s.ws.readyState !== s.ws.OPEN) return false;
@@ -557,7 +562,13 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
 
   const dispatch = async (): Promise<void> => {
     const s = sched!;
+    const t0 = performance.now();
     const assignments = s.dispatch(Date.now());
+    const took = (performance.now() - t0) / 1000;
+    decisionSeconds += took;
+    decisionCalls++;
+    if (assignments.length > 0 && took / assignments.length > decisionMax) decisionMax = took / assignments.length;
+    decisions += assignments.length;
     if (assignments.length === 0) return;
     const claimed = await claimAssigned(db, assignments.map((a) => ({ stepId: a.stepId, owner: a.machineId })), leaseMs);
     const got = new Map(claimed.map((c) => [c.id, c]));
@@ -791,6 +802,12 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
         `ferry_farm_steps_dispatched_total ${dispatched}`,
         `ferry_farm_steps_finished_total ${finished}`,
         `ferry_farm_results_refused_total ${refusedResults}`,
+        "# HELP ferry_farm_schedule_seconds Time the scheduler spent choosing steps (calls, decisions, slowest per decision).",
+        "# TYPE ferry_farm_schedule_seconds summary",
+        `ferry_farm_schedule_seconds_sum ${decisionSeconds.toFixed(6)}`,
+        `ferry_farm_schedule_seconds_count ${decisionCalls}`,
+        `ferry_farm_schedule_decisions_total ${decisions}`,
+        `ferry_farm_schedule_decision_max_seconds ${decisionMax.toFixed(6)}`,
       );
       return lines.join("\n") + "\n";
     },

@@ -10,6 +10,7 @@
  * - `farm_events`: written in the same transaction as the change they report
  *   (`build:finished`, `step:finished`, `evaluation:finished`), read by webhook delivery.
  * - `farm_leader`: the one row naming the coordinator that schedules (workers are redirected to it).
+ * - `build_steps (step_id)`: a finished step finds its builds without a scan.
  */
 import type { Kysely } from "kysely";
 import { runStatements } from "./statements.js";
@@ -20,7 +21,7 @@ const SCHEMA = `
     alter table steps add column scheduled boolean not null default false;
     create index steps_unscheduled on steps (id) where not scheduled;
     alter table steps add column outputs jsonb;
-    alter table steps add column log_bytes bigint not null default 0;
+    create index build_steps_step on build_steps (step_id);
     create table farm_commands (
       id bigserial primary key,
       kind text not null check (kind in ('cancel', 'restart', 'bump')),

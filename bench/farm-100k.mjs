@@ -89,8 +89,9 @@ try {
   const num = (name) => Number(new RegExp(`^${name} (\\S+)$`, "m").exec(m)?.[1] ?? NaN);
   const decisions = num("ferry_farm_schedule_decisions_total");
   console.log(`dispatch: ${N} steps in ${totalS.toFixed(1)} s (scheduler load included), ${runS.toFixed(1)} s after it was ready: ${Math.round(N / runS)} steps/s`);
+  const q = (x) => Number(new RegExp(`^ferry_farm_schedule_decision_seconds\\{quantile="${x}"\\} (\\S+)$`, "m").exec(m)?.[1] ?? NaN) * 1e6;
   console.log(
-    `scheduler: ${decisions} decisions, ${((num("ferry_farm_schedule_seconds_sum") / decisions) * 1e6).toFixed(1)} µs each on average, slowest ${(num("ferry_farm_schedule_decision_max_seconds") * 1e3).toFixed(3)} ms per decision`,
+    `scheduler: ${decisions} decisions, ${((num("ferry_farm_schedule_seconds_sum") / decisions) * 1e6).toFixed(1)} µs each on average; per decision p50 ${q("0.5").toFixed(1)} µs, p99 ${q("0.99").toFixed(1)} µs (last 10,000 calls), slowest ${(num("ferry_farm_schedule_decision_max_seconds") * 1e3).toFixed(3)} ms`,
   );
   const ev = await sql`select count(*) as n from farm_events where kind = 'build:finished'`.execute(fdb.db);
   console.log(`builds finished (events): ${ev.rows[0].n}`);

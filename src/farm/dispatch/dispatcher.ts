@@ -157,6 +157,9 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
   let decisionCalls = 0;
   let decisions = 0;
   let decisionMax = 0;
+  /** Time per decision of the last 10,000 dispatch calls that decided something (for quantiles). */
+  const recent = new Float64Array(10_000);
+  let recentAt = 0;
 
   const send = (s: Session | undefined, m: CoordinatorMessage): boolean => {
     if (!s || s.ws.readyState !== s.ws.OPEN) return false;
@@ -567,7 +570,11 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
     const took = (performance.now() - t0) / 1000;
     decisionSeconds += took;
     decisionCalls++;
-    if (assignments.length > 0 && took / assignments.length > decisionMax) decisionMax = took / assignments.length;
+    if (assignments.length > 0) {
+      const each = took / assignments.length;
+      if (each > decisionMax) decisionMax = each;
+      recent[recentAt++ % recent.length] = each;
+    }
     decisions += assignments.length;
     if (assignments.length === 0) return;
     const claimed = await claimAssigned(db, assignments.map((a) => ({ stepId: a.stepId, owner: a.machineId })), leaseMs);
@@ -808,6 +815,7 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
         `ferry_farm_schedule_seconds_count ${decisionCalls}`,
         `ferry_farm_schedule_decisions_total ${decisions}`,
         `ferry_farm_schedule_decision_max_seconds ${decisionMax.toFixed(6)}`,
+        ...quantiles(recent.subarray(0, Math.min(recentAt, recent.length))).map(([q, v]) => `ferry_farm_schedule_decision_seconds{quantile="${q}"} ${v.toFixed(6)}`),
       );
       return lines.join("\n") + "\n";
     },
@@ -820,6 +828,13 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
       wss.close();
     },
   };
+}
+
+/** The 0.5, 0.9 and 0.99 quantiles of some samples (none when there are none). */
+function quantiles(samples: Float64Array): [string, number][] {
+  if (samples.length === 0) return [];
+  const sorted = Float64Array.from(samples).sort();
+  return (["0.5", "0.9", "0.99"] as const).map((q) => [q, sorted[Math.min(sorted.length - 1, Math.floor(Number(q) * sorted.length))]!]);
 }
 
 /** Kahn's order of `ids` by `deps` (dependencies first); ids on a cycle come last, in input order. */

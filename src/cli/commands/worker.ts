@@ -55,7 +55,8 @@ function attachProgress(events: WorkerEmitter, opts: { json: boolean; printBuild
     if (e.attempt === 1) say(`connecting to ${e.url}`);
   });
   on("worker:connected", (e) => {
-    const extra = [e.kept ? `${e.kept} running steps kept` : "", e.resent ? `${e.resent} results sent again` : "", e.aborted ? `${e.aborted} builds stopped (their lease was lost)` : ""].filter((x) => x);
+    const n = (k: number, what: string) => `${k} ${what}${k === 1 ? "" : "s"}`;
+    const extra = [e.kept ? `${n(e.kept, "running step")} kept` : "", e.resent ? `${n(e.resent, "result")} sent again` : "", e.aborted ? `${n(e.aborted, "build")} stopped (the lease was lost)` : ""].filter((x) => x);
     say(`${everConnected ? "reconnected" : "connected"} to ${e.url} as ${e.id}${extra.length ? ` (${extra.join(", ")})` : ""}`);
     everConnected = true;
   });

@@ -354,7 +354,7 @@ export function startWorker(opts: WorkerOptions): WorkerHandle {
     ws = undefined;
     welcome = undefined;
     clearConnectionTimers();
-    const why = reason || lastReason || `code ${code}`;
+    const why = reason || lastReason || (code === 1006 ? "the connection dropped" : `closed by the coordinator with code ${code}`);
     if (code === CLOSE_UNAUTHORIZED) fatal ??= unauthorized(`the farm refused the worker token${reason ? ` (${reason})` : ""}`);
     if (code === CLOSE_REPLACED) {
       fatal ??= new FerryError("FERRY_WORKER_REPLACED", `another worker connected with the id '${identity.id}', so the farm closed this connection`, {

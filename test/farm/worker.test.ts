@@ -33,6 +33,7 @@ export const app = sh("app", "for i in 1 2 3 4; do echo line $i; /bin/sleep 0.25
 export const broken = sh("broken", "echo about to fail; exit 3");
 export const lonely = sh("lonely", "echo never built > $out");
 export const orphan = sh("orphan", "/bin/cat $lonely > $out", { lonely });
+export const hang = sh("hang", "echo hanging; /bin/sleep 30; echo > $out");
 export const long = sh("long", "echo sleeping; /bin/sleep ${LONG_SLEEP}; echo late > $out");
 const slowly = (tag) => sh("slow-" + tag, "echo start; /bin/sleep 1; echo done; echo " + tag + " > $out");
 export const resend = slowly("resend");
@@ -116,13 +117,13 @@ describe("ferry worker", () => {
   });
 
   const build = (conn: PeerConnection, stepId: string, attr: string) => conn.send({ type: "build", stepId, drvPath: drvs[attr]!.drvPath, attempt: 1 });
-  const resultOf = (conn: PeerConnection, stepId: string) => conn.waitFor("result", (r) => r.stepId === stepId, 30_000);
+  const resultOf = (conn: PeerConnection, stepId: string) => conn.waitFor("result", (r) => r.stepId === stepId, { timeoutMs: 30_000 });
 
   test("builds steps from the farm cache: outputs uploaded and signed, logs live, build failures vs transient ones, abort kills", async () => {
-    const w = start("w1", ["--max-jobs", "4"]);
+    const w = start("w1", ["--max-jobs", "5"]);
     const conn = await coord.connection(0);
     const hello = (await conn.waitFor("hello")).message;
-    assert.equal(hello.maxJobs, 4);
+    assert.equal(hello.maxJobs, 5);
     assert.equal(hello.speedFactor, 1);
     assert.ok(hello.systems.includes("x86_64-linux"), hello.systems.join());
     assert.deepEqual(hello.running, []);
@@ -135,6 +136,7 @@ describe("ferry worker", () => {
     build(conn, "s-broken", "broken");
     build(conn, "s-orphan", "orphan");
     build(conn, "s-long", "long");
+    conn.send({ type: "build", stepId: "s-hang", drvPath: drvs.hang!.drvPath, attempt: 2, timeoutSeconds: 1 });
 
     // A success: the log streamed while the build ran, then the result with the outputs.
     const app = await resultOf(conn, "s-app");
@@ -166,18 +168,24 @@ describe("ferry worker", () => {
     assert.equal(orphan.status, "failed");
     assert.equal(orphan.transient, true);
     assert.match(orphan.error!, /FERRY_WORKER_INPUT_UNAVAILABLE/);
-    for (const id of ["s-app", "s-broken", "s-orphan"]) conn.send({ type: "ack", stepId: id, accepted: true });
+    // timeoutSeconds is the build's limit: running past it is the build's own failure.
+    const hang = (await resultOf(conn, "s-hang")).message;
+    assert.equal(hang.status, "failed");
+    assert.notEqual(hang.transient, true);
+    assert.match(hang.error!, /FERRY_BUILD_TIMEOUT/);
+    for (const id of ["s-app", "s-broken", "s-orphan", "s-hang"]) conn.send({ type: "ack", stepId: id, accepted: true });
 
     // abort: the sandboxed `sleep` goes at once, and no result comes.
     await conn.waitFor("log", (l) => l.stepId === "s-long" && l.data.includes("sleeping"));
     assert.ok(processesWith(LONG_SLEEP).length > 0, "the long build runs");
     const abortedAt = Date.now();
+    const mark = conn.mark();
     conn.send({ type: "abort", stepId: "s-long", reason: "cancelled by a user" });
     await until("the long build to be killed", () => processesWith(LONG_SLEEP).length === 0, 5000);
     assert.ok(Date.now() - abortedAt < 3000);
-    await conn.waitFor("heartbeat", (h) => h.running.length === 0);
+    await conn.waitFor("heartbeat", (h) => h.running.length === 0, { after: mark });
+    await until("the abort to be reported", () => /stopped long: cancelled by a user/.test(w.stderr()), 5000);
     assert.equal(conn.of("result").filter((r) => r.stepId === "s-long").length, 0);
-    assert.match(w.stderr(), /stopped long: cancelled by a user/);
     assert.match(w.stderr(), /built app in \d+\.\d s/);
     assert.deepEqual(conn.protocolErrors, []);
 
@@ -221,8 +229,9 @@ describe("ferry worker", () => {
     assert.deepEqual(hello4.running, ["s-resend"]);
     c4.send(welcome(["s-resend"]));
     assert.deepEqual((await resultOf(c4, "s-resend")).message, r2);
+    const acked = c4.mark();
     c4.send({ type: "ack", stepId: "s-resend", accepted: true });
-    await c4.waitFor("heartbeat", (h) => h.running.length === 0);
+    await c4.waitFor("heartbeat", (h) => h.running.length === 0, { after: acked });
 
     // Built once: one "start" in the streamed log, one "building" line.
     const streamed = [c1, c2, c3, c4].map((c) => c.logOf("s-resend")).join("");
@@ -262,6 +271,23 @@ describe("ferry worker", () => {
     assert.equal(await w.exited, 0, w.stderr());
     assert.match(w.stderr(), /draining: taking no new builds, finishing 1 running/);
     assert.match(w.stderr(), /drained; exiting/);
+
+    // A second signal stops at once: the build is killed, no result is sent.
+    const w2 = start("w6");
+    const c2 = await coord.connection(first + 1);
+    await c2.waitFor("hello");
+    c2.send(welcome());
+    build(c2, "s-long-2", "long");
+    await c2.waitFor("log", (l) => l.data.includes("sleeping"));
+    w2.child.kill("SIGTERM");
+    await c2.waitFor("drain");
+    const t0 = Date.now();
+    w2.child.kill("SIGTERM");
+    assert.equal(await w2.exited, 130, w2.stderr());
+    assert.ok(Date.now() - t0 < 3000);
+    assert.deepEqual(processesWith(LONG_SLEEP), []);
+    assert.deepEqual(c2.of("result"), []);
+    assert.match(w2.stderr(), /stopping now; running builds are killed/);
   });
 
   test("redirect is followed; a refused token stops the worker with a coded error; the id survives restarts", async () => {

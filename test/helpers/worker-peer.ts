@@ -41,10 +41,19 @@ export class PeerConnection {
     });
   }
 
-  /** The first message (already received or still to come) that matches. */
-  waitFor<T extends WorkerMessage["type"]>(type: T, pred: (m: Extract<WorkerMessage, { type: T }>) => boolean = () => true, timeoutMs = 15_000): Promise<Received & { message: Extract<WorkerMessage, { type: T }> }> {
+  /** A point in the stream of received messages, for `waitFor(…, { after })`. */
+  mark(): number {
+    return this.received.length;
+  }
+
+  /** The first message that matches, received already (after the mark `after`, if given) or still to come. */
+  waitFor<T extends WorkerMessage["type"]>(
+    type: T,
+    pred: (m: Extract<WorkerMessage, { type: T }>) => boolean = () => true,
+    { timeoutMs = 15_000, after = 0 }: { timeoutMs?: number; after?: number } = {},
+  ): Promise<Received & { message: Extract<WorkerMessage, { type: T }> }> {
     const match = (m: WorkerMessage) => m.type === type && pred(m as Extract<WorkerMessage, { type: T }>);
-    const seen = this.received.find((r) => match(r.message));
+    const seen = this.received.slice(after).find((r) => match(r.message));
     if (seen) return Promise.resolve(seen as Received & { message: Extract<WorkerMessage, { type: T }> });
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`no '${type}' message within ${timeoutMs} ms; got: ${this.received.map((r) => r.message.type).join(", ")}`)), timeoutMs);

@@ -106,6 +106,7 @@ async function run(f: WorkerFlags): Promise<void> {
     let signals = 0;
     const onSignal = () => {
       if (++signals === 1) return worker.drain();
+      if (signals > 2) process.exit(130);
       note("ferry worker: stopping now; running builds are killed");
       process.exitCode = 130;
       worker.stop();

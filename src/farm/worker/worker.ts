@@ -76,6 +76,8 @@ interface Running {
   readonly req: BuildRequest;
   readonly name: string;
   readonly controller: AbortController;
+  /** Settles once the build has ended and cleaned up after itself. */
+  settled?: Promise<void>;
   abortedFor?: string;
 }
 
@@ -83,6 +85,10 @@ interface Running {
 const MAX_SOCKET_BACKLOG = 1024 * 1024;
 /** Dialling to the redirected URL this many times in a row without a welcome falls back to backoff. */
 const MAX_REDIRECTS = 5;
+/** The shortest heartbeat period honoured, whatever the coordinator asks. */
+const MIN_HEARTBEAT_MS = 100;
+/** How long a stopping worker waits for killed builds to clean up their build directories. */
+const STOP_GRACE_MS = 5000;
 
 const nameOf = (drvPath: string) => drvPath.slice(drvPath.lastIndexOf("/") + 1).replace(/^[0-9a-z]{32}-/, "").replace(/\.drv$/, "");
 
@@ -198,7 +204,7 @@ export function startWorker(opts: WorkerOptions): WorkerHandle {
       if (buf.size >= LOG_CHUNK_CHARS) flushLogs();
       else scheduleLogFlush();
     };
-    void runStep(req, { store: opts.store, cache, sandbox: opts.sandbox ?? true, cores: opts.cores ?? 1, signal: r.controller.signal, onLog })
+    r.settled = runStep(req, { store: opts.store, cache, sandbox: opts.sandbox ?? true, cores: opts.cores ?? 1, signal: r.controller.signal, onLog })
       .catch((e: unknown): StepOutcome => ({ status: "failed", transient: true, error: String((e as Error)?.message ?? e), durationMs: 0 }))
       .then((outcome) => finishStep(r, outcome));
   };
@@ -265,7 +271,7 @@ export function startWorker(opts: WorkerOptions): WorkerHandle {
     ev.emit("worker:connected", { url, id: identity.id, kept: w.keep.length, resent: plan.resend.length, aborted: plan.abort.length });
     for (const id of plan.resend) deliver(id);
     flushLogs();
-    heartbeatTimer = setInterval(() => void heartbeat(socket, w), w.heartbeatMs);
+    heartbeatTimer = setInterval(() => void heartbeat(socket, w), Math.max(MIN_HEARTBEAT_MS, w.heartbeatMs));
     void heartbeat(socket, w);
     checkDrained();
   };
@@ -285,12 +291,15 @@ export function startWorker(opts: WorkerOptions): WorkerHandle {
     }
     if (!welcome) throw new FerryError("FERRY_FARM_PROTOCOL", `'${m.type}' before 'welcome'`);
     switch (m.type) {
-      case "build":
-        if (running.has(m.stepId)) return;
+      case "build": {
+        const current = running.get(m.stepId);
+        if (current?.abortedFor !== undefined) return refuse(m, "the step's previous build is still being stopped");
+        if (current) return;
         if (outbox.get(m.stepId)) return deliver(m.stepId);
         if (draining) return refuse(m, "the worker is draining");
         if (running.size >= identity.maxJobs) return refuse(m, `the worker already runs its maximum of ${identity.maxJobs} jobs`);
         return startStep(m, welcome.cache);
+      }
       case "ack":
         forget(m.stepId);
         ev.emit("result:acknowledged", { stepId: m.stepId, accepted: m.accepted });
@@ -400,9 +409,11 @@ export function startWorker(opts: WorkerOptions): WorkerHandle {
     clearConnectionTimers();
     clearTimeout(retryTimer);
     clearTimeout(logTimer);
+    const settling: Promise<void>[] = [];
     for (const r of running.values()) {
       r.abortedFor ??= error ? error.message : "the worker stopped";
       r.controller.abort();
+      if (r.settled) settling.push(r.settled);
     }
     const socket = ws;
     ws = undefined;
@@ -410,11 +421,21 @@ export function startWorker(opts: WorkerOptions): WorkerHandle {
       if (socket.readyState === WebSocket.OPEN) socket.close(1000, draining ? "drained" : "stopping");
       else socket.terminate();
     }
-    if (error) rejectDone(error);
-    else {
-      if (draining) ev.emit("worker:drained", {});
-      resolveDone();
-    }
+    const finish = () => {
+      if (error) rejectDone(error);
+      else {
+        if (draining && settling.length === 0) ev.emit("worker:drained", {});
+        resolveDone();
+      }
+    };
+    if (settling.length === 0) return finish();
+    // Killed builds remove their build directories; give them a moment before the store closes.
+    const grace = setTimeout(finish, STOP_GRACE_MS);
+    grace.unref();
+    void Promise.allSettled(settling).then(() => {
+      clearTimeout(grace);
+      finish();
+    });
   };
 
   connect();

@@ -116,6 +116,15 @@ describe("ferry worker", () => {
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
+  /** A worker on its own store, connected and welcomed by the scripted coordinator. */
+  const startWelcomed = async (root: string, extra: string[] = []) => {
+    const n = coord.connections.length;
+    const w = start(root, extra);
+    const c = await coord.connection(n);
+    const hello = (await c.waitFor("hello")).message;
+    c.send(welcome());
+    return { w, c, hello };
+  };
   const build = (conn: PeerConnection, stepId: string, attr: string) => conn.send({ type: "build", stepId, drvPath: drvs[attr]!.drvPath, attempt: 1 });
   const resultOf = (conn: PeerConnection, stepId: string) => conn.waitFor("result", (r) => r.stepId === stepId, { timeoutMs: 30_000 });
 
@@ -197,10 +206,7 @@ describe("ferry worker", () => {
 
   test("a lost connection neither fails nor restarts the build; the result is resent until acknowledged", async () => {
     const first = coord.connections.length;
-    const w = start("w2");
-    const c1 = await coord.connection(first);
-    const hello1 = (await c1.waitFor("hello")).message;
-    c1.send(welcome());
+    const { w, c: c1, hello: hello1 } = await startWelcomed("w2");
     build(c1, "s-resend", "resend");
     await c1.waitFor("log", (l) => l.data.includes("start"));
     c1.terminate();
@@ -249,11 +255,7 @@ describe("ferry worker", () => {
   });
 
   test("SIGTERM drains: drain is sent, new steps are refused, the running one finishes and is delivered, then exit 0", async () => {
-    const first = coord.connections.length;
-    const w = start("w3");
-    const c = await coord.connection(first);
-    await c.waitFor("hello");
-    c.send(welcome());
+    const { w, c } = await startWelcomed("w3");
     build(c, "s-drain", "drain");
     await c.waitFor("log", (l) => l.data.includes("start"));
     w.child.kill("SIGTERM");
@@ -266,6 +268,7 @@ describe("ferry worker", () => {
     c.send({ type: "ack", stepId: "s-late", accepted: true });
     const r = (await resultOf(c, "s-drain")).message;
     assert.equal(r.status, "succeeded", r.error);
+    await new Promise((resolve) => setTimeout(resolve, 300));
     assert.equal(w.child.exitCode, null, "it waits for the acknowledgement");
     c.send({ type: "ack", stepId: "s-drain", accepted: true });
     assert.equal(await w.exited, 0, w.stderr());
@@ -273,10 +276,7 @@ describe("ferry worker", () => {
     assert.match(w.stderr(), /drained; exiting/);
 
     // A second signal stops at once: the build is killed, no result is sent.
-    const w2 = start("w6");
-    const c2 = await coord.connection(first + 1);
-    await c2.waitFor("hello");
-    c2.send(welcome());
+    const { w: w2, c: c2 } = await startWelcomed("w6");
     build(c2, "s-long-2", "long");
     await c2.waitFor("log", (l) => l.data.includes("sleeping"));
     w2.child.kill("SIGTERM");

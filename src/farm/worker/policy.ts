@@ -56,15 +56,8 @@ export function reconnectDelay(failures: number, random: number, policy: Backoff
 
 // ---- who the worker is ----------------------------------------------------------------------
 
-export interface WorkerIdentity {
-  readonly id: string;
-  readonly systems: readonly string[];
-  readonly features: readonly string[];
-  readonly mandatoryFeatures: readonly string[];
-  readonly maxJobs: number;
-  readonly speedFactor: number;
-  readonly version?: string;
-}
+/** What the worker announces about itself: a hello without its envelope and running steps. */
+export type WorkerIdentity = Omit<Hello, "type" | "protocol" | "running">;
 
 /** The hello for `identity`, naming the steps still held. */
 export function helloOf(identity: WorkerIdentity, running: readonly string[]): Hello {

@@ -170,8 +170,7 @@ export function startWorker(opts: WorkerOptions): WorkerHandle {
   /** Sends the held result of `stepId`, its remaining log first. */
   const deliver = (stepId: string) => {
     const r = outbox.get(stepId);
-    if (!r || !welcome) return;
-    flushLogs(stepId);
+    if (!r || !welcome || !flushLogs(stepId)) return;
     logs.delete(stepId);
     send(r);
   };
@@ -268,6 +267,7 @@ export function startWorker(opts: WorkerOptions): WorkerHandle {
       ev.emit("result:dropped", { stepId: id });
     }
     if (draining) send({ type: "drain" });
+    clearInterval(heartbeatTimer);
     ev.emit("worker:connected", { url, id: identity.id, kept: w.keep.length, resent: plan.resend.length, aborted: plan.abort.length });
     for (const id of plan.resend) deliver(id);
     flushLogs();

@@ -19,6 +19,7 @@ const COMMANDS: Record<string, () => Promise<Command>> = {
   demo: async () => (await import("./commands/demo.js")).demoCommand(),
   cache: async () => (await import("./commands/cache.js")).cacheCommand(),
   farm: async () => (await import("./commands/farm.js")).farmCommand(),
+  worker: async () => (await import("./commands/worker.js")).workerCommand(),
 };
 
 /** The program with the commands `argv` can reach (all of them for top-level help). */

@@ -498,11 +498,18 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
     const outcomes: StepOutcomeRow[] = [];
     const depFailed: { stepId: string; cause: string }[] = [];
     const acks: { session: Session; stepId: string; accepted: boolean }[] = [];
+    const refusals: string[] = [];
     for (const { session, msg } of batch) {
       const id = msg.stepId;
       const who = session.hello.id;
       if (!s.hasStep(id) || s.step(id).state !== "running" || s.step(id).machineId !== who) {
         acks.push({ session, stepId: id, accepted: false });
+        continue;
+      }
+      if (msg.status === "failed" && msg.error?.startsWith("FERRY_WORKER_REFUSED")) {
+        // The worker could not take the step (draining, or full): not an attempt, just queue it again.
+        refusals.push(id);
+        acks.push({ session, stepId: id, accepted: true });
         continue;
       }
       const outcome: StepOutcome =
@@ -523,6 +530,10 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
       });
       for (const d of fr.depFailed) depFailed.push({ stepId: d, cause: id });
       acks.push({ session, stepId: id, accepted: true });
+    }
+    if (refusals.length) {
+      await requeueSteps(db, refusals);
+      s.requeue(refusals, now);
     }
     const r = await recordStepResults(db, { outcomes, depFailed });
     if (r.refused.length) {

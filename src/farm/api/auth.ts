@@ -90,7 +90,7 @@ export function tokenRoutes(db: Kysely<FarmSchema>): Route[] {
         const description = str(body, "description", false) ?? "";
         const token = `ferry_${randomBytes(32).toString("base64url")}`;
         const r = await sql<{ id: string; created_at: Date }>`
-          insert into tokens (hash, role, description) values (${sha256(token).toString("hex")}, ${role}, ${description}) returning id, created_at`.execute(db);
+          insert into tokens (hash, role, description) values (${sha256(token).toString("hex")}, ${role}, ${description}) returning id::text as id, created_at`.execute(db);
         return ok({ id: r.rows[0]!.id, role, description, createdAt: r.rows[0]!.created_at, token }, 201);
       },
     },
@@ -99,7 +99,7 @@ export function tokenRoutes(db: Kysely<FarmSchema>): Route[] {
       path: "/api/tokens",
       access: "admin",
       run: async () => {
-        const r = await sql<{ id: string; role: string; description: string; created_at: Date }>`select id, role, description, created_at from tokens order by id`.execute(db);
+        const r = await sql<{ id: string; role: string; description: string; created_at: Date }>`select id::text as id, role, description, created_at from tokens order by tokens.id`.execute(db);
         return ok(r.rows.map((t) => ({ id: t.id, role: t.role, description: t.description, createdAt: t.created_at })));
       },
     },

@@ -85,7 +85,7 @@ async function stepsOnlyFor(tx: Transaction<FarmSchema>, builds: readonly string
       union
       select d.depends_on from step_deps d join kept on d.step_id = kept.id join up on up.id = d.depends_on
     )
-    select id from mine except select id from kept order by id`.execute(tx);
+    select x.id::text as id from (select id from mine except select id from kept) x order by x.id`.execute(tx);
   return r.rows.map((x) => x.id);
 }
 
@@ -110,7 +110,7 @@ export async function buildAction(ctx: ApiContext, action: CommandKind, body: Re
     if (action === "cancel") {
       steps = await stepsOnlyFor(tx, ids);
       const done = await sql<{ id: string }>`
-        update builds set status = 'cancelled', finished_at = now() where id = any(${sql.val(ids)}::bigint[]) and status = 'queued' returning id`.execute(tx);
+        update builds set status = 'cancelled', finished_at = now() where id = any(${sql.val(ids)}::bigint[]) and status = 'queued' returning id::text as id`.execute(tx);
       const now = new Set(done.rows.map((r) => r.id));
       for (const b of targets) {
         if (!now.has(b.id)) items.set(b.id, fail(b.id, "FERRY_FARM_BUILD_FINISHED", `build ${b.id} (${b.job}) finished meanwhile`));
@@ -123,7 +123,7 @@ export async function buildAction(ctx: ApiContext, action: CommandKind, body: Re
       if (action === "restart") {
         const done = await sql<{ id: string }>`
           update builds set status = 'queued', finished_at = null
-          where id = any(${sql.val(ids)}::bigint[]) and status in ('failed', 'dependency-failed', 'cancelled') returning id`.execute(tx);
+          where id = any(${sql.val(ids)}::bigint[]) and status in ('failed', 'dependency-failed', 'cancelled') returning id::text as id`.execute(tx);
         const now = new Set(done.rows.map((r) => r.id));
         for (const b of targets) if (!now.has(b.id)) items.set(b.id, fail(b.id, "FERRY_FARM_NOT_RESTARTABLE", `build ${b.id} (${b.job}) changed meanwhile`, "look at it again and retry"));
         kept = targets.filter((b) => now.has(b.id));

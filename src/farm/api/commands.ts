@@ -29,7 +29,7 @@ export type CommandOutcome =
 
 /** Queues a command (in `tx`, so it commits with the caller's own changes); returns its id. */
 export async function insertCommand(tx: Db, kind: CommandKind, payload: CommandPayload): Promise<string> {
-  const r = await sql<{ id: string }>`insert into farm_commands (kind, payload) values (${kind}, ${JSON.stringify(payload)}::jsonb) returning id`.execute(tx);
+  const r = await sql<{ id: string }>`insert into farm_commands (kind, payload) values (${kind}, ${JSON.stringify(payload)}::jsonb) returning id::text as id`.execute(tx);
   return r.rows[0]!.id;
 }
 

@@ -31,8 +31,8 @@ export function evaluationRoutes(ctx: ApiContext): Route[] {
   /** An evaluation of the jobset by id or `latest` (the latest successful one). */
   const evaluation = async (jobsetId: number, ref: string): Promise<EvalRow> => {
     const r = await sql<EvalRow>`
-      select id, revision, started_at, eval_ms, error, nr_builds, nr_new from evaluations
-      where jobset_id = ${jobsetId} and ${ref === "latest" ? sql`id = (select max(id) from evaluations where jobset_id = ${jobsetId} and error is null)` : sql`id = ${checkId("evaluation", ref)}`}`.execute(db);
+      select id::text as id, revision, started_at, eval_ms, error, nr_builds, nr_new from evaluations e
+      where e.jobset_id = ${jobsetId} and ${ref === "latest" ? sql`e.id = (select max(id) from evaluations where jobset_id = ${jobsetId} and error is null)` : sql`e.id = ${checkId("evaluation", ref)}`}`.execute(db);
     const e = r.rows[0];
     if (!e) throw new ApiError(404, "FERRY_FARM_NO_EVALUATION", ref === "latest" ? "the jobset has no successful evaluation yet" : `the jobset has no evaluation ${ref}`, "list them with `ferry farm evals`");
     if (e.error !== null) throw new ApiError(409, "FERRY_FARM_EVALUATION_FAILED", `evaluation ${e.id} failed and has no jobs`, "pick a successful evaluation (`ferry farm evals`)");
@@ -63,7 +63,7 @@ export function evaluationRoutes(ctx: ApiContext): Route[] {
       run: async (req) => {
         const js = await jobsetRow(db, req.params.project!, req.params.jobset!);
         const r = await sql<EvalRow>`
-          select id, revision, started_at, eval_ms, error, nr_builds, nr_new from evaluations where jobset_id = ${js.id} order by id desc limit 100`.execute(db);
+          select id::text as id, revision, started_at, eval_ms, error, nr_builds, nr_new from evaluations e where e.jobset_id = ${js.id} order by e.id desc limit 100`.execute(db);
         return ok(r.rows.map(evaluationJson));
       },
     },
@@ -78,7 +78,7 @@ export function evaluationRoutes(ctx: ApiContext): Route[] {
         let from: EvalRow | null;
         if (against !== null) from = await evaluation(js.id, against);
         else {
-          const prev = await sql<{ id: string }>`select max(id) as id from evaluations where jobset_id = ${js.id} and error is null and id < ${to.id}`.execute(db);
+          const prev = await sql<{ id: string }>`select max(id)::text as id from evaluations where jobset_id = ${js.id} and error is null and id < ${to.id}`.execute(db);
           from = prev.rows[0]?.id ? await evaluation(js.id, prev.rows[0].id) : null;
         }
         const diff = await diffEvaluations(db, from?.id ?? null, to.id);

@@ -216,7 +216,7 @@ export function projectRoutes(ctx: ApiContext): Route[] {
       run: async (req) => {
         const js = await jobsetRow(ctx.db, req.params.project!, req.params.jobset!);
         const last = await sql<{ id: string; revision: string | null; finished_at: Date | null; error: string | null; nr_builds: number }>`
-          select id, revision, finished_at, error, nr_builds from evaluations where jobset_id = ${js.id} order by id desc limit 1`.execute(ctx.db);
+          select id::text as id, revision, finished_at, error, nr_builds from evaluations e where e.jobset_id = ${js.id} order by e.id desc limit 1`.execute(ctx.db);
         const counts = await sql<{ status: string; n: string }>`
           select status, count(*) as n from builds where evaluation_id = (select max(id) from evaluations where jobset_id = ${js.id} and error is null) group by status order by status`.execute(ctx.db);
         const e = last.rows[0];

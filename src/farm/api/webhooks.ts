@@ -41,7 +41,7 @@ export function webhookRoutes(ctx: ApiContext): Route[] {
         const description = str(body, "description", false) ?? "";
         const r = await sql<{ id: string; created_at: Date }>`
           insert into webhooks (url, events, secret, project, description) values (${url}, ${sql.val([...new Set(events)])}::text[], ${secret}, ${project ?? null}, ${description})
-          returning id, created_at`.execute(db);
+          returning id::text as id, created_at`.execute(db);
         return ok({ id: r.rows[0]!.id, url, events: [...new Set(events)], project: project ?? null, description, createdAt: r.rows[0]!.created_at, secret }, 201);
       },
     },
@@ -51,7 +51,7 @@ export function webhookRoutes(ctx: ApiContext): Route[] {
       access: "admin",
       run: async () => {
         const r = await sql<{ id: string; url: string; events: string[]; project: string | null; description: string; created_at: Date; delivered: string; pending: string; failed: string }>`
-          select w.id, w.url, w.events, w.project, w.description, w.created_at,
+          select w.id::text as id, w.url, w.events, w.project, w.description, w.created_at,
             count(d.id) filter (where d.delivered_at is not null) as delivered,
             count(d.id) filter (where d.delivered_at is null and d.next_attempt_at is not null) as pending,
             count(d.id) filter (where d.delivered_at is null and d.next_attempt_at is null) as failed
@@ -88,7 +88,7 @@ export function webhookRoutes(ctx: ApiContext): Route[] {
         const id = checkId("webhook", req.params.id!);
         await exists(id);
         const r = await sql<{ id: string; event_id: string; kind: string; attempts: number; next_attempt_at: Date | null; delivered_at: Date | null; last_error: string | null }>`
-          select d.id, d.event_id, e.kind, d.attempts, d.next_attempt_at, d.delivered_at, d.last_error
+          select d.id::text as id, d.event_id::text as event_id, e.kind, d.attempts, d.next_attempt_at, d.delivered_at, d.last_error
           from webhook_deliveries d join farm_events e on e.id = d.event_id where d.webhook_id = ${id} order by d.id desc limit 100`.execute(db);
         return ok(
           r.rows.map((d) => ({

@@ -41,7 +41,7 @@ export async function settleAggregates(tx: Db, buildIds: readonly string[]): Pro
   let ids = [...new Set(buildIds)];
   for (let depth = 0; depth < MAX_NESTING && ids.length > 0; depth++) {
     const rows = await sql<{ id: string; status: BuildStatus; own: string | null; members: BuildStatus[]; job: string; drv_path: string; project: string; jobset: string }>`
-      select a.id, a.status, a.job, a.drv_path, p.name as project, j.name as jobset,
+      select a.id::text as id, a.status, a.job, a.drv_path, p.name as project, j.name as jobset,
         (select s.status from build_steps bs join steps s on s.id = bs.step_id where bs.build_id = a.id and s.drv_path = a.drv_path) as own,
         array(select m.status from aggregate_members am join builds m on m.id = am.member_id where am.aggregate_id = a.id) as members
       from builds a join jobsets j on j.id = a.jobset_id join projects p on p.id = j.project_id
@@ -97,8 +97,8 @@ type BuildRow = {
   step_status: string | null;
 };
 
-const BUILD_COLUMNS = sql`b.id, p.name as project, j.name as jobset, b.job, b.evaluation_id, b.drv_path, b.system, b.status, b.outputs, b.is_aggregate, b.created_at, b.finished_at,
-  s.id as step_id, s.status as step_status`;
+const BUILD_COLUMNS = sql`b.id::text as id, p.name as project, j.name as jobset, b.job, b.evaluation_id::text as evaluation_id, b.drv_path, b.system, b.status, b.outputs, b.is_aggregate, b.created_at, b.finished_at,
+  s.id::text as step_id, s.status as step_status`;
 const BUILD_FROM = sql`builds b join jobsets j on j.id = b.jobset_id join projects p on p.id = j.project_id
   left join lateral (select s.id, s.status from build_steps bs join steps s on s.id = bs.step_id where bs.build_id = b.id and s.drv_path = b.drv_path) s on true`;
 
@@ -138,8 +138,8 @@ export async function latestBuilds(db: Db, jobsetId: number, jobs?: readonly str
 /** A build's aggregate members, and the aggregates it is a member of. */
 export async function buildRelations(db: Db, id: string): Promise<{ members: { id: string; job: string; status: BuildStatus }[]; memberOf: string[] }> {
   const members = await sql<{ id: string; job: string; status: BuildStatus }>`
-    select m.id, m.job, m.status from aggregate_members am join builds m on m.id = am.member_id where am.aggregate_id = ${id} order by m.job`.execute(db);
-  const of = await sql<{ id: string }>`select aggregate_id as id from aggregate_members where member_id = ${id} order by aggregate_id`.execute(db);
+    select m.id::text as id, m.job, m.status from aggregate_members am join builds m on m.id = am.member_id where am.aggregate_id = ${id} order by m.job`.execute(db);
+  const of = await sql<{ id: string }>`select aggregate_id::text as id from aggregate_members where member_id = ${id} order by aggregate_members.aggregate_id`.execute(db);
   return { members: members.rows, memberOf: of.rows.map((r) => r.id) };
 }
 

@@ -31,7 +31,7 @@ export type FarmEventKind = keyof FarmEvents;
 export const EVENT_KINDS: readonly FarmEventKind[] = ["build:finished", "step:finished", "evaluation:finished"];
 
 export async function recordEvent<K extends FarmEventKind>(db: Db, kind: K, payload: FarmEvents[K]): Promise<string> {
-  const r = await sql<{ id: string }>`insert into farm_events (kind, payload) values (${kind}, ${JSON.stringify(payload)}::jsonb) returning id`.execute(db);
+  const r = await sql<{ id: string }>`insert into farm_events (kind, payload) values (${kind}, ${JSON.stringify(payload)}::jsonb) returning id::text as id`.execute(db);
   return r.rows[0]!.id;
 }
 

@@ -81,7 +81,7 @@ export async function ingestEvaluation(db: Kysely<FarmSchema>, input: IngestInpu
     const ev = await sql<{ id: string }>`
       insert into evaluations (jobset_id, inputs_hash, revision, eval_ms, nr_builds, nr_new, finished_at)
       values (${input.jobsetId}, ${input.inputsHash}, ${input.revision ?? null}, ${input.evalMs ?? null}, ${input.jobs.length}, ${changedJobs}, now())
-      returning id`.execute(tx);
+      returning id::text as id`.execute(tx);
     const evaluationId = ev.rows[0]!.id;
 
     let newSteps = 0;
@@ -154,7 +154,7 @@ export async function recordFailedEvaluation(db: Kysely<FarmSchema>, f: FailedEv
   return db.transaction().execute(async (tx) => {
     const ev = await sql<{ id: string }>`
       insert into evaluations (jobset_id, inputs_hash, revision, eval_ms, error, finished_at)
-      values (${f.jobsetId}, ${f.inputsHash || "-"}, ${f.revision || null}, ${f.evalMs}, ${f.error}, now()) returning id`.execute(tx);
+      values (${f.jobsetId}, ${f.inputsHash || "-"}, ${f.revision || null}, ${f.evalMs}, ${f.error}, now()) returning id::text as id`.execute(tx);
     await sql`update jobsets set last_checked_at = now(), error = ${f.error} where id = ${f.jobsetId}`.execute(tx);
     const evaluationId = ev.rows[0]!.id;
     await recordEvent(tx, "evaluation:finished", {

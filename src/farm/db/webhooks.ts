@@ -42,7 +42,7 @@ export async function claimDeliveries(db: Kysely<FarmSchema>, limit: number, lea
       select id from webhook_deliveries where delivered_at is null and next_attempt_at <= now() order by next_attempt_at, id limit ${limit} for update skip locked
     ) due, webhooks w, farm_events e
     where d.id = due.id and w.id = d.webhook_id and e.id = d.event_id
-    returning d.id, d.attempts, w.url, w.secret, e.id as event_id, e.kind, e.payload, e.created_at`.execute(db);
+    returning d.id::text as id, d.attempts, w.url, w.secret, e.id::text as event_id, e.kind, e.payload, e.created_at`.execute(db);
   return r.rows.map((x) => ({ id: x.id, attempts: x.attempts, url: x.url, secret: x.secret, eventId: x.event_id, kind: x.kind, payload: x.payload, createdAt: x.created_at }));
 }
 

@@ -9,7 +9,8 @@
  * (per jobset: file, and optionally repo — default the declaring repository —, branch — default
  * the declaring branch when the repo is the same, else main —, attr, checkInterval, state —
  * 0|1|2 or "disabled"|"enabled"|"one-shot" — and shares). The coordinator reads it when the
- * project is set up and then at its check interval; jobsets are created and changed to match,
+ * project is set up, then at its check interval (0: never by itself) and whenever a push
+ * webhook names its repository and branch; jobsets are created and changed to match,
  * and jobsets it no longer declares are disabled, never deleted (their history stays). While
  * a project is declarative its jobsets are changed only through the file.
  *

@@ -103,8 +103,9 @@ export function startEvaluationLoop(opts: EvaluationLoopOptions): EvaluationLoop
       update projects set decl_checked_at = now()
       where id in (
         select id from projects
-        where decl_file is not null and decl_check_interval_s > 0
-          and (decl_checked_at is null or decl_checked_at + decl_check_interval_s * interval '1 second' <= now())
+        where decl_file is not null
+          and (decl_checked_at is null
+               or (decl_check_interval_s > 0 and decl_checked_at + decl_check_interval_s * interval '1 second' <= now()))
         for update skip locked)
       returning id, name`.execute(db);
     for (const p of projects.rows) await opts.refreshProject(p);

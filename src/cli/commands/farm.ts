@@ -23,6 +23,7 @@ interface ServeFlags extends StoreFlags {
   workerToken?: string;
   readToken?: string;
   webhookSecret?: string;
+  commandWait: number;
 }
 
 async function serve(f: ServeFlags): Promise<void> {
@@ -50,6 +51,7 @@ async function serve(f: ServeFlags): Promise<void> {
     port,
     adminToken: f.adminToken,
     checkEveryMs: Math.round(f.checkEvery * 1000),
+    commandWait: { waitMs: Math.round(f.commandWait * 1000) },
     ...(f.workerToken ? { workerToken: f.workerToken } : {}),
     ...(f.readToken ? { readToken: f.readToken } : {}),
     ...(f.webhookSecret ? { webhookSecret: f.webhookSecret } : {}),
@@ -293,7 +295,8 @@ function buildActionCommand(action: "restart" | "cancel" | "bump", description: 
     }
     printItems(r, (i) => {
       const v = (i.value ?? {}) as { job?: string; status?: string; steps?: unknown[]; bump?: number; pending?: boolean };
-      return [v.job, v.pending ? "pending" : v.status, v.bump !== undefined ? `bump ${v.bump}` : undefined, v.steps ? `${v.steps.length} steps cancelled` : undefined].filter((x) => x !== undefined).join("  ");
+      const steps = v.steps ? `${v.steps.length} steps ${v.pending ? "to cancel" : "cancelled"}` : undefined;
+      return [v.job, v.status, v.bump !== undefined ? `bump ${v.bump}` : undefined, steps, v.pending ? "(pending)" : undefined].filter((x) => x !== undefined).join("  ");
     });
   });
 }
@@ -382,6 +385,7 @@ export function farmCommand(): Command {
       .addOption(new Option("--read-token <token>", "token reads need (default: reads are public)").env("FERRY_READ_TOKEN"))
       .addOption(new Option("--webhook-secret <secret>", "secret git hosts sign push webhooks with (POST /api/hooks/git)").env("FERRY_WEBHOOK_SECRET"))
       .option("--check-every <seconds>", "how often to look for jobsets whose check interval has passed", (v) => Number(v), 5)
+      .option("--command-wait <seconds>", "how long restart / cancel / bump wait for the scheduler before answering 'queued'", (v) => Number(v), 10)
       .action(serve),
   );
   cmd.addCommand(projectCommands());

@@ -134,13 +134,18 @@ export async function buildAction(ctx: ApiContext, action: CommandKind, body: Re
     }
     if (steps.length) command = await insertCommand(tx, action, { steps, ...(bump !== undefined ? { bump } : {}) });
   });
-  for (const c of cancelled) items.set(c.build, { id: c.build, ok: true, value: { status: "cancelled", steps: c.steps } });
+  const job = new Map(targets.map((b) => [b.id, b.job]));
+  for (const c of cancelled) items.set(c.build, { id: c.build, ok: true, value: { job: job.get(c.build), status: "cancelled", steps: c.steps } });
   if (command === undefined) {
     return ok({ items: [...items.values()] });
   }
   const outcome = await awaitCommand(ctx.db, command, ctx.commandWait);
   if (!outcome.applied) {
-    for (const b of targets) if (!items.has(b.id)) items.set(b.id, { id: b.id, ok: true, value: { pending: true } });
+    for (const b of targets) {
+      const i = items.get(b.id);
+      if (!i) items.set(b.id, { id: b.id, ok: true, value: { job: b.job, ...(action === "bump" ? { bump } : { status: "queued" }), pending: true } });
+      else if (i.ok) items.set(b.id, { ...i, value: { ...i.value, pending: true } });
+    }
     return ok(
       { command, applied: false, items: [...items.values()], hint: "no scheduler applied the command yet (is a coordinator with the dispatcher running?); it is applied when one runs" },
       202,
@@ -148,7 +153,7 @@ export async function buildAction(ctx: ApiContext, action: CommandKind, body: Re
   }
   const stepItems = new Map(outcome.items.map((i) => [i.id, i]));
   if (action === "cancel") {
-    for (const c of cancelled) items.set(c.build, { id: c.build, ok: true, value: { status: "cancelled", steps: c.steps.map((s) => stepItems.get(s) ?? { id: s, ok: true }) } });
+    for (const c of cancelled) items.set(c.build, { id: c.build, ok: true, value: { job: job.get(c.build), status: "cancelled", steps: c.steps.map((s) => stepItems.get(s) ?? { id: s, ok: true }) } });
   }
   for (const [step, bs] of byStep) {
     const r = stepItems.get(step) ?? fail(step, "FERRY_FARM_NO_RESULT", `the scheduler gave no result for step ${step}`);

@@ -6,6 +6,7 @@
  */
 import { test, describe } from "node:test";
 import assert from "node:assert/strict";
+import * as http from "node:http";
 import { join } from "node:path";
 import { sql } from "kysely";
 import { createAuthenticator } from "../../src/farm/api/auth.js";
@@ -27,6 +28,46 @@ async function buildOf(farm: TestFarm, jobset: string, job: string): Promise<{ i
 
 describe("farm API", () => {
   const engines = useFarmEngines("ferry-farm-api-");
+
+  test("extension points: more routes, an upgrade handler that authenticates, more metrics", async () => {
+    const fdb = await freshDatabase(engines, "postgres", "extend");
+    const upgrades: string[] = [];
+    const farm = await startTestFarm(fdb, join(engines.dir(), "extend"), {
+      extraRoutes: (api) => [
+        { method: "GET", path: "/api/workers", access: "read", run: async () => ({ status: 200, json: [{ id: "w1", database: api.fdb.kind }] }) },
+        { method: "POST", path: "/api/workers/{id}/drain", access: "admin", run: async (req) => ({ status: 200, json: { draining: req.params.id } }) },
+      ],
+      onUpgrade: (req, socket, _head, api) => {
+        void api.auth.authenticate(req).then((role) => {
+          upgrades.push(`${req.url} ${role}`);
+          socket.end(role === "worker" ? "HTTP/1.1 101 Switching Protocols\r\nUpgrade: test\r\nConnection: Upgrade\r\n\r\n" : "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n");
+        });
+      },
+      extraMetrics: async () => "# TYPE ferry_farm_workers gauge\nferry_farm_workers 3\n",
+    });
+    try {
+      assert.deepEqual((await farm.call("GET", "/api/workers", { token: undefined })).json, [{ id: "w1", database: "postgres" }]);
+      isError(await farm.call("POST", "/api/workers/w1/drain", { token: WORKER }), 403, "FERRY_FARM_FORBIDDEN");
+      assert.deepEqual((await farm.call("POST", "/api/workers/w%2F1/drain")).json, { draining: "w/1" });
+      assert.match((await farm.call("GET", "/metrics")).text, /^ferry_farm_evaluations_total 0\n[^]*^ferry_farm_workers 3\n$/m);
+      assert.ok(farm.c.routes.some((r) => r.path === "/api/workers/{id}/drain"));
+      const upgrade = (token: string) =>
+        new Promise<number>((resolve, reject) => {
+          const req = http.request(`${farm.c.url}/api/worker`, { headers: { connection: "Upgrade", upgrade: "test", authorization: `Bearer ${token}` } });
+          req.on("upgrade", (res) => resolve(res.statusCode!));
+          req.on("response", (res) => resolve(res.statusCode!));
+          req.on("error", reject);
+          req.end();
+        });
+      assert.equal(await upgrade(WORKER), 101);
+      assert.equal(await upgrade(ADMIN), 401, "this handler only lets workers in");
+      assert.deepEqual(upgrades, ["/api/worker worker", "/api/worker admin"]);
+      assert.equal(await farm.c.authenticate({ headers: { authorization: `Bearer ${WORKER}` } } as http.IncomingMessage), "worker");
+    } finally {
+      await farm.close();
+      await fdb.close();
+    }
+  });
 
   for (const engine of ["pglite", "postgres"] as const) {
     test(`the coordinator's API (${engine})`, async (t) => {
@@ -207,6 +248,16 @@ describe("farm API", () => {
           const queued = await sql<{ kind: string; payload: { steps: string[] } }>`select kind, payload from farm_commands where id = ${pending.json.command}`.execute(db);
           assert.equal(queued.rows[0]!.kind, "cancel");
           assert.equal(queued.rows[0]!.payload.steps.length, 1, "y's own step: base is needed by x again");
+        });
+
+        await t.test("metrics: queue, evaluation durations as a histogram, webhook deliveries", async () => {
+          const m = await farm.call("GET", "/metrics");
+          assert.equal(m.headers.get("content-type"), "text/plain; version=0.0.4");
+          assert.match(m.text, /^ferry_farm_steps\{system="x86_64-linux",status="queued"\} \d+$/m);
+          assert.match(m.text, /^# TYPE ferry_farm_evaluation_duration_seconds histogram$/m);
+          assert.match(m.text, /^ferry_farm_evaluation_duration_seconds_bucket\{le="1"\} \d+$/m);
+          assert.match(m.text, /^ferry_farm_evaluation_duration_seconds_bucket\{le="\+Inf"\} \d+$/m);
+          assert.match(m.text, /^ferry_farm_webhook_deliveries\{state="pending"\} 0$/m);
         });
 
         await t.test("the OpenAPI document describes every route, and only routes that exist", async () => {

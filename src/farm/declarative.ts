@@ -23,7 +23,7 @@ import { join, normalize } from "node:path";
 import { sql, type Kysely, type Transaction } from "kysely";
 import { FerryError, asFerryError } from "../core/errors.js";
 import type { FarmSchema } from "./db/index.js";
-import { checkout } from "./evaluator.js";
+import { checkout, errorText } from "./evaluator.js";
 
 export interface Declaration {
   readonly repo: string;
@@ -105,17 +105,8 @@ export function parseDeclaration(text: string, decl: Declaration): DeclaredJobse
     });
 }
 
-/** A jobset as it is now. */
-export interface ExistingJobset {
-  readonly name: string;
-  readonly repo: string;
-  readonly branch: string;
-  readonly file: string;
-  readonly attr: string | null;
-  readonly checkInterval: number;
-  readonly state: number;
-  readonly shares: number;
-}
+/** A jobset as it is now (the fields a declaration sets). */
+export type ExistingJobset = DeclaredJobset;
 
 /** What to change so that the project's jobsets are the declared ones (sorted by jobset). */
 export function planDeclaration(existing: readonly ExistingJobset[], declared: readonly DeclaredJobset[]): JobsetChange[] {
@@ -211,7 +202,7 @@ export async function refreshDeclaredProject(db: Kysely<FarmSchema>, dataDir: st
     });
   } catch (e) {
     const err = asFerryError(e);
-    await sql`update projects set decl_error = ${`${err.code}: ${err.message}${err.hint ? `\nhint: ${err.hint}` : ""}`} where id = ${projectId}`.execute(db);
+    await sql`update projects set decl_error = ${errorText(err)} where id = ${projectId}`.execute(db);
     return err;
   }
 }

@@ -50,6 +50,9 @@ export type EvaluationOutcome =
   | { readonly kind: "evaluated"; readonly inputsHash: string; readonly revision: string; readonly result: IngestResult }
   | { readonly kind: "failed"; readonly evaluationId: string; readonly error: FerryError };
 
+/** An error as the farm stores it for display (jobsets', evaluations' and projects' errors). */
+export const errorText = (e: FerryError): string => `${e.code}: ${e.message}${e.hint ? `\nhint: ${e.hint}` : ""}`;
+
 async function git(args: string[], cwd?: string): Promise<string> {
   try {
     const { stdout } = await run("git", args, { cwd, maxBuffer: 16 << 20, env: { ...process.env, GIT_TERMINAL_PROMPT: "0" } });
@@ -133,7 +136,7 @@ export async function evaluateJobset(ctx: EvaluatorContext, js: JobsetSpec): Pro
     return { kind: "evaluated", inputsHash, revision, result };
   } catch (e) {
     const error = asFerryError(e);
-    const text = `${error.code}: ${error.message}${error.hint ? `\nhint: ${error.hint}` : ""}`;
+    const text = errorText(error);
     const evaluationId = await recordFailedEvaluation(ctx.db, { jobsetId: js.id, inputsHash, revision, evalMs: Date.now() - t0, error: text });
     return { kind: "failed", evaluationId, error };
   }

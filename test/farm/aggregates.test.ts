@@ -5,8 +5,6 @@
  */
 import { test, describe } from "node:test";
 import assert from "node:assert/strict";
-import * as fs from "node:fs";
-import { execFileSync } from "node:child_process";
 import { join } from "node:path";
 import { sql, type Kysely } from "kysely";
 import { migrateFarmDatabase, type FarmSchema } from "../../src/farm/db/index.js";
@@ -15,6 +13,7 @@ import { evaluateJobset } from "../../src/farm/evaluator.js";
 import { LocalStore } from "../../src/store/local-store.js";
 import { resolveStoreLocation } from "../../src/store/config.js";
 import { useFarmEngines } from "../helpers/farm-db.js";
+import { gitRepo } from "../helpers/git-repo.js";
 import { finishSteps, freshDatabase, seedEvaluation } from "../helpers/farm-api.js";
 
 const SET = `
@@ -94,13 +93,7 @@ describe("farm aggregates", () => {
 
   test("aggregate() in a package set: a derivation on its constituents, a build with members", async () => {
     const dir = engines.dir();
-    const repo = join(dir, "repo");
-    fs.mkdirSync(repo);
-    const g = (...args: string[]) => execFileSync("git", ["-c", "user.name=t", "-c", "user.email=t@example.org", "-C", repo, ...args], { stdio: "pipe" });
-    g("init", "--quiet", "--initial-branch=main");
-    fs.writeFileSync(join(repo, "packages.ts"), SET);
-    g("add", ".");
-    g("commit", "--quiet", "-m", "one");
+    const repo = gitRepo(join(dir, "repo"), { "packages.ts": SET });
     const fdb = await engines.open("pglite", { name: "dsl" });
     const store = LocalStore.open(resolveStoreLocation({ storeDir: "/ferry/store", stateDir: "/ferry/var", root: join(dir, "store") }, {}));
     try {

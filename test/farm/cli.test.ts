@@ -5,14 +5,13 @@
  */
 import { test, describe } from "node:test";
 import assert from "node:assert/strict";
-import * as fs from "node:fs";
 import { spawn } from "node:child_process";
-import { execFileSync } from "node:child_process";
 import { once } from "node:events";
 import { join } from "node:path";
 import { ferry, ferryBin, ferryOk } from "../helpers/cli.js";
 import { useFarmEngines } from "../helpers/farm-db.js";
 import { fakeLeader } from "../helpers/farm-api.js";
+import { gitCommit, gitRepo } from "../helpers/git-repo.js";
 import { openFarmDatabase } from "../../src/farm/db/index.js";
 import { sql } from "kysely";
 
@@ -23,16 +22,7 @@ export const app = derivation({ name: "app", system: "x86_64-linux", builder: "/
 `;
 
 /** A git repository at DIR/repo with the package set committed on main. */
-function makeRepo(dir: string): string {
-  const repo = join(dir, "repo");
-  fs.mkdirSync(repo, { recursive: true });
-  const g = (...args: string[]) => execFileSync("git", ["-c", "user.name=t", "-c", "user.email=t@example.org", "-C", repo, ...args], { stdio: "pipe" });
-  g("init", "--quiet", "--initial-branch=main");
-  fs.writeFileSync(join(repo, "packages.ts"), SET);
-  g("add", ".");
-  g("commit", "--quiet", "-m", "one");
-  return repo;
-}
+const makeRepo = (dir: string): string => gitRepo(join(dir, "repo"), { "packages.ts": SET });
 
 async function serveFarm(args: string[]): Promise<{ url: string; stop(): Promise<number | null> }> {
   const child = spawn(process.execPath, [ferryBin, "farm", "serve", "--listen", "127.0.0.1:0", ...args], { stdio: ["ignore", "pipe", "pipe"] });
@@ -123,10 +113,7 @@ async function moreCommands(engine: string, c: string[], repo: string, pgUrl: st
   ferryOk(["farm", "webhook", "remove", ...a, hook.id]);
 
   // A declarative project, from a declaration committed to the repository.
-  const g = (...args: string[]) => execFileSync("git", ["-c", "user.name=t", "-c", "user.email=t@example.org", "-C", repo, ...args], { stdio: "pipe" });
-  fs.writeFileSync(join(repo, "jobsets.json"), JSON.stringify({ nightly: { file: "packages.ts", checkInterval: 0 } }));
-  g("add", ".");
-  g("commit", "--quiet", "-m", `declare (${engine})`);
+  gitCommit(repo, { "jobsets.json": JSON.stringify({ nightly: { file: "packages.ts", checkInterval: 0 } }) }, `declare (${engine})`);
   assert.equal(ferryOk(["farm", "project", "add", ...a, "decl", "--declarative-repo", repo, "--declarative-file", "jobsets.json"]), "project decl\n  create    nightly\n");
   assert.match(ferry(["farm", "jobset", "disable", ...a, "decl", "nightly"]).stderr, /FERRY_FARM_DECLARATIVE/);
 }

@@ -6,30 +6,16 @@
  */
 import { test, describe } from "node:test";
 import assert from "node:assert/strict";
-import * as fs from "node:fs";
 import { createHmac } from "node:crypto";
-import { execFileSync } from "node:child_process";
 import { join } from "node:path";
 import { isFerryError } from "../../src/core/errors.js";
 import { parseDeclaration, planDeclaration, type DeclaredJobset } from "../../src/farm/declarative.js";
 import { parsePush, repoKey } from "../../src/farm/api/projects.js";
 import { useFarmEngines } from "../helpers/farm-db.js";
+import { gitCommit, gitRepo } from "../helpers/git-repo.js";
 import { freshDatabase, startTestFarm, type TestFarm } from "../helpers/farm-api.js";
 
 const DECL = { repo: "/src/decl", branch: "trunk", file: "jobsets.json" };
-
-function gitRepo(dir: string, files: Record<string, string>): { path: string; commit(files: Record<string, string>): void } {
-  fs.mkdirSync(dir, { recursive: true });
-  const g = (...args: string[]) => execFileSync("git", ["-c", "user.name=t", "-c", "user.email=t@example.org", "-C", dir, ...args], { stdio: "pipe" });
-  g("init", "--quiet", "--initial-branch=main");
-  const commit = (f: Record<string, string>) => {
-    for (const [name, text] of Object.entries(f)) fs.writeFileSync(join(dir, name), text);
-    g("add", ".");
-    g("commit", "--quiet", "-m", "change");
-  };
-  commit(files);
-  return { path: dir, commit };
-}
 
 async function until(what: string, check: () => Promise<boolean>): Promise<void> {
   for (let i = 0; i < 300; i++) {
@@ -83,9 +69,10 @@ describe("farm declarative projects and push webhooks", () => {
   for (const engine of ["pglite", "postgres"] as const) {
     test(`declarative project, push webhook and trigger through the API (${engine})`, async () => {
       const dir = join(engines.dir(), `decl-${engine}`);
-      const repo = gitRepo(join(dir, "repo"), {
+      const repoPath = gitRepo(join(dir, "repo"), {
         "jobsets.json": JSON.stringify({ main: { file: "packages.ts" }, staging: { file: "packages.ts", branch: "staging", checkInterval: 0 } }),
       });
+      const repo = { path: repoPath, commit: (files: Record<string, string>) => gitCommit(repoPath, files) };
       const fdb = await freshDatabase(engines, engine, "decl");
       const farm = await startTestFarm(fdb, dir, { webhookSecret: "hooksecret" });
       try {

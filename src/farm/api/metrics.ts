@@ -4,6 +4,7 @@
  * rest of the coordinator adds (`extraMetrics`, e.g. the dispatcher's workers and leader).
  */
 import { sql } from "kysely";
+import { DELIVERY_COUNTS } from "../db/webhooks.js";
 import type { ApiContext } from "./context.js";
 import type { Route } from "./http.js";
 
@@ -22,11 +23,7 @@ export function metricsRoute(ctx: ApiContext, extra?: () => Promise<string>): Ro
       from evaluations`.execute(db);
     const durations = await sql<{ system: string; n: string; ms: string | null }>`
       select system, count(*) as n, sum(duration_ms) as ms from steps where duration_ms is not null group by system order by system`.execute(db);
-    const hooks = await sql<{ pending: string; failed: string; delivered: string }>`
-      select count(*) filter (where delivered_at is null and next_attempt_at is not null) as pending,
-        count(*) filter (where delivered_at is null and next_attempt_at is null) as failed,
-        count(*) filter (where delivered_at is not null) as delivered
-      from webhook_deliveries`.execute(db);
+    const hooks = await sql<{ pending: string; failed: string; delivered: string }>`select ${DELIVERY_COUNTS} from webhook_deliveries d`.execute(db);
     const e = evals.rows[0]!;
     const h = hooks.rows[0]!;
     const seconds = (ms: string | null) => (Number(ms ?? 0) / 1000).toFixed(3);

@@ -2,6 +2,7 @@
 import { randomBytes } from "node:crypto";
 import { sql } from "kysely";
 import { EVENT_KINDS } from "../db/events.js";
+import { DELIVERY_COUNTS } from "../db/webhooks.js";
 import type { ApiContext } from "./context.js";
 import { ApiError, checkId, checkName, ok, str, strings, type Route } from "./http.js";
 
@@ -51,10 +52,7 @@ export function webhookRoutes(ctx: ApiContext): Route[] {
       access: "admin",
       run: async () => {
         const r = await sql<{ id: string; url: string; events: string[]; project: string | null; description: string; created_at: Date; delivered: string; pending: string; failed: string }>`
-          select w.id::text as id, w.url, w.events, w.project, w.description, w.created_at,
-            count(d.id) filter (where d.delivered_at is not null) as delivered,
-            count(d.id) filter (where d.delivered_at is null and d.next_attempt_at is not null) as pending,
-            count(d.id) filter (where d.delivered_at is null and d.next_attempt_at is null) as failed
+          select w.id::text as id, w.url, w.events, w.project, w.description, w.created_at, ${DELIVERY_COUNTS}
           from webhooks w left join webhook_deliveries d on d.webhook_id = w.id group by w.id order by w.id`.execute(db);
         return ok(
           r.rows.map((w) => ({

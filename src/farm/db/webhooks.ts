@@ -7,6 +7,11 @@
 import { sql, type Kysely } from "kysely";
 import type { FarmSchema } from "./index.js";
 
+/** Counts of deliveries by state (`delivered`, `pending`, `failed`: given up), over rows `d`. */
+export const DELIVERY_COUNTS = sql`count(d.id) filter (where d.delivered_at is not null) as delivered,
+  count(d.id) filter (where d.delivered_at is null and d.next_attempt_at is not null) as pending,
+  count(d.id) filter (where d.delivered_at is null and d.next_attempt_at is null) as failed`;
+
 /** Turns up to `limit` new events into deliveries; returns how many events it took. */
 export async function fanOutEvents(db: Kysely<FarmSchema>, limit: number): Promise<number> {
   const r = await sql<{ id: string }>`

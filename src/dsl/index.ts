@@ -4,6 +4,7 @@ export { mkPackage, DEFAULT_HOST_TOOLS, type PackageArgs } from "./package.js";
 export { fetchurl, writeText, writeScript, runCommand, symlinkJoin, BASIC_HOST_TOOLS, type FetchurlArgs } from "./builders.js";
 export { source } from "./sources.js";
 export { packageSet } from "./package-set.js";
+export { aggregate, type AggregateArgs } from "./aggregate.js";
 export { Package, OutputRef, SourcePath } from "./values.js";
 export { evalContext } from "./context.js";
 import { evalContext } from "./context.js";

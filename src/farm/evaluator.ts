@@ -4,6 +4,10 @@
  * skip when the inputs did not change, run `ferry eval`'s evaluator (a sandboxed subprocess with
  * time and memory limits) into the coordinator's store, plan which derivations need building,
  * and ingest the evaluation. A failed checkout or evaluation is kept, with its error, for display.
+ * Either way an `evaluation:finished` event is written with it.
+ *
+ * Aggregate jobs (`aggregate()` in the package set) carry their constituents' derivations in
+ * their meta; the constituents that are jobs of the same evaluation become the build's members.
  */
 import { execFile } from "node:child_process";
 import { createHash } from "node:crypto";
@@ -11,15 +15,15 @@ import * as fs from "node:fs";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { sql, type Kysely } from "kysely";
-import { FerryError } from "../core/errors.js";
+import { FerryError, asFerryError } from "../core/errors.js";
 import type { LocalStore } from "../store/local-store.js";
-import { asFerryError } from "../store/local-store.js";
-import { evaluate } from "../dsl/evaluate.js";
+import { evaluate, type EvalJob as DslJob } from "../dsl/evaluate.js";
+import { aggregateConstituents } from "../dsl/aggregate.js";
 import { storePort } from "../store/writer-thread.js";
 import { planBuild } from "../build/plan.js";
 import { readStoreDerivation } from "../build/realise.js";
 import type { FarmSchema } from "./db/index.js";
-import { ingestEvaluation, type EvalStep, type IngestResult } from "./db/ingest.js";
+import { ingestEvaluation, recordFailedEvaluation, type EvalJob, type EvalStep, type IngestResult } from "./db/ingest.js";
 
 const run = promisify(execFile);
 
@@ -46,6 +50,9 @@ export type EvaluationOutcome =
   | { readonly kind: "evaluated"; readonly inputsHash: string; readonly revision: string; readonly result: IngestResult }
   | { readonly kind: "failed"; readonly evaluationId: string; readonly error: FerryError };
 
+/** An error as the farm stores it for display (jobsets', evaluations' and projects' errors). */
+export const errorText = (e: FerryError): string => `${e.code}: ${e.message}${e.hint ? `\nhint: ${e.hint}` : ""}`;
+
 async function git(args: string[], cwd?: string): Promise<string> {
   try {
     const { stdout } = await run("git", args, { cwd, maxBuffer: 16 << 20, env: { ...process.env, GIT_TERMINAL_PROMPT: "0" } });
@@ -58,8 +65,8 @@ async function git(args: string[], cwd?: string): Promise<string> {
   }
 }
 
-/** Brings the jobset's checkout to the head of its branch; returns the revision. */
-async function checkout(dir: string, repo: string, branch: string): Promise<string> {
+/** Brings a checkout in `dir` to the head of `branch` of `repo`; returns the revision. */
+export async function checkout(dir: string, repo: string, branch: string): Promise<string> {
   if (!fs.existsSync(join(dir, ".git"))) {
     fs.rmSync(dir, { recursive: true, force: true });
     fs.mkdirSync(dir, { recursive: true });
@@ -69,6 +76,17 @@ async function checkout(dir: string, repo: string, branch: string): Promise<stri
     await git(["checkout", "--quiet", "--force", "FETCH_HEAD"], dir);
   }
   return git(["rev-parse", "HEAD"], dir);
+}
+
+/** The evaluator's jobs as the farm stores them: aggregates name their member jobs. */
+export function farmJobs(jobs: readonly DslJob[]): EvalJob[] {
+  const byDrv = new Map<string, string[]>();
+  for (const j of jobs) byDrv.set(j.drvPath, [...(byDrv.get(j.drvPath) ?? []), j.attr]);
+  return jobs.map((j) => {
+    const constituents = aggregateConstituents(j.meta);
+    const members = constituents?.flatMap((d) => byDrv.get(d) ?? []).filter((m) => m !== j.attr);
+    return { job: j.attr, drvPath: j.drvPath, system: j.system, outputs: j.outputs, ...(members?.length ? { members } : {}) };
+  });
 }
 
 /** The derivations the jobs need built, with their edges (what is valid is left out). */
@@ -112,18 +130,14 @@ export async function evaluateJobset(ctx: EvaluatorContext, js: JobsetSpec): Pro
       inputsHash,
       revision,
       evalMs: Date.now() - t0,
-      jobs: jobs.map((j) => ({ job: j.attr, drvPath: j.drvPath, system: j.system, outputs: j.outputs })),
+      jobs: farmJobs(jobs),
       steps,
     });
-    await sql`update jobsets set last_checked_at = now(), last_inputs_hash = ${inputsHash}, error = null where id = ${js.id}`.execute(ctx.db);
     return { kind: "evaluated", inputsHash, revision, result };
   } catch (e) {
     const error = asFerryError(e);
-    const text = `${error.code}: ${error.message}${error.hint ? `\nhint: ${error.hint}` : ""}`;
-    const ev = await sql<{ id: string }>`
-      insert into evaluations (jobset_id, inputs_hash, revision, eval_ms, error, finished_at)
-      values (${js.id}, ${inputsHash || "-"}, ${revision || null}, ${Date.now() - t0}, ${text}, now()) returning id`.execute(ctx.db);
-    await sql`update jobsets set last_checked_at = now(), error = ${text} where id = ${js.id}`.execute(ctx.db);
-    return { kind: "failed", evaluationId: ev.rows[0]!.id, error };
+    const text = errorText(error);
+    const evaluationId = await recordFailedEvaluation(ctx.db, { jobsetId: js.id, inputsHash, revision, evalMs: Date.now() - t0, error: text });
+    return { kind: "failed", evaluationId, error };
   }
 }

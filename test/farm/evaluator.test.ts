@@ -5,8 +5,6 @@
  */
 import { test, describe } from "node:test";
 import assert from "node:assert/strict";
-import * as fs from "node:fs";
-import { execFileSync } from "node:child_process";
 import { join } from "node:path";
 import { sql } from "kysely";
 import { migrateFarmDatabase } from "../../src/farm/db/index.js";
@@ -15,6 +13,7 @@ import { evaluateJobset } from "../../src/farm/evaluator.js";
 import { LocalStore } from "../../src/store/local-store.js";
 import { resolveStoreLocation } from "../../src/store/config.js";
 import { useFarmEngines } from "../helpers/farm-db.js";
+import { gitCommit, gitRepo } from "../helpers/git-repo.js";
 
 const SET = (extra: string) => `
 import { derivation } from "ferry";
@@ -28,13 +27,7 @@ describe("jobset evaluation", () => {
 
   test("git checkout, sandboxed evaluation, skip when unchanged, diff after a commit, errors kept", async () => {
     const dir = engines.dir();
-    const repo = join(dir, "repo");
-    fs.mkdirSync(repo);
-    const g = (...args: string[]) => execFileSync("git", ["-c", "user.name=t", "-c", "user.email=t@example.org", "-C", repo, ...args], { stdio: "pipe" });
-    g("init", "--quiet", "--initial-branch=main");
-    fs.writeFileSync(join(repo, "packages.ts"), SET("v1"));
-    g("add", ".");
-    g("commit", "--quiet", "-m", "one");
+    const repo = gitRepo(join(dir, "repo"), { "packages.ts": SET("v1") });
 
     const fdb = await engines.open("pglite", { name: "eval-db" });
     const store = LocalStore.open(resolveStoreLocation({ storeDir: "/ferry/store", stateDir: "/ferry/var", root: join(dir, "store") }, {}));
@@ -62,16 +55,14 @@ describe("jobset evaluation", () => {
 
       assert.equal((await evaluateJobset(ctx, await spec())).kind, "unchanged");
 
-      fs.writeFileSync(join(repo, "packages.ts"), SET("v2"));
-      g("commit", "--quiet", "-am", "two");
+      gitCommit(repo, { "packages.ts": SET("v2") }, "two");
       const second = await evaluateJobset(ctx, await spec());
       assert.ok(second.kind === "evaluated");
       const diff = await diffEvaluations(db, first.result.evaluationId, second.result.evaluationId);
       assert.deepEqual(diff.changed, ["app"]);
       assert.equal(second.result.newSteps, 1);
 
-      fs.writeFileSync(join(repo, "packages.ts"), "export const broken = ;\n");
-      g("commit", "--quiet", "-am", "broken");
+      gitCommit(repo, { "packages.ts": "export const broken = ;\n" }, "broken");
       const third = await evaluateJobset(ctx, await spec());
       assert.equal(third.kind, "failed");
       const kept = await sql<{ error: string }>`select error from jobsets where id = ${js.rows[0]!.id}`.execute(db);

@@ -1,6 +1,7 @@
 /**
- * `ferry farm …`: the build farm's coordinator and its client commands (a first slice:
- * serve, jobset add, eval, builds, evals). Client commands talk to the coordinator's REST API.
+ * `ferry farm …`: the build farm's coordinator (serve) and the commands that drive it through
+ * its REST API (docs/farm-api.md): projects, jobsets, evaluations and their diffs, builds and
+ * restart / cancel / bump, tokens and webhooks.
  */
 import * as fs from "node:fs";
 import { resolve } from "node:path";
@@ -11,6 +12,7 @@ import { withStoreOptions, storeLocation, type StoreFlags } from "../store-optio
 import { parseListen } from "../listen.js";
 import { note, out } from "../output.js";
 import { untilStopSignal } from "../signals.js";
+import { api, call, clientOptions, printItems, printRows, seg, type ClientFlags } from "./farm-client.js";
 
 interface ServeFlags extends StoreFlags {
   dataDir: string;
@@ -20,6 +22,8 @@ interface ServeFlags extends StoreFlags {
   adminToken?: string;
   workerToken?: string;
   readToken?: string;
+  webhookSecret?: string;
+  commandWait: number;
 }
 
 async function serve(f: ServeFlags): Promise<void> {
@@ -39,7 +43,19 @@ async function serve(f: ServeFlags): Promise<void> {
   }
   for (const r of migrated.results ?? []) note(`ferry farm: migration ${r.migrationName}: ${r.status}`);
   const store = LocalStore.open(storeLocation(f));
-  const c = await startCoordinator({ db, store, dataDir, host, port, adminToken: f.adminToken, checkEveryMs: Math.round(f.checkEvery * 1000), ...(f.workerToken ? { workerToken: f.workerToken } : {}), ...(f.readToken ? { readToken: f.readToken } : {}) });
+  const c = await startCoordinator({
+    db,
+    store,
+    dataDir,
+    host,
+    port,
+    adminToken: f.adminToken,
+    checkEveryMs: Math.round(f.checkEvery * 1000),
+    commandWait: { waitMs: Math.round(f.commandWait * 1000) },
+    ...(f.workerToken ? { workerToken: f.workerToken } : {}),
+    ...(f.readToken ? { readToken: f.readToken } : {}),
+    ...(f.webhookSecret ? { webhookSecret: f.webhookSecret } : {}),
+  });
   out(`ferry farm: serving on ${c.url} (database: ${db.kind === "pglite" ? `embedded, in ${dataDir}` : "PostgreSQL"})`);
   await untilStopSignal();
   await c.close();
@@ -47,60 +63,58 @@ async function serve(f: ServeFlags): Promise<void> {
   store.close();
 }
 
-interface ClientFlags {
-  farm: string;
-  token?: string;
-}
+const STATES = ["disabled", "enabled", "one-shot"];
+const toInt = (name: string) => (v: string) => {
+  if (!/^-?\d+$/.test(v)) throw new FerryError("FERRY_FARM_BAD_ARGUMENT", `${name} must be an integer, not '${v}'`);
+  return Number(v);
+};
+/** A repository given on the command line: URLs as they are, local paths made absolute. */
+const repoArg = (r: string) => (/^[a-z+]+:\/\//.test(r) || r.includes("@") ? r : resolve(r));
 
-const clientOptions = (cmd: Command): Command =>
-  cmd
-    .addOption(new Option("--farm <url>", "the coordinator's URL").env("FERRY_FARM").makeOptionMandatory())
-    .addOption(new Option("--token <token>", "API token (admin for changes)").env("FERRY_TOKEN"));
-
-async function api(f: ClientFlags, method: string, path: string, body?: unknown): Promise<unknown> {
-  let res: Response;
-  const url = `${f.farm.replace(/\/+$/, "")}${path}`;
-  try {
-    res = await fetch(url, {
-      method,
-      headers: { ...(f.token ? { authorization: `Bearer ${f.token}` } : {}), ...(body !== undefined ? { "content-type": "application/json" } : {}) },
-      ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
-    });
-  } catch (e) {
-    throw new FerryError("FERRY_FARM_UNREACHABLE", `cannot reach the farm at ${f.farm}: ${((e as Error).cause as Error | undefined)?.message ?? (e as Error).message}`, {
-      hint: "check --farm (or FERRY_FARM) and that `ferry farm serve` runs there",
-    });
-  }
-  const text = await res.text();
-  let json: unknown;
-  try {
-    json = JSON.parse(text);
-  } catch {
-    throw new FerryError("FERRY_FARM_BAD_ANSWER", `${method} ${url}: HTTP ${res.status}, not JSON`, { hint: "is --farm the coordinator's URL?" });
-  }
-  if (!res.ok) {
-    const e = (json as { error?: { code?: string; message?: string; hint?: string } }).error ?? {};
-    throw new FerryError(e.code ?? "FERRY_FARM_ERROR", e.message ?? `HTTP ${res.status}`, e.hint ? { hint: e.hint } : {});
-  }
-  return json;
-}
-
-const seg = (s: string) => encodeURIComponent(s);
-
-export function farmCommand(): Command {
-  const cmd = new Command("farm").description("the build farm: a coordinator (serve) and the commands that drive it");
-  cmd.addCommand(
-    withStoreOptions(new Command("serve"))
-      .description("run the coordinator: REST API, evaluations, database (embedded PGlite in --data-dir, or --database postgres://…)")
-      .requiredOption("--data-dir <dir>", "where the embedded database and the checkouts live")
-      .option("--listen <host:port>", "address to listen on", "127.0.0.1:8090")
-      .option("--database <url>", "a PostgreSQL URL instead of the embedded database")
-      .addOption(new Option("--admin-token <token>", "token for changes (projects, jobsets, evaluations)").env("FERRY_ADMIN_TOKEN"))
-      .addOption(new Option("--worker-token <token>", "token workers present").env("FERRY_WORKER_TOKEN"))
-      .addOption(new Option("--read-token <token>", "token reads need (default: reads are public)").env("FERRY_READ_TOKEN"))
-      .option("--check-every <seconds>", "how often to look for jobsets whose check interval has passed", (v) => Number(v), 5)
-      .action(serve),
+function projectCommands(): Command {
+  const project = new Command("project").description("manage projects");
+  project.addCommand(
+    clientOptions(new Command("add"))
+      .description("add or change a project; with --declarative-file its jobsets are declared in a JSON file of a repository")
+      .argument("<project>")
+      .option("--description <text>", "what the project is")
+      .option("--declarative-repo <git-url>", "the repository holding the jobset declaration")
+      .option("--declarative-file <file>", "the declaration (JSON: jobset name → { file, branch?, attr?, checkInterval?, state?, shares?, repo? })")
+      .option("--declarative-branch <branch>", "the declaration's branch", "main")
+      .option("--declarative-interval <seconds>", "read the declaration this often", toInt("--declarative-interval"))
+      .option("--not-declarative", "stop reading a declaration (the jobsets stay as they are)")
+      .option("--json", "print the answer as JSON")
+      .action(async (name: string, f: ClientFlags & { description?: string; declarativeRepo?: string; declarativeFile?: string; declarativeBranch: string; declarativeInterval?: number; notDeclarative?: boolean }) => {
+        if ((f.declarativeRepo === undefined) !== (f.declarativeFile === undefined)) {
+          throw new FerryError("FERRY_FARM_BAD_ARGUMENT", "--declarative-repo and --declarative-file go together", { hint: "give both, or neither" });
+        }
+        const declarative = f.notDeclarative
+          ? null
+          : f.declarativeFile
+            ? { repo: repoArg(f.declarativeRepo!), file: f.declarativeFile, branch: f.declarativeBranch, ...(f.declarativeInterval !== undefined ? { checkInterval: f.declarativeInterval } : {}) }
+            : undefined;
+        const r = (await api(f, "PUT", `/api/projects/${seg(name)}`, { ...(f.description !== undefined ? { description: f.description } : {}), ...(declarative !== undefined ? { declarative } : {}) })) as {
+          project: string;
+          changes: { jobset: string; action: string }[];
+        };
+        if (f.json) return out(JSON.stringify(r));
+        out(`project ${r.project}`);
+        for (const c of r.changes) out(`  ${c.action.padEnd(9)} ${c.jobset}`);
+      }),
   );
+  project.addCommand(
+    clientOptions(new Command("list"))
+      .description("the projects")
+      .option("--json", "one JSON object per project")
+      .action(async (f: ClientFlags) => {
+        const rows = (await api(f, "GET", "/api/projects")) as { project: string; jobsets: number; declarative: { repo: string; file: string; error: string | null } | null; description: string }[];
+        printRows(f, f.json ? rows : rows.map((p) => ({ ...p, declarative: p.declarative ? `${p.declarative.file} in ${p.declarative.repo}${p.declarative.error ? " (error)" : ""}` : "-" })), ["project", "jobsets", "declarative", "description"]);
+      }),
+  );
+  return project;
+}
+
+function jobsetCommands(): Command {
   const jobset = new Command("jobset").description("manage jobsets");
   jobset.addCommand(
     clientOptions(new Command("add"))
@@ -111,20 +125,76 @@ export function farmCommand(): Command {
       .requiredOption("--file <file>", "the package set, relative to the repository")
       .option("--branch <branch>", "branch to follow", "main")
       .option("--attr <attr>", "only this attribute of the package set")
-      .option("--check-interval <seconds>", "evaluate this often (0: only on demand)", (v) => Number(v))
-      .action(async (project: string, name: string, f: ClientFlags & { repo: string; file: string; branch: string; attr?: string; checkInterval?: number }) => {
-        const repo = /^[a-z+]+:\/\//.test(f.repo) || f.repo.includes("@") ? f.repo : resolve(f.repo);
+      .option("--check-interval <seconds>", "evaluate this often (0: only on demand)", toInt("--check-interval"))
+      .option("--shares <n>", "its share of the farm against other jobsets", toInt("--shares"))
+      .option("--one-shot", "evaluate once, then disable")
+      .action(async (project: string, name: string, f: ClientFlags & { repo: string; file: string; branch: string; attr?: string; checkInterval?: number; shares?: number; oneShot?: boolean }) => {
         const r = await api(f, "PUT", `/api/projects/${seg(project)}/jobsets/${seg(name)}`, {
-          repo,
+          repo: repoArg(f.repo),
           file: f.file,
           branch: f.branch,
           ...(f.attr ? { attr: f.attr } : {}),
           ...(f.checkInterval !== undefined ? { checkInterval: f.checkInterval } : {}),
+          ...(f.shares !== undefined ? { shares: f.shares } : {}),
+          ...(f.oneShot ? { state: 2 } : {}),
         });
         out(JSON.stringify(r));
       }),
   );
-  cmd.addCommand(jobset);
+  jobset.addCommand(
+    clientOptions(new Command("list"))
+      .description("a project's jobsets")
+      .argument("<project>")
+      .option("--json", "one JSON object per jobset")
+      .action(async (project: string, f: ClientFlags) => {
+        const rows = (await api(f, "GET", `/api/projects/${seg(project)}/jobsets`)) as Record<string, unknown>[];
+        printRows(f, f.json ? rows : rows.map((j) => ({ ...j, state: j.stateName, error: j.error ? "yes" : "-" })), ["jobset", "state", "branch", "file", "checkInterval", "error", "repo"]);
+      }),
+  );
+  jobset.addCommand(
+    clientOptions(new Command("show"))
+      .description("a jobset: its settings, latest evaluation, builds by status and last error")
+      .argument("<project>")
+      .argument("<jobset>")
+      .option("--json", "as JSON")
+      .action(async (project: string, name: string, f: ClientFlags) => {
+        const j = (await api(f, "GET", `/api/projects/${seg(project)}/jobsets/${seg(name)}`)) as Record<string, unknown> & {
+          lastEvaluation: { id: string; revision: string | null; builds: number; error: string | null } | null;
+          builds: Record<string, number>;
+        };
+        if (f.json) return out(JSON.stringify(j));
+        for (const k of ["project", "jobset", "repo", "branch", "file", "attr", "checkInterval", "stateName", "shares", "declarative", "lastCheckedAt"]) out(`${k.padEnd(14)} ${j[k] ?? "-"}`);
+        const e = j.lastEvaluation;
+        out(`${"evaluation".padEnd(14)} ${e ? `${e.id} (${e.revision?.slice(0, 12) ?? "-"}): ${e.error ? "failed" : `${e.builds} builds`}` : "-"}`);
+        out(`${"builds".padEnd(14)} ${Object.entries(j.builds).map(([s, n]) => `${n} ${s}`).join(", ") || "-"}`);
+        if (j.error) out(`error\n${String(j.error).replace(/^/gm, "  ")}`);
+      }),
+  );
+  for (const [verb, state] of [["enable", 1], ["disable", 0]] as const) {
+    jobset.addCommand(
+      clientOptions(new Command(verb))
+        .description(`${verb} a jobset (${verb === "enable" ? "it is evaluated at its check interval again" : "no more evaluations; its builds stay"})`)
+        .argument("<project>")
+        .argument("<jobset>")
+        .action(async (project: string, name: string, f: ClientFlags) => {
+          const j = (await api(f, "PATCH", `/api/projects/${seg(project)}/jobsets/${seg(name)}`, { state })) as { project: string; jobset: string; state: number };
+          out(`${j.project}/${j.jobset}: ${STATES[j.state]}`);
+        }),
+    );
+  }
+  jobset.addCommand(
+    clientOptions(new Command("trigger"))
+      .description("make a jobset due now (like a push webhook does)")
+      .argument("<project>")
+      .argument("<jobset>")
+      .action(async (project: string, name: string, f: ClientFlags) => {
+        out(JSON.stringify(await api(f, "POST", `/api/projects/${seg(project)}/jobsets/${seg(name)}/trigger`)));
+      }),
+  );
+  return jobset;
+}
+
+function evaluationCommands(cmd: Command): void {
   cmd.addCommand(
     clientOptions(new Command("eval"))
       .description("evaluate a jobset now")
@@ -146,7 +216,7 @@ export function farmCommand(): Command {
       .argument("<project>")
       .argument("<jobset>")
       .option("--json", "one JSON object per job")
-      .action(async (project: string, name: string, f: ClientFlags & { json?: boolean }) => {
+      .action(async (project: string, name: string, f: ClientFlags) => {
         const rows = (await api(f, "GET", `/api/projects/${seg(project)}/jobsets/${seg(name)}/builds`)) as { job: string; drvPath: string; status: string }[];
         for (const b of rows) out(f.json ? JSON.stringify(b) : `${b.job}\t${b.status}\t${b.drvPath}`);
       }),
@@ -161,5 +231,170 @@ export function farmCommand(): Command {
         for (const e of rows) out(JSON.stringify(e));
       }),
   );
+  cmd.addCommand(
+    clientOptions(new Command("diff"))
+      .description("what changed between two evaluations: jobs added, removed and changed, and the steps that costs")
+      .argument("<project>")
+      .argument("<jobset>")
+      .argument("[evaluation]", "an evaluation id (default: the latest successful one)", "latest")
+      .option("--against <evaluation>", "compare with this evaluation (default: the one before)")
+      .option("--json", "as JSON")
+      .action(async (project: string, name: string, ev: string, f: ClientFlags & { against?: string }) => {
+        const d = (await api(f, "GET", `/api/projects/${seg(project)}/jobsets/${seg(name)}/evaluations/${seg(ev)}/diff${f.against ? `?against=${seg(f.against)}` : ""}`)) as {
+          evaluation: { id: string; revision: string | null };
+          against: { id: string; revision: string | null } | null;
+          added: string[];
+          removed: string[];
+          changed: string[];
+          stepsNeeded: number;
+        };
+        if (f.json) return out(JSON.stringify(d));
+        const rev = (e: { revision: string | null }) => (e.revision ? ` (${e.revision.slice(0, 12)})` : "");
+        out(`${project}/${name}: evaluation ${d.evaluation.id}${rev(d.evaluation)} against ${d.against ? `${d.against.id}${rev(d.against)}` : "nothing"}`);
+        for (const [title, mark, jobs] of [["added", "+", d.added], ["removed", "-", d.removed], ["changed", "~", d.changed]] as const) {
+          out(`${title} (${jobs.length})${jobs.length ? ":" : ""}`);
+          for (const j of jobs) out(`  ${mark} ${j}`);
+        }
+        out(`steps needed: ${d.stepsNeeded}`);
+      }),
+  );
+  cmd.addCommand(
+    clientOptions(new Command("latest"))
+      .description("a job's latest finished build (the newest that succeeded in an evaluation with nothing queued), or one output's store path")
+      .argument("<project>")
+      .argument("<jobset>")
+      .argument("<job>")
+      .argument("[output]")
+      .action(async (project: string, name: string, job: string, output: string | undefined, f: ClientFlags) => {
+        const b = (await api(f, "GET", `/api/projects/${seg(project)}/jobsets/${seg(name)}/jobs/${seg(job)}/latest-finished${output ? `/${seg(output)}?format=json` : ""}`)) as { path?: string };
+        out(output ? b.path! : JSON.stringify(b));
+      }),
+  );
+}
+
+function buildActionCommand(action: "restart" | "cancel" | "bump", description: string): Command {
+  const cmd = clientOptions(new Command(action))
+    .description(description)
+    .argument("[project]")
+    .argument("[jobset]")
+    .argument("[jobs...]", "jobs of the jobset's latest evaluation (default: all)")
+    .option("--build <ids...>", "builds by id instead of by jobset")
+    .option("--json", "print the answer as JSON");
+  if (action === "bump") cmd.option("--bump <n>", "the priority (higher first)", toInt("--bump"), 1);
+  return cmd.action(async (project: string | undefined, jobset: string | undefined, jobs: string[], f: ClientFlags & { build?: string[]; bump?: number }) => {
+    if ((f.build === undefined) === (project === undefined || jobset === undefined)) {
+      throw new FerryError("FERRY_FARM_BAD_ARGUMENT", `name the builds to ${action}: PROJECT JOBSET [JOB…], or --build ID…`, { hint: "ids are shown by `ferry farm builds`" });
+    }
+    if (f.build && project !== undefined) throw new FerryError("FERRY_FARM_BAD_ARGUMENT", "give either PROJECT JOBSET [JOB…] or --build ID…, not both");
+    const body = { ...(f.build ? { builds: f.build } : { project, jobset, ...(jobs.length ? { jobs } : {}) }), ...(action === "bump" ? { bump: f.bump } : {}) };
+    const r = (await call(f, "POST", `/api/builds/${action}`, body)).json as Parameters<typeof printItems>[0];
+    if (f.json) {
+      out(JSON.stringify(r));
+      if (r.items?.some((i) => !i.ok)) process.exitCode = 1;
+      return;
+    }
+    printItems(r, (i) => {
+      const v = (i.value ?? {}) as { job?: string; status?: string; steps?: unknown[]; bump?: number; pending?: boolean };
+      const steps = v.steps ? `${v.steps.length} steps ${v.pending ? "to cancel" : "cancelled"}` : undefined;
+      return [v.job, v.status, v.bump !== undefined ? `bump ${v.bump}` : undefined, steps, v.pending ? "(pending)" : undefined].filter((x) => x !== undefined).join("  ");
+    });
+  });
+}
+
+function tokenCommands(): Command {
+  const token = new Command("token").description("API tokens stored by the farm (admin)");
+  token.addCommand(
+    clientOptions(new Command("add"))
+      .description("make a token; it is printed once")
+      .requiredOption("--role <role>", "admin, worker, read-only or public-read")
+      .option("--description <text>", "what it is for")
+      .action(async (f: ClientFlags & { role: string; description?: string }) => {
+        const t = (await api(f, "POST", "/api/tokens", { role: f.role, ...(f.description ? { description: f.description } : {}) })) as { id: string; token: string };
+        note(`ferry farm: token ${t.id} (${f.role}); it is not shown again`);
+        out(t.token);
+      }),
+  );
+  token.addCommand(
+    clientOptions(new Command("list"))
+      .description("stored tokens (not their secrets)")
+      .option("--json", "one JSON object per token")
+      .action(async (f: ClientFlags) => printRows(f, (await api(f, "GET", "/api/tokens")) as Record<string, unknown>[], ["id", "role", "createdAt", "description"])),
+  );
+  token.addCommand(
+    clientOptions(new Command("remove"))
+      .description("revoke a token")
+      .argument("<id>")
+      .action(async (id: string, f: ClientFlags) => out(JSON.stringify(await api(f, "DELETE", `/api/tokens/${seg(id)}`)))),
+  );
+  return token;
+}
+
+function webhookCommands(): Command {
+  const webhook = new Command("webhook").description("outgoing webhooks: build and evaluation events POSTed to a URL (admin)");
+  webhook.addCommand(
+    clientOptions(new Command("add"))
+      .description("add a webhook; its signing secret is printed once")
+      .argument("<url>")
+      .option("--event <kind...>", "build:finished, evaluation:finished, step:finished (default: the first two)")
+      .option("--project <project>", "only this project's events")
+      .option("--secret <secret>", "the HMAC secret (default: a random one)")
+      .option("--description <text>", "what it is for")
+      .action(async (url: string, f: ClientFlags & { event?: string[]; project?: string; secret?: string; description?: string }) => {
+        const w = await api(f, "POST", "/api/webhooks", {
+          url,
+          ...(f.event ? { events: f.event } : {}),
+          ...(f.project ? { project: f.project } : {}),
+          ...(f.secret ? { secret: f.secret } : {}),
+          ...(f.description ? { description: f.description } : {}),
+        });
+        out(JSON.stringify(w));
+      }),
+  );
+  webhook.addCommand(
+    clientOptions(new Command("list"))
+      .description("webhooks and their deliveries (delivered, pending, given up)")
+      .option("--json", "one JSON object per webhook")
+      .action(async (f: ClientFlags) => {
+        const rows = (await api(f, "GET", "/api/webhooks")) as (Record<string, unknown> & { deliveries: { delivered: number; pending: number; failed: number }; events: string[] })[];
+        printRows(
+          f,
+          f.json ? rows : rows.map((w) => ({ ...w, events: w.events.join(","), deliveries: `${w.deliveries.delivered} delivered, ${w.deliveries.pending} pending, ${w.deliveries.failed} failed` })),
+          ["id", "url", "events", "project", "deliveries"],
+        );
+      }),
+  );
+  webhook.addCommand(
+    clientOptions(new Command("remove"))
+      .description("remove a webhook (and its deliveries)")
+      .argument("<id>")
+      .action(async (id: string, f: ClientFlags) => out(JSON.stringify(await api(f, "DELETE", `/api/webhooks/${seg(id)}`)))),
+  );
+  return webhook;
+}
+
+export function farmCommand(): Command {
+  const cmd = new Command("farm").description("the build farm: a coordinator (serve) and the commands that drive it");
+  cmd.addCommand(
+    withStoreOptions(new Command("serve"))
+      .description("run the coordinator: REST API, evaluations, database (embedded PGlite in --data-dir, or --database postgres://…)")
+      .requiredOption("--data-dir <dir>", "where the embedded database and the checkouts live")
+      .option("--listen <host:port>", "address to listen on", "127.0.0.1:8090")
+      .option("--database <url>", "a PostgreSQL URL instead of the embedded database")
+      .addOption(new Option("--admin-token <token>", "token for changes (projects, jobsets, evaluations)").env("FERRY_ADMIN_TOKEN"))
+      .addOption(new Option("--worker-token <token>", "token workers present").env("FERRY_WORKER_TOKEN"))
+      .addOption(new Option("--read-token <token>", "token reads need (default: reads are public)").env("FERRY_READ_TOKEN"))
+      .addOption(new Option("--webhook-secret <secret>", "secret git hosts sign push webhooks with (POST /api/hooks/git)").env("FERRY_WEBHOOK_SECRET"))
+      .option("--check-every <seconds>", "how often to look for jobsets whose check interval has passed", (v) => Number(v), 5)
+      .option("--command-wait <seconds>", "how long restart / cancel / bump wait for the scheduler before answering 'queued'", (v) => Number(v), 10)
+      .action(serve),
+  );
+  cmd.addCommand(projectCommands());
+  cmd.addCommand(jobsetCommands());
+  evaluationCommands(cmd);
+  cmd.addCommand(buildActionCommand("restart", "queue failed, dependency-failed or cancelled builds again"));
+  cmd.addCommand(buildActionCommand("cancel", "cancel queued builds (and the steps no other queued build needs)"));
+  cmd.addCommand(buildActionCommand("bump", "build queued builds sooner"));
+  cmd.addCommand(tokenCommands());
+  cmd.addCommand(webhookCommands());
   return cmd;
 }

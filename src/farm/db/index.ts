@@ -10,9 +10,10 @@ import { Kysely, Migrator, PostgresDialect, type Generated, type Migration, type
 import { FerryError } from "../../core/errors.js";
 import * as m0001 from "./migrations/0001-initial.js";
 import * as m0002 from "./migrations/0002-dispatch.js";
+import * as m0003 from "./migrations/0003-interfaces.js";
 
 /** The migrations, in order. A new one is a new numbered module added at the end. */
-const MIGRATIONS: readonly { name: string; up(db: Kysely<unknown>): Promise<void> }[] = [m0001, m0002];
+const MIGRATIONS: readonly { name: string; up(db: Kysely<unknown>): Promise<void> }[] = [m0001, m0002, m0003];
 
 export interface ProjectsTable {
   id: Generated<number>;

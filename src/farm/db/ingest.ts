@@ -1,14 +1,18 @@
 /**
- * Ingesting an evaluation: its jobs become builds (one per job), the derivations that need
+ * Ingesting an evaluation: the jobset remembers its inputs (so unchanged inputs are skipped
+ * next time), its jobs become builds (one per job), the derivations that need
  * building become steps (one per derivation, shared with every earlier evaluation and jobset
  * that needs it), with their dependency edges. Everything goes in one transaction, in
  * multi-row statements of a few thousand rows, so an evaluation of 100,000 jobs is a few dozen
  * round trips, and a crash leaves either the whole evaluation or none of it.
  *
- * The plan (which rows to write) is computed first, as a value; `ingestEvaluation` applies it.
+ * The same transaction writes the `evaluation:finished` event, so webhooks hear of exactly the
+ * evaluations that were stored. A failed evaluation is stored (with its error and its event) by
+ * `recordFailedEvaluation`.
  */
 import { sql, type Kysely, type Transaction } from "kysely";
 import type { FarmSchema } from "./index.js";
+import { jobsetNames, recordEvent } from "./events.js";
 
 export interface EvalJob {
   readonly job: string;
@@ -77,7 +81,7 @@ export async function ingestEvaluation(db: Kysely<FarmSchema>, input: IngestInpu
     const ev = await sql<{ id: string }>`
       insert into evaluations (jobset_id, inputs_hash, revision, eval_ms, nr_builds, nr_new, finished_at)
       values (${input.jobsetId}, ${input.inputsHash}, ${input.revision ?? null}, ${input.evalMs ?? null}, ${input.jobs.length}, ${changedJobs}, now())
-      returning id`.execute(tx);
+      returning id::text as id`.execute(tx);
     const evaluationId = ev.rows[0]!.id;
 
     let newSteps = 0;
@@ -122,7 +126,47 @@ export async function ingestEvaluation(db: Kysely<FarmSchema>, input: IngestInpu
     for (const part of chunks(members)) {
       await insertColumns(tx, "aggregate_members", { aggregate_id: { type: "bigint", values: part.map((l) => l[0]) }, member_id: { type: "bigint", values: part.map((l) => l[1]) } }, "on conflict do nothing");
     }
+    await sql`update jobsets set last_checked_at = now(), last_inputs_hash = ${input.inputsHash}, error = null where id = ${input.jobsetId}`.execute(tx);
+    await recordEvent(tx, "evaluation:finished", {
+      evaluationId,
+      ...(await jobsetNames(tx, input.jobsetId)),
+      status: "succeeded",
+      builds: input.jobs.length,
+      changed: changedJobs,
+      revision: input.revision ?? null,
+    });
     return { evaluationId, builds: input.jobs.length, newSteps, changedJobs };
+  });
+}
+
+export interface FailedEvaluation {
+  readonly jobsetId: number;
+  /** Empty when the inputs could not be read (the checkout failed). */
+  readonly inputsHash: string;
+  readonly revision?: string | undefined;
+  readonly evalMs: number;
+  /** The error as shown to users: code, message and hint. */
+  readonly error: string;
+}
+
+/** Stores a failed evaluation (kept for display), the jobset's error, and the event. */
+export async function recordFailedEvaluation(db: Kysely<FarmSchema>, f: FailedEvaluation): Promise<string> {
+  return db.transaction().execute(async (tx) => {
+    const ev = await sql<{ id: string }>`
+      insert into evaluations (jobset_id, inputs_hash, revision, eval_ms, error, finished_at)
+      values (${f.jobsetId}, ${f.inputsHash || "-"}, ${f.revision || null}, ${f.evalMs}, ${f.error}, now()) returning id::text as id`.execute(tx);
+    await sql`update jobsets set last_checked_at = now(), error = ${f.error} where id = ${f.jobsetId}`.execute(tx);
+    const evaluationId = ev.rows[0]!.id;
+    await recordEvent(tx, "evaluation:finished", {
+      evaluationId,
+      ...(await jobsetNames(tx, f.jobsetId)),
+      status: "failed",
+      builds: 0,
+      changed: 0,
+      revision: f.revision || null,
+      error: f.error,
+    });
+    return evaluationId;
   });
 }
 
@@ -134,9 +178,9 @@ export interface EvaluationDiff {
   readonly stepsNeeded: number;
 }
 
-/** What changed between two evaluations of a jobset (`ferry farm diff`). */
-export async function diffEvaluations(db: Kysely<FarmSchema>, fromId: string, toId: string): Promise<EvaluationDiff> {
-  const rows = async (id: string) => new Map((await sql<{ job: string; drv_path: string }>`select job, drv_path from builds where evaluation_id = ${id}`.execute(db)).rows.map((r) => [r.job, r.drv_path]));
+/** What changed between two evaluations of a jobset (`ferry farm diff`); from null: since nothing. */
+export async function diffEvaluations(db: Kysely<FarmSchema>, fromId: string | null, toId: string): Promise<EvaluationDiff> {
+  const rows = async (id: string | null) => id === null ? new Map<string, string>() : new Map((await sql<{ job: string; drv_path: string }>`select job, drv_path from builds where evaluation_id = ${id}`.execute(db)).rows.map((r) => [r.job, r.drv_path]));
   const [a, b] = await Promise.all([rows(fromId), rows(toId)]);
   const added = [...b.keys()].filter((j) => !a.has(j)).sort();
   const removed = [...a.keys()].filter((j) => !b.has(j)).sort();

@@ -8,6 +8,7 @@
  * `authenticate`), and `extraMetrics` appends lines to /metrics.
  */
 import * as http from "node:http";
+import { join } from "node:path";
 import type { Duplex } from "node:stream";
 import { FerryError } from "../core/errors.js";
 import type { LocalStore } from "../store/local-store.js";
@@ -25,6 +26,9 @@ import { metricsRoute } from "./api/metrics.js";
 import { OPENAPI } from "./api/openapi.js";
 import { projectRoutes } from "./api/projects.js";
 import { webhookRoutes } from "./api/webhooks.js";
+import { workerRoutes } from "./api/workers.js";
+import { startDispatcher, type Dispatcher, type DispatcherOptions } from "./dispatch/dispatcher.js";
+import { openFarmCache, type FarmCacheOptions } from "./farm-cache.js";
 
 export type { ApiContext } from "./api/context.js";
 export type { Route, Reply, ApiRequest, Access } from "./api/http.js";
@@ -55,6 +59,23 @@ export interface CoordinatorOptions {
   readonly onUpgrade?: (req: http.IncomingMessage, socket: Duplex, head: Buffer, api: ApiContext) => void;
   /** More Prometheus lines for /metrics (complete with their # HELP and # TYPE). */
   readonly extraMetrics?: () => Promise<string>;
+  /**
+   * Scheduling and workers (the dispatcher, on by default): lease and heartbeat periods, a
+   * build time limit, the URL workers should use for this coordinator (default: its listen
+   * address), and the farm cache (default: embedded in the data dir, on `cacheHost`:`cachePort`).
+   */
+  readonly dispatch?:
+    | false
+    | {
+        readonly leaseMs?: number;
+        readonly heartbeatMs?: number;
+        readonly stepTimeoutSeconds?: number;
+        readonly publicUrl?: string;
+        readonly cacheHost?: string;
+        readonly cachePort?: number;
+        readonly cache?: FarmCacheOptions["external"];
+        readonly scheduler?: DispatcherOptions["scheduler"];
+      };
 }
 
 export interface Coordinator {
@@ -71,6 +92,18 @@ export interface Coordinator {
 export async function startCoordinator(opts: CoordinatorOptions): Promise<Coordinator> {
   const db = opts.db.db;
   const auth = createAuthenticator(db, opts);
+  const dispatch = opts.dispatch === false ? undefined : (opts.dispatch ?? {});
+  const farmCache = dispatch
+    ? await openFarmCache({
+        dataDir: opts.dataDir,
+        storeDir: opts.store.storeDir,
+        host: dispatch.cacheHost ?? opts.host ?? "127.0.0.1",
+        ...(dispatch.cachePort !== undefined ? { port: dispatch.cachePort } : {}),
+        ...(dispatch.cache ? { external: dispatch.cache } : {}),
+      })
+    : undefined;
+  /** Set once the server listens (the dispatcher needs the coordinator's URL). */
+  let dispatcher: Dispatcher | undefined;
   const deliveries = startWebhookDelivery({ db, ...opts.webhooks });
   const evaluations = startEvaluationLoop({
     evaluator: {
@@ -79,9 +112,13 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Coordi
       dataDir: opts.dataDir,
       ...(opts.evalTimeoutSeconds ? { timeoutSeconds: opts.evalTimeoutSeconds } : {}),
       ...(opts.evalMemoryMiB ? { memoryMiB: opts.evalMemoryMiB } : {}),
+      ...(farmCache ? { publish: (paths: readonly string[]) => farmCache.publish(opts.store, paths) } : {}),
     },
     everyMs: opts.checkEveryMs ?? 5000,
-    onEvaluated: deliveries.poke,
+    onEvaluated: () => {
+      deliveries.poke();
+      dispatcher?.poke();
+    },
     refreshProject: async (p) => {
       const r = await refreshDeclaredProject(db, opts.dataDir, p.id);
       if (r instanceof FerryError) console.error(`ferry farm: reading the jobsets of project ${p.name} failed: ${r.code}: ${r.message}`);
@@ -97,11 +134,20 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Coordi
     commandWait: opts.commandWait ?? {},
     webhookSecret: opts.webhookSecret,
   };
-  const extra = typeof opts.extraRoutes === "function" ? opts.extraRoutes(ctx) : (opts.extraRoutes ?? []);
+  const extra = [
+    ...(typeof opts.extraRoutes === "function" ? opts.extraRoutes(ctx) : (opts.extraRoutes ?? [])),
+    ...(dispatch
+      ? workerRoutes(ctx, () => {
+          if (!dispatcher) throw new FerryError("FERRY_FARM_STARTING", "the coordinator is still starting", { hint: "try again in a moment" });
+          return dispatcher;
+        })
+      : []),
+  ];
+  const extraMetrics = async (): Promise<string> => (opts.extraMetrics ? await opts.extraMetrics() : "") + (dispatcher?.metrics() ?? "");
   const routes: Route[] = [
     { method: "GET", path: "/api/health", access: "public", run: async () => ok({ ok: true, database: opts.db.kind }) },
     { method: "GET", path: "/api/openapi.json", access: "public", run: async () => ok(OPENAPI) },
-    metricsRoute(ctx, opts.extraMetrics),
+    metricsRoute(ctx, extraMetrics),
     ...projectRoutes(ctx),
     ...evaluationRoutes(ctx),
     ...buildRoutes(ctx),
@@ -110,28 +156,45 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Coordi
     ...extra,
   ];
   const server = http.createServer(createRouter({ routes, authenticate: auth.authenticate, readsOpen: auth.readsOpen }));
-  if (opts.onUpgrade) {
-    const onUpgrade = opts.onUpgrade;
-    server.on("upgrade", (req: http.IncomingMessage, socket: Duplex, head: Buffer) => onUpgrade(req, socket, head, ctx));
-  }
+  server.on("upgrade", (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
+    if (dispatcher && (req.url ?? "").split("?")[0] === "/api/worker") dispatcher.handleUpgrade(req, socket, head);
+    else if (opts.onUpgrade) opts.onUpgrade(req, socket, head, ctx);
+    else socket.end("HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+  });
   await new Promise<void>((resolve, reject) => {
     server.once("error", (e: NodeJS.ErrnoException) =>
       reject(new FerryError("FERRY_FARM_LISTEN_FAILED", `cannot listen on ${opts.host ?? "127.0.0.1"}:${opts.port ?? 0}: ${e.message}`, { hint: "pick another --listen HOST:PORT" })),
     );
     server.listen(opts.port ?? 0, opts.host ?? "127.0.0.1", () => resolve());
   }).catch(async (e: unknown) => {
-    await Promise.all([evaluations.close(), deliveries.close()]);
+    await Promise.all([evaluations.close(), deliveries.close(), farmCache?.close()]);
     throw e;
   });
   const addr = server.address() as { address: string; port: number };
+  const url = `http://${addr.address.includes(":") ? `[${addr.address}]` : addr.address}:${addr.port}`;
+  if (dispatch && farmCache) {
+    dispatcher = startDispatcher({
+      db: opts.db,
+      publicUrl: dispatch.publicUrl ?? url,
+      cache: { url: farmCache.url, ...(farmCache.token ? { token: farmCache.token } : {}), ...(farmCache.publicKey ? { publicKey: farmCache.publicKey } : {}) },
+      logDir: join(opts.dataDir, "logs"),
+      authenticate: auth.authenticate,
+      ...(dispatch.leaseMs ? { leaseMs: dispatch.leaseMs } : {}),
+      ...(dispatch.heartbeatMs ? { heartbeatMs: dispatch.heartbeatMs } : {}),
+      ...(dispatch.stepTimeoutSeconds ? { stepTimeoutSeconds: dispatch.stepTimeoutSeconds } : {}),
+      ...(dispatch.scheduler ? { scheduler: dispatch.scheduler } : {}),
+    });
+  }
   return {
-    url: `http://${addr.address.includes(":") ? `[${addr.address}]` : addr.address}:${addr.port}`,
+    url,
     routes: routes.map((r) => ({ method: r.method, path: r.path })),
     authenticate: auth.authenticate,
     pokeDeliveries: deliveries.poke,
     close: async () => {
+      await dispatcher?.close();
       await evaluations.close();
       await deliveries.close();
+      await farmCache?.close();
       await new Promise<void>((r) => {
         server.close(() => r());
         server.closeAllConnections();

@@ -43,6 +43,8 @@ export interface EvaluatorContext {
   readonly dataDir: string;
   readonly timeoutSeconds?: number;
   readonly memoryMiB?: number;
+  /** Makes the derivations of the steps available to workers (the farm cache), before they are queued. */
+  readonly publish?: (drvPaths: readonly string[]) => Promise<void>;
 }
 
 export type EvaluationOutcome =
@@ -125,6 +127,7 @@ export async function evaluateJobset(ctx: EvaluatorContext, js: JobsetSpec): Pro
       memoryMiB: ctx.memoryMiB ?? 4096,
     });
     const steps = planSteps(ctx.store, jobs.map((j) => j.drvPath));
+    if (ctx.publish && steps.length > 0) await ctx.publish(steps.map((s) => s.drvPath));
     const result = await ingestEvaluation(ctx.db, {
       jobsetId: js.id,
       inputsHash,

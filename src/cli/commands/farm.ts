@@ -12,6 +12,8 @@ import { withStoreOptions, storeLocation, type StoreFlags } from "../store-optio
 import { parseListen } from "../listen.js";
 import { note, out } from "../output.js";
 import { untilStopSignal } from "../signals.js";
+import { readSecretKeyFile } from "../key-files.js";
+import type { CoordinatorOptions } from "../../farm/coordinator.js";
 import { api, call, clientOptions, printItems, printRows, seg, type ClientFlags } from "./farm-client.js";
 
 interface ServeFlags extends StoreFlags {
@@ -24,6 +26,15 @@ interface ServeFlags extends StoreFlags {
   readToken?: string;
   webhookSecret?: string;
   commandWait: number;
+  leaseSeconds: number;
+  stepTimeout?: number;
+  publicUrl?: string;
+  cacheListen?: string;
+  cache?: string;
+  cacheToken?: string;
+  cachePublicKey?: string;
+  cacheSecretKey?: string;
+  dispatch: boolean;
 }
 
 async function serve(f: ServeFlags): Promise<void> {
@@ -55,12 +66,44 @@ async function serve(f: ServeFlags): Promise<void> {
     ...(f.workerToken ? { workerToken: f.workerToken } : {}),
     ...(f.readToken ? { readToken: f.readToken } : {}),
     ...(f.webhookSecret ? { webhookSecret: f.webhookSecret } : {}),
+    dispatch: f.dispatch === false ? false : dispatchOptions(f, host),
   });
   out(`ferry farm: serving on ${c.url} (database: ${db.kind === "pglite" ? `embedded, in ${dataDir}` : "PostgreSQL"})`);
   await untilStopSignal();
   await c.close();
   await db.close();
   store.close();
+}
+
+function positive(flag: string, v: string): number {
+  const n = Number(v);
+  if (!(n > 0)) throw new FerryError("FERRY_FARM_BAD_ARGUMENT", `${flag} must be a number of seconds above 0, not '${v}'`);
+  return n;
+}
+
+/** The dispatcher's settings from serve's flags. */
+function dispatchOptions(f: ServeFlags, host: string): NonNullable<Exclude<CoordinatorOptions["dispatch"], false>> {
+  const cacheAt = f.cacheListen ? parseListen(f.cacheListen, "FERRY_FARM_BAD_LISTEN") : undefined;
+  if (f.cache === undefined && (f.cacheToken || f.cachePublicKey || f.cacheSecretKey)) {
+    throw new FerryError("FERRY_FARM_BAD_ARGUMENT", "--cache-token, --cache-public-key and --cache-secret-key go with --cache", { hint: "the embedded cache makes its own token and key" });
+  }
+  return {
+    leaseMs: Math.round(f.leaseSeconds * 1000),
+    ...(f.stepTimeout ? { stepTimeoutSeconds: f.stepTimeout } : {}),
+    ...(f.publicUrl ? { publicUrl: f.publicUrl.replace(/\/+$/, "") } : {}),
+    cacheHost: cacheAt?.host ?? host,
+    ...(cacheAt ? { cachePort: cacheAt.port } : {}),
+    ...(f.cache
+      ? {
+          cache: {
+            url: f.cache,
+            ...(f.cacheToken ? { token: f.cacheToken } : {}),
+            ...(f.cachePublicKey ? { publicKey: f.cachePublicKey } : {}),
+            ...(f.cacheSecretKey ? { secretKey: readSecretKeyFile(f.cacheSecretKey) } : {}),
+          },
+        }
+      : {}),
+  };
 }
 
 const STATES = ["disabled", "enabled", "one-shot"];
@@ -386,6 +429,15 @@ export function farmCommand(): Command {
       .addOption(new Option("--webhook-secret <secret>", "secret git hosts sign push webhooks with (POST /api/hooks/git)").env("FERRY_WEBHOOK_SECRET"))
       .option("--check-every <seconds>", "how often to look for jobsets whose check interval has passed", (v) => Number(v), 5)
       .option("--command-wait <seconds>", "how long restart / cancel / bump wait for the scheduler before answering 'queued'", (v) => Number(v), 10)
+      .option("--lease-seconds <seconds>", "a step whose worker is silent this long goes to another worker", (v) => positive("--lease-seconds", v), 60)
+      .option("--step-timeout <seconds>", "kill builds that run longer than this", (v) => positive("--step-timeout", v))
+      .option("--public-url <url>", "the URL workers reach this coordinator at (default: the listen address)")
+      .option("--cache-listen <host:port>", "where the embedded farm cache listens (default: the listen host, a free port)")
+      .option("--cache <url>", "use this binary cache (http(s)://, s3://, file://) instead of the embedded one")
+      .addOption(new Option("--cache-token <token>", "upload token of --cache (handed to workers)").env("FERRY_FARM_CACHE_TOKEN"))
+      .option("--cache-public-key <key>", "public key workers trust for --cache")
+      .option("--cache-secret-key <file>", "key the coordinator signs the derivations it publishes to --cache with")
+      .option("--no-dispatch", "serve the API and evaluate only; another coordinator on the same database schedules")
       .action(serve),
   );
   cmd.addCommand(projectCommands());

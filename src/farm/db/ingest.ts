@@ -96,10 +96,16 @@ export async function ingestEvaluation(db: Kysely<FarmSchema>, input: IngestInpu
       newSteps += Number(r.numAffectedRows ?? 0n);
     }
 
+    // Existing steps are read FOR SHARE: a step finishing meanwhile waits for this transaction,
+    // then sees (and settles) the builds it adds; one that finished before is read as finished.
     const ids = new Map<string, string>();
+    const finished = new Map<string, string>();
     for (const part of chunks([...new Set([...input.steps.map((s) => s.drvPath), ...input.jobs.map((j) => j.drvPath)])])) {
-      const rows = await sql<{ id: string; drv_path: string }>`select id, drv_path from steps where drv_path = any(${sql.val(part)}::text[])`.execute(tx);
-      for (const r of rows.rows) ids.set(r.drv_path, r.id);
+      const rows = await sql<{ id: string; drv_path: string; status: string }>`select id::text as id, drv_path, status from steps where drv_path = any(${sql.val(part)}::text[]) order by id for share`.execute(tx);
+      for (const r of rows.rows) {
+        ids.set(r.drv_path, r.id);
+        if (r.status !== "queued" && r.status !== "running") finished.set(r.drv_path, r.status);
+      }
     }
     const edges: [string, string][] = [];
     for (const s of input.steps) for (const d of s.dependsOn) if (ids.has(d)) edges.push([ids.get(s.drvPath)!, ids.get(d)!]);
@@ -111,10 +117,10 @@ export async function ingestEvaluation(db: Kysely<FarmSchema>, input: IngestInpu
     for (const part of chunks(input.jobs)) {
       const rows = await sql<{ id: string; job: string }>`
         insert into builds (evaluation_id, jobset_id, job, drv_path, system, outputs, is_aggregate, status)
-        select ${evaluationId}::bigint, ${input.jobsetId}::int, j, d, s, o::jsonb, a, case when st then 'queued' else 'succeeded' end
+        select ${evaluationId}::bigint, ${input.jobsetId}::int, j, d, s, o::jsonb, a, case when st = '' then 'queued' else st end
         from unnest(${sql.val(part.map((j) => j.job))}::text[], ${sql.val(part.map((j) => j.drvPath))}::text[], ${sql.val(part.map((j) => j.system))}::text[],
                     ${sql.val(part.map((j) => JSON.stringify(j.outputs)))}::text[], ${sql.val(part.map((j) => (j.members?.length ?? 0) > 0))}::boolean[],
-                    ${sql.val(part.map((j) => ids.has(j.drvPath)))}::boolean[]) as t(j, d, s, o, a, st)
+                    ${sql.val(part.map((j) => (!ids.has(j.drvPath) ? "succeeded" : (finished.get(j.drvPath) ?? ""))))}::text[]) as t(j, d, s, o, a, st)
         returning id, job`.execute(tx);
       for (const r of rows.rows) buildIds.set(r.job, r.id);
     }

@@ -10,6 +10,7 @@
  */
 import { sql, type Kysely } from "kysely";
 import type { FarmSchema } from "./index.js";
+import { settleAggregates } from "./builds.js";
 
 export interface ClaimRequest {
   readonly owner: string;
@@ -297,10 +298,15 @@ export async function settleBuilds(tx: Kysely<FarmSchema>, stepIds: readonly str
   const r = await sql<{ id: string; jobset_id: number; job: string; drv_path: string; status: string }>`
     update builds set status = s.status, finished_at = now()
     from build_steps bs join steps s on s.id = bs.step_id
-    where bs.build_id = builds.id and bs.step_id = any(${sql.val([...stepIds])}::bigint[]) and builds.status = 'queued'
+    where bs.build_id = builds.id and bs.step_id = any(${sql.val([...stepIds])}::bigint[]) and builds.status = 'queued' and not builds.is_aggregate
       and s.status in ('succeeded', 'failed', 'dependency-failed', 'cancelled')
     returning builds.id, builds.jobset_id, builds.job, builds.drv_path, builds.status`.execute(tx);
   const builds = r.rows.map((b) => ({ id: String(b.id), jobsetId: b.jobset_id, job: b.job, drvPath: b.drv_path, status: b.status }));
+  // Aggregates whose own step this is, or made of these builds, follow their members (and write their own events).
+  const own = await sql<{ id: string }>`
+    select b.id::text as id from builds b join build_steps bs on bs.build_id = b.id
+    where bs.step_id = any(${sql.val([...stepIds])}::bigint[]) and b.is_aggregate and b.status = 'queued'`.execute(tx);
+  if (builds.length || own.rows.length) await settleAggregates(tx, [...builds.map((b) => b.id), ...own.rows.map((x) => x.id)]);
   if (builds.length) {
     await sql`
       insert into farm_events (kind, payload)

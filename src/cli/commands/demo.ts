@@ -60,6 +60,7 @@ export function demoCommand(): Command {
           store.removeRoot("ferry-demo");
           const built = await demoBuild(store, work, say);
           if (built) await demoCache(store, built, work, say);
+          if (built) await demoFarm(store, work, say);
           say("done. Try: ferry store path-info --json " + added.path);
         } finally {
           store.close();
@@ -144,5 +145,51 @@ async function demoCache(store: LocalStore, path: string, work: string, say: (s:
     }
   } finally {
     await server.close();
+  }
+}
+
+/**
+ * The farm on one machine: a coordinator on its embedded database, the package set (plus one
+ * new job) as a jobset in a git repository, and one local worker that builds it in the sandbox
+ * and uploads to the farm cache.
+ */
+async function demoFarm(store: LocalStore, work: string, say: (s: string) => void): Promise<void> {
+  const { execFileSync, spawn } = await import("node:child_process");
+  const { openFarmDatabase, migrateFarmDatabase } = await import("../../farm/db/index.js");
+  const { startCoordinator } = await import("../../farm/coordinator.js");
+  const repo = join(work, "farm-repo");
+  fs.mkdirSync(repo);
+  const extra = `\nexport const selfTest = derivation({ name: "buoy-17-self-test", system: "x86_64-linux", builder: "/bin/sh", args: ["-c", "echo checked on the farm > $out"] });\n`;
+  fs.writeFileSync(join(repo, "packages.ts"), DEMO_PACKAGES + extra);
+  const git = (...a: string[]) => execFileSync("git", ["-c", "user.name=demo", "-c", "user.email=demo@example.org", "-C", repo, ...a], { stdio: "ignore" });
+  git("init", "--quiet", "--initial-branch=main");
+  git("add", ".");
+  git("commit", "--quiet", "-m", "station packages");
+  const dataDir = join(work, "farm");
+  const fdb = await openFarmDatabase({ dataDir });
+  await migrateFarmDatabase(fdb);
+  const c = await startCoordinator({ db: fdb, store, dataDir, adminToken: "demo-admin", workerToken: "demo-worker", checkEveryMs: 0, dispatch: { leaseMs: 10_000 } });
+  const worker = spawn(process.execPath, [process.argv[1]!, "worker", "--farm", c.url, "--id", "demo-worker", "--store-dir", store.storeDir, "--root", join(work, "worker"), "--state-dir", store.loc.stateDir], {
+    stdio: "ignore",
+    env: { ...process.env, FERRY_WORKER_TOKEN: "demo-worker" },
+  });
+  try {
+    const call = async (method: string, path: string, body?: unknown) =>
+      (await (await fetch(c.url + path, { method, headers: { authorization: "Bearer demo-admin", "content-type": "application/json" }, ...(body ? { body: JSON.stringify(body) } : {}) })).json()) as Record<string, unknown>;
+    await call("PUT", "/api/projects/buoys/jobsets/station", { repo, file: "packages.ts", checkInterval: 0 });
+    const ev = await call("POST", "/api/projects/buoys/jobsets/station/evaluations?wait=1");
+    say(`11. farm: coordinator on ${c.url} (embedded database), jobset buoys/station evaluated: ${String(ev.builds)} builds, ${String(ev.newSteps)} to build`);
+    const deadline = Date.now() + 120_000;
+    let builds: { job: string; status: string }[] = [];
+    while (Date.now() < deadline) {
+      builds = (await (await fetch(`${c.url}/api/projects/buoys/jobsets/station/builds`)).json()) as { job: string; status: string }[];
+      if (builds.every((b) => b.status !== "queued")) break;
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    say(`12. a local worker built them in the sandbox and uploaded to the farm cache: ${builds.map((b) => `${b.job} ${b.status}`).join(", ")}`);
+  } finally {
+    worker.kill("SIGTERM");
+    await c.close();
+    await fdb.close();
   }
 }

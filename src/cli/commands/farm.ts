@@ -12,6 +12,8 @@ import { withStoreOptions, storeLocation, type StoreFlags } from "../store-optio
 import { parseListen } from "../listen.js";
 import { note, out } from "../output.js";
 import { untilStopSignal } from "../signals.js";
+import { spawn, type ChildProcess } from "node:child_process";
+import { join } from "node:path";
 import { readSecretKeyFile } from "../key-files.js";
 import type { CoordinatorOptions } from "../../farm/coordinator.js";
 import { api, call, clientOptions, printItems, printRows, seg, type ClientFlags } from "./farm-client.js";
@@ -35,6 +37,7 @@ interface ServeFlags extends StoreFlags {
   cachePublicKey?: string;
   cacheSecretKey?: string;
   dispatch: boolean;
+  localWorkers?: number;
 }
 
 async function serve(f: ServeFlags): Promise<void> {
@@ -69,10 +72,32 @@ async function serve(f: ServeFlags): Promise<void> {
     dispatch: f.dispatch === false ? false : dispatchOptions(f, host),
   });
   out(`ferry farm: serving on ${c.url} (database: ${db.kind === "pglite" ? `embedded, in ${dataDir}` : "PostgreSQL"})`);
+  const locals = startLocalWorkers(f, c.url, dataDir);
   await untilStopSignal();
+  for (const w of locals) w.kill("SIGTERM");
   await c.close();
   await db.close();
   store.close();
+}
+
+/**
+ * `--local-workers N`: N `ferry worker` processes on this machine, dialling this coordinator
+ * with the worker token, each with its own store under DATA-DIR/workers/<i> (same store dir as
+ * the coordinator's, so paths match). They stop with the coordinator.
+ */
+function startLocalWorkers(f: ServeFlags, url: string, dataDir: string): ChildProcess[] {
+  const n = f.localWorkers ?? 0;
+  if (n === 0) return [];
+  if (!f.workerToken) throw new FerryError("FERRY_FARM_NO_TOKEN", "--local-workers needs --worker-token", { hint: "pass --worker-token (any secret) so the workers can connect" });
+  const store = storeLocation(f);
+  return Array.from({ length: n }, (_, i) => {
+    const root = join(dataDir, "workers", String(i + 1));
+    const child = spawn(process.execPath, [process.argv[1]!, "worker", "--farm", url, "--id", `local-${i + 1}`, "--store-dir", store.storeDir, "--root", root, "--state-dir", store.stateDir], {
+      stdio: ["ignore", "ignore", "inherit"],
+      env: { ...process.env, FERRY_WORKER_TOKEN: f.workerToken },
+    });
+    return child;
+  });
 }
 
 function positive(flag: string, v: string): number {
@@ -438,6 +463,7 @@ export function farmCommand(): Command {
       .option("--cache-public-key <key>", "public key workers trust for --cache")
       .option("--cache-secret-key <file>", "key the coordinator signs the derivations it publishes to --cache with")
       .option("--no-dispatch", "serve the API and evaluate only; another coordinator on the same database schedules")
+      .option("--local-workers <n>", "also run N workers on this machine (needs --worker-token)", (v) => toInt("--local-workers")(v))
       .action(serve),
   );
   cmd.addCommand(projectCommands());

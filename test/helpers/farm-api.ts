@@ -34,7 +34,8 @@ export async function startTestFarm(fdb: FarmDatabase, dir: string, opts: Partia
   const m = await migrateFarmDatabase(fdb);
   if (m.error) throw m.error;
   const store = LocalStore.open(resolveStoreLocation({ storeDir: "/ferry/store", stateDir: "/ferry/var", root: join(dir, "store") }, {}));
-  const c = await startCoordinator({ db: fdb, store, dataDir: dir, adminToken: ADMIN, workerToken: WORKER, checkEveryMs: 0, webhooks: { everyMs: 0 }, ...opts });
+  // The API alone (dispatch: false): these tests answer commands with a stand-in leader; the dispatcher has its own tests.
+  const c = await startCoordinator({ db: fdb, store, dataDir: dir, adminToken: ADMIN, workerToken: WORKER, checkEveryMs: 0, webhooks: { everyMs: 0 }, dispatch: false, ...opts });
   return {
     c,
     db: fdb.db,

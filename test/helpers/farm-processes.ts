@@ -30,20 +30,7 @@ export async function spawnFarmServe(args: readonly string[]): Promise<FarmProce
     });
     child.on("exit", (code) => reject(new Error(`ferry farm serve exited ${code}: ${err}`)));
   });
-  return {
-    child,
-    url,
-    stderr: () => err,
-    stop: async () => {
-      child.kill("SIGTERM");
-      await exited(child);
-      return child.exitCode;
-    },
-    kill9: async () => {
-      child.kill("SIGKILL");
-      await exited(child);
-    },
-  };
+  return handle(child, url, () => err);
 }
 
 /** Starts `ferry worker --farm URL ARGS` with the worker token in its environment. */
@@ -52,10 +39,14 @@ export function spawnFerryWorker(farm: string, token: string, args: readonly str
   let err = "";
   child.stderr!.setEncoding("utf8").on("data", (s: string) => (err += s));
   child.stdout!.resume();
+  return handle(child, farm, () => err);
+}
+
+function handle(child: ChildProcess, url: string, stderr: () => string): FarmProcess {
   return {
     child,
-    url: farm,
-    stderr: () => err,
+    url,
+    stderr,
     stop: async () => {
       child.kill("SIGTERM");
       await exited(child);

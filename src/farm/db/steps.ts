@@ -157,13 +157,18 @@ export async function takeNewSteps(db: Kysely<FarmSchema>, limit: number): Promi
   return graphOf(db, rows.rows.filter((r) => r.status === "queued" || r.status === "running"));
 }
 
-/** The last measured duration of each package name, and each jobset's shares. */
-export async function loadHistory(db: Kysely<FarmSchema>): Promise<{ durations: [string, number][]; shares: [number, number][] }> {
+/** The last measured duration of each package name. */
+export async function loadDurations(db: Kysely<FarmSchema>): Promise<[string, number][]> {
   const d = await sql<{ name: string; duration_ms: number }>`
     select distinct on (name) name, duration_ms from steps
     where status = 'succeeded' and duration_ms is not null order by name, finished_at desc`.execute(db);
+  return d.rows.map((r) => [r.name, r.duration_ms]);
+}
+
+/** Each jobset's scheduling shares, by jobset id. */
+export async function loadShares(db: Kysely<FarmSchema>): Promise<[number, number][]> {
   const s = await sql<{ id: number; shares: number }>`select id, shares from jobsets`.execute(db);
-  return { durations: d.rows.map((r) => [r.name, r.duration_ms]), shares: s.rows.map((r) => [r.id, r.shares]) };
+  return s.rows.map((r) => [Number(r.id), r.shares]);
 }
 
 export interface Claim {

@@ -31,9 +31,11 @@ import { Scheduler, type SchedulerOptions, type StepSpec, type StepOutcome } fro
 import type { FarmDatabase } from "../db/index.js";
 import {
   claimAssigned,
-  loadHistory,
+  loadDurations,
+  loadShares,
   loadLiveSteps,
   recordStepResults,
+  renewStepLeases,
   requeueExpired,
   requeueSteps,
   settleBuilds,
@@ -200,16 +202,20 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
     },
   );
 
+  /** Gives the scheduler every jobset's shares. */
+  const refreshShares = async (s: Scheduler): Promise<void> => {
+    for (const [id, shares] of await loadShares(db)) {
+      jobsetShares.set(id, shares);
+      s.setShares(String(id), shares);
+    }
+  };
+
   /** Builds the scheduler from the database: every unfinished step, the connected workers, the leases. */
   const rebuild = async (): Promise<void> => {
     const t0 = Date.now();
     sched = undefined;
-    const hist = await loadHistory(db);
-    const s = new Scheduler({ ...opts.scheduler, durations: hist.durations });
-    for (const [id, shares] of hist.shares) {
-      jobsetShares.set(id, shares);
-      s.setShares(String(id), shares);
-    }
+    const s = new Scheduler({ ...opts.scheduler, durations: await loadDurations(db) });
+    await refreshShares(s);
     info = new Map();
     for (const sess of sessions.values()) s.addMachine(machineSpec(sess));
     const graph = await loadLiveSteps(db);
@@ -312,16 +318,7 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
     const s = sched!;
     const graph = await takeNewSteps(db, 1_000_000);
     if (graph.steps.length === 0) return;
-    for (const [, jobset] of graph.jobsets) {
-      if (!jobsetShares.has(jobset)) {
-        const hist = await loadHistory(db);
-        for (const [id, shares] of hist.shares) {
-          jobsetShares.set(id, shares);
-          s.setShares(String(id), shares);
-        }
-        break;
-      }
-    }
+    if (graph.jobsets.some(([, jobset]) => !jobsetShares.has(jobset))) await refreshShares(s);
     const { specs, dead } = specsOf(graph, s);
     const results = s.addSteps(specs, Date.now());
     for (const r of results) if (r.ok && r.value === "depFailed") dead.push({ stepId: r.id, cause: blockerOf(s, r.id) });
@@ -465,10 +462,7 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
         s.requeue(lost, Date.now());
         log(`worker ${sess.hello.id} came back without ${lost.length} step(s) it was building; they are queued again`);
       }
-      if (keep.length) {
-        await sql`update steps set lease_expires_at = now() + ${leaseMs} * interval '1 millisecond'
-          where id = any(${sql.val(keep)}::bigint[]) and lease_owner = ${sess.hello.id} and status = 'running'`.execute(db);
-      }
+      await renewStepLeases(db, sess.hello.id, keep, leaseMs);
       sess.welcomed = true;
       send(sess, { type: "welcome", leaseMs, heartbeatMs, cache: opts.cache, keep });
       log(`worker ${sess.hello.id} joined (${sess.hello.systems.join(", ")}; ${sess.hello.maxJobs} job(s)${keep.length ? `; still building ${keep.length}` : ""})`);

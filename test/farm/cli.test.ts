@@ -10,6 +10,7 @@ import { once } from "node:events";
 import { join } from "node:path";
 import { ferry, ferryBin, ferryOk } from "../helpers/cli.js";
 import { useFarmEngines } from "../helpers/farm-db.js";
+import { spawnFarmServe } from "../helpers/farm-processes.js";
 import { fakeLeader } from "../helpers/farm-api.js";
 import { gitCommit, gitRepo } from "../helpers/git-repo.js";
 import { openFarmDatabase } from "../../src/farm/db/index.js";
@@ -24,28 +25,7 @@ export const app = derivation({ name: "app", system: "x86_64-linux", builder: "/
 /** A git repository at DIR/repo with the package set committed on main. */
 const makeRepo = (dir: string): string => gitRepo(join(dir, "repo"), { "packages.ts": SET });
 
-async function serveFarm(args: string[]): Promise<{ url: string; stop(): Promise<number | null> }> {
-  const child = spawn(process.execPath, [ferryBin, "farm", "serve", "--listen", "127.0.0.1:0", ...args], { stdio: ["ignore", "pipe", "pipe"] });
-  let text = "";
-  let err = "";
-  child.stderr!.setEncoding("utf8").on("data", (s: string) => (err += s));
-  const url = await new Promise<string>((resolve, reject) => {
-    child.stdout!.setEncoding("utf8").on("data", (s: string) => {
-      text += s;
-      const m = /serving on (http:\/\/[^\s]+)/.exec(text);
-      if (m) resolve(m[1]!);
-    });
-    child.on("exit", (code) => reject(new Error(`ferry farm serve exited ${code}: ${err}`)));
-  });
-  return {
-    url,
-    stop: async () => {
-      child.kill("SIGTERM");
-      const [code] = (await once(child, "exit")) as [number | null];
-      return code;
-    },
-  };
-}
+const serveFarm = (args: string[]) => spawnFarmServe(["--listen", "127.0.0.1:0", ...args]);
 
 /**
  * The commands beyond the first slice, on a farm with demo/main evaluated (app and base
@@ -137,7 +117,8 @@ describe("ferry farm on the command line", () => {
       const dir = join(engines.dir(), engine);
       const repo = makeRepo(dir);
       const db = engine === "postgres" ? ["--database", engines.pg().url] : [];
-      const farm = await serveFarm(["--data-dir", join(dir, "farm"), "--admin-token", "adm", "--worker-token", "wrk", "--command-wait", "0.3", "--store-dir", "/ferry/store", "--state-dir", "/ferry/var", "--root", join(dir, "store"), ...db]);
+      // --no-dispatch: commands are answered by the stand-in scheduler (PostgreSQL) or by none (PGlite).
+      const farm = await serveFarm(["--data-dir", join(dir, "farm"), "--admin-token", "adm", "--worker-token", "wrk", "--command-wait", "0.3", "--no-dispatch", "--store-dir", "/ferry/store", "--state-dir", "/ferry/var", "--root", join(dir, "store"), ...db]);
       try {
         const c = ["--farm", farm.url];
         ferryOk(["farm", "jobset", "add", ...c, "--token", "adm", "demo", "main", "--repo", repo, "--file", "packages.ts"]);

@@ -266,9 +266,26 @@ describe("farm scheduler: dependencies and estimates", () => {
     assert.equal(s.estimate("gcc"), 20_000);
     add(s, [step("gcc-2", [], { name: "gcc" }), step("hello-2", ["gcc-2"], { name: "hello" })], 10_000);
     assert.equal(s.step("gcc-2").estimate, 20_000);
-    // Unknown names fall back to the mean of the measured ones.
+    // Unknown names fall back to a high quantile of the measured ones (only one here).
     assert.equal(s.step("hello-2").estimate, 20_000);
     assert.equal(s.step("gcc-2").criticalPath, 40_000);
+  });
+
+  test("a never-measured package is assumed long: the 99th percentile of the measured durations", () => {
+    // 1..1000 s measured: p99 is 990 s and the median 501 s (nearest rank), where the mean would be 500.5 s.
+    const durations = Array.from({ length: 1000 }, (_, i) => [`p${i}`, (i + 1) * 1000] as const);
+    const s = new Scheduler({ durations });
+    assert.equal(s.estimate("new"), 990_000);
+    assert.equal(new Scheduler({ durations, unknownEstimateQuantile: 0.5 }).estimate("new"), 501_000);
+    // It follows new measurements once they are more than 1% of the known ones.
+    for (let i = 0; i < 30; i++) s.recordDuration(`big${i}`, 5_000_000);
+    assert.equal(s.estimate("new"), 5_000_000);
+    // A new package that starts a short chain goes before a known one of medium length.
+    const t = new Scheduler({ durations: [...durations, ["mid", 400_000]] });
+    t.addMachine({ id: "m", systems: [X86], maxJobs: 1 });
+    add(t, [step("known", [], { name: "mid" }), step("unknown", [], { name: "brand-new" })]);
+    assert.deepEqual(t.dispatch(0).map((a) => a.stepId), ["unknown"]);
+    throwsFerry(() => new Scheduler({ unknownEstimateQuantile: 1.5 }), "FERRY_FARM_BAD_OPTION");
   });
 
   test("without measurements the critical path is the depth", () => {

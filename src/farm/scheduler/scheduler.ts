@@ -189,7 +189,9 @@ export class Scheduler {
   readonly #machines = new Map<string, Machine>();
   readonly #jobsets = new Map<string, Jobset>();
   readonly #durations = new Map<string, Millis>();
-  #durationSum = 0;
+  /** The unknown-package estimate (a quantile of #durations), recomputed after enough changes. */
+  #unknownEstimate: Millis | undefined;
+  #durationChanges = 0;
   readonly #backoff = new IndexedHeap<BackoffEntry>((a, b) => a.step.retryAt! < b.step.retryAt! || (a.step.retryAt === b.step.retryAt && a.step.seq < b.step.seq));
   /** Build time charged to jobsets, oldest first, expired after the share window. */
   readonly #charges: { at: Millis; jobset: Jobset; ms: Millis }[] = [];
@@ -204,6 +206,7 @@ export class Scheduler {
   readonly #window: Millis;
   readonly #defaultShares: number;
   readonly #defaultEstimate: Millis | undefined;
+  readonly #unknownQuantile: number;
   readonly #hold: boolean;
   readonly #stepBefore: (a: Step, b: Step) => boolean;
   readonly #jqBefore: (a: JobsetQueue, b: JobsetQueue) => boolean;
@@ -215,6 +218,12 @@ export class Scheduler {
     this.#window = opts.shareWindowMs ?? 86_400_000;
     this.#defaultShares = opts.defaultShares ?? 100;
     this.#defaultEstimate = opts.defaultEstimateMs;
+    this.#unknownQuantile = opts.unknownEstimateQuantile ?? 0.99;
+    if (!(this.#unknownQuantile >= 0 && this.#unknownQuantile <= 1)) {
+      throw new FerryError("FERRY_FARM_BAD_OPTION", `unknownEstimateQuantile must lie between 0 and 1, got ${String(opts.unknownEstimateQuantile)}`, {
+        hint: "0.5 estimates a new package at the median measured duration, 0.99 (the default) near the longest",
+      });
+    }
     this.#hold = opts.holdForFasterMachines ?? true;
     const fifo = opts.ordering === "fifo";
     this.#stepBefore = fifo ? fifoBefore : stepBefore;
@@ -744,18 +753,26 @@ export class Scheduler {
 
   /** Records a measured duration (on a speed-1 machine) for a package name; later steps of that name use it. */
   recordDuration(name: string, ms: Millis): void {
-    const old = this.#durations.get(name);
-    if (old !== undefined) this.#durationSum -= old;
     this.#durations.set(name, ms);
-    this.#durationSum += ms;
+    this.#durationChanges++;
   }
 
-  /** The estimate a new step of this package name gets: its last measured duration, or the default. */
+  /**
+   * The estimate a new step of this package name gets: its last measured duration; for a
+   * package never measured, `defaultEstimateMs` when set, else the `unknownEstimateQuantile`
+   * of the measured durations (kept fresh to within 1% of them), else 1.
+   */
   estimate(name: string): Millis {
     const known = this.#durations.get(name);
     if (known !== undefined) return known;
     if (this.#defaultEstimate !== undefined) return this.#defaultEstimate;
-    return this.#durations.size > 0 ? this.#durationSum / this.#durations.size : 1;
+    if (this.#durations.size === 0) return 1;
+    if (this.#unknownEstimate === undefined || this.#durationChanges > Math.max(16, this.#durations.size / 100)) {
+      const all = Float64Array.from(this.#durations.values()).sort();
+      this.#unknownEstimate = all[Math.round(this.#unknownQuantile * (all.length - 1))]!;
+      this.#durationChanges = 0;
+    }
+    return this.#unknownEstimate;
   }
 
   /** Sets a jobset's scheduling shares (> 0). */

@@ -126,8 +126,16 @@ export interface SchedulerOptions {
   readonly shareWindowMs?: Millis;
   /** Scheduling shares of a jobset not set with `setShares` (Hydra: 100). */
   readonly defaultShares?: number;
-  /** Estimate of a step whose package was never measured. Default: the mean of the measured durations, or 1 when nothing was measured (so the critical path counts steps: depth). */
+  /** Estimate of a step whose package was never measured. Default: the `unknownEstimateQuantile` of the measured durations, or 1 when nothing was measured (so the critical path counts steps: depth). */
   readonly defaultEstimateMs?: Millis;
+  /**
+   * Which quantile of the measured durations a never-measured package is assumed to take
+   * (default 0.99). Durations are heavy-tailed, so the risks are lopsided: a new package that
+   * turns out long but was started late stretches the whole run by its length, while one
+   * started early that turns out short costs next to nothing. Assuming it long starts it (and
+   * what it waits for) early, on the fastest machines.
+   */
+  readonly unknownEstimateQuantile?: number;
   /** Measured durations (on a machine of speed 1) of earlier builds, by package name. */
   readonly durations?: Iterable<readonly [string, Millis]>;
   /** `priority` (bump, fair share, critical path, age) or `fifo` (age only; a baseline for benchmarks). */

@@ -82,7 +82,12 @@ describe("farm dispatcher", () => {
         assert.ok(workers.every((w) => w.requests.length > 0), "both workers got work");
         const ev = await sql<{ kind: string; n: string }>`select kind, count(*) as n from farm_events where kind in ('build:finished', 'step:finished') group by kind order by kind`.execute(fdb.db);
         assert.deepEqual(ev.rows.map((r) => [r.kind, Number(r.n)]), [["build:finished", 300], ["step:finished", 300]]);
-        assert.match(farm.dispatcher.metrics(), /ferry_farm_steps_dispatched_total 300/);
+        const metrics = farm.dispatcher.metrics();
+        assert.match(metrics, /ferry_farm_steps_dispatched_total 300/);
+        // Every step's wait in the queue was measured, and the scheduler let go of the succeeded steps.
+        assert.match(metrics, /^ferry_farm_queue_wait_seconds_count\{system="x86_64-linux"\} 300$/m);
+        assert.match(metrics, /^ferry_farm_queue_wait_seconds_bucket\{system="x86_64-linux",le="\+Inf"\} 300$/m);
+        assert.doesNotMatch(metrics, /^ferry_farm_scheduler_steps\{state="[a-zA-Z]+"\} [1-9]/m);
         assert.equal(farm.dispatcher.workers().length, 2);
       } finally {
         for (const w of workers) await w.stop();

@@ -251,6 +251,8 @@ describe("farm scheduler: dependencies and estimates", () => {
     assert.deepEqual(s.finish("a", { kind: "succeeded" }, 1).released, []);
     assert.deepEqual(s.finish("b", { kind: "succeeded" }, 2).released, ["c"]);
     assert.equal(s.step("c").state, "runnable");
+    assert.equal(s.step("c").runnableSince, 2, "its wait starts when its last dependency succeeds");
+    assert.equal(s.step("a").runnableSince, 0);
     // A later batch may depend on finished steps.
     add(s, [step("d", ["a"])], 3);
     assert.equal(s.step("d").state, "runnable");
@@ -288,6 +290,31 @@ describe("farm scheduler: dependencies and estimates", () => {
     throwsFerry(() => new Scheduler({ unknownEstimateQuantile: 1.5 }), "FERRY_FARM_BAD_OPTION");
   });
 
+  test("succeeded steps can be forgotten; the rest of the graph carries on without them", () => {
+    const s = new Scheduler();
+    s.addMachine({ id: "m", systems: [X86], maxJobs: 2 });
+    add(s, [step("a"), step("b", ["a"]), step("c", ["a", "b"]), step("x")]);
+    assert.deepEqual(s.dispatch(0).map((a) => a.stepId).sort(), ["a", "x"]);
+    s.finish("a", { kind: "succeeded" }, 1);
+    s.finish("x", { kind: "permanent-failure" }, 1);
+    const r = s.forget(["a", "x", "b", "nope"]);
+    assert.deepEqual(r.map((i) => (i.ok ? "ok" : i.error.code)), ["ok", "FERRY_FARM_STEP_NOT_SUCCEEDED", "FERRY_FARM_STEP_NOT_SUCCEEDED", "FERRY_FARM_UNKNOWN_STEP"]);
+    assert.equal(s.hasStep("a"), false);
+    assert.equal(s.counts().succeeded, 0);
+    // b and c still run in order; a later batch depends on c, not on the forgotten a.
+    assert.deepEqual(s.dispatch(2).map((a) => a.stepId), ["b"]);
+    add(s, [step("d", ["c"])], 3);
+    assert.equal(s.step("b").criticalPath, 3);
+    s.finish("b", { kind: "succeeded" }, 4);
+    s.forget(["b"]);
+    assert.deepEqual(s.dispatch(5).map((a) => a.stepId), ["c"]);
+    s.finish("c", { kind: "succeeded" }, 6);
+    assert.equal(s.step("d").state, "runnable");
+    // The failure stays and can be restarted.
+    assert.deepEqual(s.restart(["x"], 7).map((i) => i.ok), [true]);
+    assert.equal(s.step("x").state, "runnable");
+  });
+
   test("without measurements the critical path is the depth", () => {
     const s = new Scheduler();
     add(s, [step("a"), step("b", ["a"]), step("c", ["b"]), step("d", ["a"])]);
@@ -308,6 +335,16 @@ describe("farm scheduler: dependencies and estimates", () => {
 });
 
 describe("farm scheduler: failures, cancel, restart, bump", () => {
+  test("a retried step's wait starts when its backoff ends, not when the scheduler next looks", () => {
+    const s = new Scheduler({ retry: { maxAttempts: 3, initialDelayMs: 100, backoffFactor: 2 } });
+    s.addMachine({ id: "m", systems: [X86], maxJobs: 1 });
+    add(s, [step("a")]);
+    s.dispatch(0);
+    s.finish("a", { kind: "transient-failure" }, 10);
+    assert.deepEqual(s.dispatch(150).map((x) => x.stepId), ["a"]);
+    assert.equal(s.step("a").runnableSince, 110);
+  });
+
   test("transient failures retry with exponential backoff, then fail for good", () => {
     const s = new Scheduler({ retry: { maxAttempts: 3, initialDelayMs: 100, backoffFactor: 2 } });
     s.addMachine({ id: "m", systems: [X86], maxJobs: 1 });
@@ -565,6 +602,53 @@ describe("farm scheduler: properties", () => {
         }
       }),
       { numRuns: 150, seed: 5150 },
+    );
+  });
+
+  test("forgetting succeeded steps never changes a decision", () => {
+    fc.assert(
+      fc.property(dagArb, fc.integer({ min: 1, max: 3 }), fc.nat(), (dag, slots, salt) => {
+        const durations = dag[2].map((d, i) => [`p${i}`, d] as const).filter((_, i) => i % 3 !== 0);
+        const twins = [new Scheduler({ durations }), new Scheduler({ durations })] as const;
+        for (const t of twins) {
+          t.addMachine({ id: "x1", systems: [X86], maxJobs: slots, speedFactor: 2 });
+          t.addMachine({ id: "a1", systems: [ARM], maxJobs: slots });
+        }
+        const specs = dagSpecs(dag);
+        // The second half arrives later, depending on steps that may have succeeded (and been forgotten).
+        const half = Math.ceil(specs.length / 2);
+        for (const t of twins) add(t, specs.slice(0, half));
+        const [keeps, forgets] = twins;
+        const running: string[] = [];
+        let rnd = salt;
+        let now = 0;
+        let late = false;
+        for (let guard = 0; guard < 10_000; guard++) {
+          now++;
+          if (!late && (running.length === 0 || rnd % 4 === 0)) {
+            late = true;
+            const rest = specs.slice(half);
+            add(keeps, rest, now);
+            const inBatch = new Set(rest.map((sp) => sp.id));
+            add(forgets, rest.map((sp) => ({ ...sp, deps: (sp.deps ?? []).filter((d) => inBatch.has(d) || forgets.hasStep(d)) })), now);
+          }
+          const a = keeps.dispatch(now);
+          assert.deepEqual(forgets.dispatch(now), a);
+          running.push(...a.map((x) => x.stepId));
+          if (running.length === 0) break;
+          rnd = (rnd * 1103515245 + 12345) % 2147483648;
+          const [id] = running.splice(rnd % running.length, 1);
+          const fail = rnd % 11 === 0;
+          for (const t of twins) t.finish(id!, fail ? { kind: "permanent-failure" } : { kind: "succeeded" }, now);
+          if (!fail) assert.ok(forgets.forget([id!])[0]!.ok);
+        }
+        for (const sp of specs) {
+          const st = keeps.step(sp.id).state;
+          assert.equal(forgets.hasStep(sp.id), st !== "succeeded", `${sp.id} is ${st}`);
+          if (st !== "succeeded") assert.equal(forgets.step(sp.id).state, st);
+        }
+      }),
+      { numRuns: 150, seed: 77 },
     );
   });
 

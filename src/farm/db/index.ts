@@ -11,9 +11,10 @@ import { FerryError } from "../../core/errors.js";
 import * as m0001 from "./migrations/0001-initial.js";
 import * as m0002 from "./migrations/0002-dispatch.js";
 import * as m0003 from "./migrations/0003-interfaces.js";
+import * as m0004 from "./migrations/0004-settle.js";
 
 /** The migrations, in order. A new one is a new numbered module added at the end. */
-const MIGRATIONS: readonly { name: string; up(db: Kysely<unknown>): Promise<void> }[] = [m0001, m0002, m0003];
+const MIGRATIONS: readonly { name: string; up(db: Kysely<unknown>): Promise<void> }[] = [m0001, m0002, m0003, m0004];
 
 export interface ProjectsTable {
   id: Generated<number>;

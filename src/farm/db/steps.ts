@@ -296,28 +296,43 @@ export async function writeStepResults(tx: Kysely<FarmSchema>, batch: FinishBatc
 
 /**
  * Gives the queued builds of finished steps their step's status (once: only queued builds
- * change) and writes a `build:finished` event for each. Returns the builds that finished.
+ * change) and writes a `build:finished` event for each, in one statement that also names the
+ * queued aggregates concerned (whose own step finished, or with a member among these builds);
+ * only when there are some does `settleAggregates` run (and write their events after their
+ * members'). Returns the builds that finished.
  */
 export async function settleBuilds(tx: Kysely<FarmSchema>, stepIds: readonly string[]): Promise<FinishedBuild[]> {
   if (stepIds.length === 0) return [];
-  const r = await sql<{ id: string; jobset_id: number; job: string; drv_path: string; status: string }>`
-    update builds set status = s.status, finished_at = now()
-    from build_steps bs join steps s on s.id = bs.step_id
-    where bs.build_id = builds.id and bs.step_id = any(${sql.val([...stepIds])}::bigint[]) and builds.status = 'queued' and not builds.is_aggregate
-      and s.status in ('succeeded', 'failed', 'dependency-failed', 'cancelled')
-    returning builds.id, builds.jobset_id, builds.job, builds.drv_path, builds.status`.execute(tx);
-  const builds = r.rows.map((b) => ({ id: String(b.id), jobsetId: b.jobset_id, job: b.job, drvPath: b.drv_path, status: b.status }));
-  // Aggregates whose own step this is, or made of these builds, follow their members (and write their own events).
-  const own = await sql<{ id: string }>`
-    select b.id::text as id from builds b join build_steps bs on bs.build_id = b.id
-    where bs.step_id = any(${sql.val([...stepIds])}::bigint[]) and b.is_aggregate and b.status = 'queued'`.execute(tx);
-  if (builds.length || own.rows.length) await settleAggregates(tx, [...builds.map((b) => b.id), ...own.rows.map((x) => x.id)]);
-  if (builds.length) {
-    await sql`
+  const steps = sql.val([...stepIds]);
+  const r = await sql<{ id: string; jobset_id: number; job: string; drv_path: string; status: string; aggregates: string[] | null }>`
+    with settled as (
+      update builds set status = s.status, finished_at = now()
+      from build_steps bs join steps s on s.id = bs.step_id
+      where bs.build_id = builds.id and bs.step_id = any(${steps}::bigint[]) and builds.status = 'queued' and not builds.is_aggregate
+        and s.status in ('succeeded', 'failed', 'dependency-failed', 'cancelled')
+      returning builds.id, builds.jobset_id, builds.job, builds.drv_path, builds.status
+    ), events as (
       insert into farm_events (kind, payload)
       select 'build:finished', jsonb_build_object('buildId', b.id::text, 'project', p.name, 'jobset', j.name, 'job', b.job, 'status', b.status, 'drvPath', b.drv_path)
-      from builds b join jobsets j on j.id = b.jobset_id join projects p on p.id = j.project_id
-      where b.id = any(${sql.val(builds.map((b) => b.id))}::bigint[]) order by b.id`.execute(tx);
+      from settled b join jobsets j on j.id = b.jobset_id join projects p on p.id = j.project_id
+      order by b.id
+    ), concerned as (
+      select a.id from builds a join build_steps bs on bs.build_id = a.id
+      where bs.step_id = any(${steps}::bigint[]) and a.is_aggregate and a.status = 'queued'
+      union
+      select am.aggregate_id from aggregate_members am join builds a on a.id = am.aggregate_id
+      where am.member_id in (select id from settled) and a.status = 'queued'
+    )
+    select b.id::text as id, b.jobset_id, b.job, b.drv_path, b.status, null::text[] as aggregates from settled b
+    union all
+    select null, null, null, null, null, array(select id::text from concerned order by id)
+    order by id nulls last`.execute(tx);
+  const builds: FinishedBuild[] = [];
+  let aggregates: string[] = [];
+  for (const b of r.rows) {
+    if (b.aggregates) aggregates = b.aggregates;
+    else builds.push({ id: String(b.id), jobsetId: b.jobset_id, job: b.job, drvPath: b.drv_path, status: b.status });
   }
+  if (aggregates.length) await settleAggregates(tx, aggregates);
   return builds;
 }

@@ -162,6 +162,15 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
   /** Time per decision of the last 10,000 dispatch calls that decided something (for quantiles). */
   const recent = new Float64Array(10_000);
   let recentAt = 0;
+  /** How long dispatched steps waited in their queue (runnable until sent), per system: bucket counts, sum, count. */
+  const waits = new Map<string, { buckets: number[]; sum: number; count: number }>();
+  const recordWait = (system: string, seconds: number): void => {
+    let w = waits.get(system);
+    if (!w) waits.set(system, (w = { buckets: WAIT_BUCKETS.map(() => 0), sum: 0, count: 0 }));
+    for (let i = 0; i < WAIT_BUCKETS.length; i++) if (seconds <= WAIT_BUCKETS[i]!) w.buckets[i]!++;
+    w.sum += seconds;
+    w.count++;
+  };
 
   const send = (s: Session | undefined, m: CoordinatorMessage): boolean => {
     if (!s || s.ws.readyState !== s.ws.OPEN) return false;
@@ -217,6 +226,7 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
     const s = new Scheduler({ ...opts.scheduler, durations: await loadDurations(db) });
     await refreshShares(s);
     info = new Map();
+    depsOf.clear();
     for (const sess of sessions.values()) s.addMachine(machineSpec(sess));
     const graph = await loadLiveSteps(db);
     const now = Date.now();
@@ -536,6 +546,13 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
       log(`${r.refused.length} result(s) were for leases the database no longer shows; reloading the schedule`);
     }
     const refused = new Set(r.refused);
+    // Succeeded steps are recorded: the scheduler (and this loop) need only what is still live or failed.
+    const done = outcomes.filter((o) => o.status === "succeeded" && !refused.has(o.stepId)).map((o) => o.stepId);
+    s.forget(done);
+    for (const id of done) {
+      info.delete(id);
+      depsOf.delete(id);
+    }
     finished += outcomes.length - refused.size;
     refusedResults += acks.filter((a) => !a.accepted).length + refused.size;
     for (const a of acks) send(a.session, { type: "ack", stepId: a.stepId, accepted: a.accepted && !refused.has(a.stepId) });
@@ -582,6 +599,11 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
     }
     decisions += assignments.length;
     if (assignments.length === 0) return;
+    const now = Date.now();
+    for (const a of assignments) {
+      const v = s.step(a.stepId);
+      recordWait(v.system, Math.max(0, now - (v.runnableSince ?? now)) / 1000);
+    }
     const claimed = await claimAssigned(db, assignments.map((a) => ({ stepId: a.stepId, owner: a.machineId })), leaseMs);
     const got = new Map(claimed.map((c) => [c.id, c]));
     if (got.size < assignments.length) {
@@ -807,6 +829,8 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
       if (s) {
         lines.push("# HELP ferry_farm_queue_runnable Runnable steps per queue (system and features).", "# TYPE ferry_farm_queue_runnable gauge");
         for (const q of s.queues()) lines.push(`ferry_farm_queue_runnable{system="${q.system}",features="${q.requiredFeatures.join(",")}"} ${q.runnable}`);
+        lines.push("# HELP ferry_farm_scheduler_steps Steps the scheduler holds in memory, by state (succeeded steps are let go once recorded).", "# TYPE ferry_farm_scheduler_steps gauge");
+        for (const [state, n] of Object.entries(s.counts())) lines.push(`ferry_farm_scheduler_steps{state="${state}"} ${n}`);
       }
       lines.push(
         "# HELP ferry_farm_steps_dispatched_total Steps sent to workers by this coordinator.",
@@ -821,7 +845,17 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
         `ferry_farm_schedule_decisions_total ${decisions}`,
         `ferry_farm_schedule_decision_max_seconds ${decisionMax.toFixed(6)}`,
         ...quantiles(recent.subarray(0, Math.min(recentAt, recent.length))).map(([q, v]) => `ferry_farm_schedule_decision_seconds{quantile="${q}"} ${v.toFixed(6)}`),
+        "# HELP ferry_farm_queue_wait_seconds How long steps waited in their queue, from runnable (every dependency built) to sent to a worker, per system.",
+        "# TYPE ferry_farm_queue_wait_seconds histogram",
       );
+      for (const [system, w] of waits) {
+        WAIT_BUCKETS.forEach((b, i) => lines.push(`ferry_farm_queue_wait_seconds_bucket{system="${system}",le="${b}"} ${w.buckets[i]}`));
+        lines.push(
+          `ferry_farm_queue_wait_seconds_bucket{system="${system}",le="+Inf"} ${w.count}`,
+          `ferry_farm_queue_wait_seconds_sum{system="${system}"} ${w.sum.toFixed(3)}`,
+          `ferry_farm_queue_wait_seconds_count{system="${system}"} ${w.count}`,
+        );
+      }
       return lines.join("\n") + "\n";
     },
     close: async () => {
@@ -834,6 +868,9 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
     },
   };
 }
+
+/** Upper bounds (seconds) of the queue wait histogram's buckets. */
+const WAIT_BUCKETS = [1, 5, 15, 60, 300, 900, 3600, 14400] as const;
 
 /** The 0.5, 0.9 and 0.99 quantiles of some samples (none when there are none). */
 function quantiles(samples: Float64Array): [string, number][] {

@@ -96,6 +96,8 @@ interface Step {
   backoff: BackoffEntry | undefined;
   machine: Machine | undefined;
   startedAt: Millis | undefined;
+  /** When the step last became runnable (its wait in the queue starts there). */
+  runnableSince: Millis | undefined;
   entries: Entry[];
 }
 
@@ -357,6 +359,7 @@ export class Scheduler {
       backoff: undefined,
       machine: undefined,
       startedAt: undefined,
+      runnableSince: undefined,
       entries: [],
     };
     for (const d of deps) {
@@ -609,6 +612,37 @@ export class Scheduler {
     }
   }
 
+  /**
+   * Forgets succeeded steps, so that a long-running scheduler holds the live work and its
+   * failures, not its whole history. A later step must not name a forgotten step as a
+   * dependency (leave out dependencies known to have succeeded). Per item: ok, or an error item
+   * for an unknown step (FERRY_FARM_UNKNOWN_STEP) or one that has not succeeded
+   * (FERRY_FARM_STEP_NOT_SUCCEEDED: failures stay, a restart needs them).
+   */
+  forget(ids: readonly string[]): ItemResult<null>[] {
+    return ids.map((id): ItemResult<null> => {
+      const s = this.#steps.get(id);
+      if (!s) return { id, ok: false, error: unknownStep(id) };
+      if (s.state !== "succeeded") {
+        return {
+          id,
+          ok: false,
+          error: new FerryError("FERRY_FARM_STEP_NOT_SUCCEEDED", `step '${id}' is ${s.state}; only succeeded steps are forgotten`, {
+            hint: "forget a step once its success is recorded; failed steps stay so that a restart can requeue what they block",
+            details: { id, state: s.state },
+          }),
+        };
+      }
+      // Cut the links both ways, so that what is still known does not keep the history alive.
+      for (const d of s.dependents) d.deps.splice(d.deps.indexOf(s), 1);
+      for (const d of s.deps) d.dependents.splice(d.dependents.indexOf(s), 1);
+      s.deps.length = 0;
+      s.dependents.length = 0;
+      this.#steps.delete(id);
+      return { id, ok: true, value: null };
+    });
+  }
+
   /** Whether a machine is known. */
   hasMachine(id: string): boolean {
     return this.#machines.has(id);
@@ -805,6 +839,7 @@ export class Scheduler {
       retryAt: s.state === "backoff" ? s.retryAt : undefined,
       machineId: s.machine?.id,
       startedAt: s.startedAt,
+      runnableSince: s.runnableSince,
       estimate: s.estimate,
       criticalPath: s.cp,
       bump: s.bump,
@@ -895,6 +930,8 @@ export class Scheduler {
   }
 
   #makeRunnable(s: Step): void {
+    // A step held for a faster machine is queued again without having left the queue.
+    if (s.state !== "runnable") s.runnableSince = s.state === "backoff" ? Math.min(s.retryAt ?? this.#now, this.#now) : this.#now;
     s.state = "runnable";
     s.retryAt = undefined;
     const q = s.queue;

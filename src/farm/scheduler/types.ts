@@ -50,6 +50,8 @@ export interface StepView {
   readonly retryAt: Millis | undefined;
   readonly machineId: string | undefined;
   readonly startedAt: Millis | undefined;
+  /** When the step last became runnable (queued with every dependency succeeded); its wait starts there. */
+  readonly runnableSince: Millis | undefined;
   /** Estimated duration on a machine of speed 1. */
   readonly estimate: Millis;
   /** Longest estimated path from this step to any sink among unfinished steps, this step included. */

@@ -5,20 +5,43 @@
  * run, a follower takes the lock and rebuilds the schedule from the database, the workers find
  * it (through the other URLs they were given, or back through the coordinator that redirected
  * them), and every build finishes exactly once. The killed coordinator, restarted, is a follower.
+ * The coordinators of one farm share its cache (`--cache`): the leader hands it to the workers,
+ * whichever coordinator evaluated the jobset.
  */
 import { test, describe } from "node:test";
 import assert from "node:assert/strict";
+import * as fs from "node:fs";
 import { join } from "node:path";
+import pg from "pg";
 import { sql } from "kysely";
+import { generateSecretKey, printPublicKey, printSecretKey } from "../../src/core/signing.js";
+import { ferryOk } from "../helpers/cli.js";
+import { spawnCacheServer } from "../helpers/cache.js";
+import { gitRepo } from "../helpers/git-repo.js";
 import { useFarmEngines } from "../helpers/farm-db.js";
 import { freePort } from "../helpers/postgres.js";
-import { spawnFarmServe, type FarmProcess } from "../helpers/farm-processes.js";
+import { spawnFarmServe, spawnFerryWorker, type FarmProcess } from "../helpers/farm-processes.js";
 import { dag, seedJobset, statusCounts, until } from "../helpers/farm-dag.js";
 import { startScriptedWorker, type ScriptedWorker, type ScriptedWorkerOptions } from "../helpers/scripted-worker.js";
 import { migrateFarmDatabase, type FarmDatabase } from "../../src/farm/db/index.js";
 import { ingestEvaluation } from "../../src/farm/db/ingest.js";
+import { LEADER_APP_PREFIX, LEADER_LOCK_KEY } from "../../src/farm/dispatch/leader.js";
+import { startWorker, WorkerState } from "../../src/farm/worker/index.js";
+import { LocalStore } from "../../src/store/local-store.js";
+import { ScriptedCoordinator } from "../helpers/worker-peer.js";
 
 const storeFlags = (root: string) => ["--store-dir", "/ferry/store", "--state-dir", "/ferry/var", "--root", root];
+
+/** Real derivations for the real worker: `slow` runs long enough to be in flight when the leader dies. */
+const SET = `
+import { derivation } from "ferry";
+const sh = (name, script, deps = {}) => derivation({ name, system: "x86_64-linux", builder: "/bin/sh", args: ["-c", script], ...deps });
+export const first = sh("first", "echo first > $out");
+export const slow = sh("slow", "echo slow start; i=0; while [ $i -lt 50 ]; do i=$((i+1)); /bin/sleep 0.1; done; /bin/cat $first > $out", { first });
+export const last = sh("last", "/bin/cat $slow > $out; echo last >> $out", { slow });
+`;
+/** The scripted workers' steps are for a system of their own, so the real worker gets only real derivations. */
+const FAKE_SYSTEM = "fake-linux";
 
 /** Whether the coordinator at `url` says it schedules (undefined when it does not answer). */
 async function leads(url: string): Promise<boolean | undefined> {
@@ -36,12 +59,12 @@ const getJson = async <T>(url: string): Promise<T> => (await (await fetch(url)).
 const leaderRow = async (db: FarmDatabase["db"]) => (await sql<{ url: string }>`select url from farm_leader`.execute(db)).rows.map((r) => r.url);
 
 /** Two coordinators' command lines on one database, each with its own data dir, store and fixed address. */
-async function coordinatorPair(dir: string, database: string) {
+async function coordinatorPair(dir: string, database: string, extra: readonly string[] = []) {
   const ports = [await freePort(), await freePort()];
   const urls = ports.map((p) => `http://127.0.0.1:${p}`) as [string, string];
   const args = (i: 0 | 1) => {
     const name = "ab"[i]!;
-    return ["--listen", `127.0.0.1:${ports[i]}`, "--public-url", urls[i], "--database", database, "--data-dir", join(dir, name), "--admin-token", "adm", "--worker-token", "wrk", "--lease-seconds", "2", "--check-every", "0", ...storeFlags(join(dir, `${name}-store`))];
+    return ["--listen", `127.0.0.1:${ports[i]}`, "--public-url", urls[i], "--database", database, "--data-dir", join(dir, name), "--admin-token", "adm", "--worker-token", "wrk", "--lease-seconds", "2", "--check-every", "0", ...storeFlags(join(dir, `${name}-store`)), ...extra];
   };
   return { urls, args };
 }
@@ -113,20 +136,101 @@ describe("several coordinators on one PostgreSQL database", () => {
     }
   });
 
+  test("a farm_leader row counts only while its coordinator holds the lock; a follower takes the lock the moment it is free", async () => {
+    const dir = join(engines.dir(), "stale");
+    const fdb = await engines.open("postgres", { poolSize: 2 });
+    await migrateFarmDatabase(fdb);
+    const jobsetId = await seedJobset(fdb.db);
+    const { steps, jobs } = dag(10, 2);
+    await ingestEvaluation(fdb.db, { jobsetId, inputsHash: "h", jobs, steps });
+    // The test plays a leader that is gone: it holds the lock on a connection of its own, and a
+    // row names an address where nothing listens (a killed leader's row, before anyone took over).
+    const holder = new pg.Client({ connectionString: engines.pg().url, application_name: "not-a-coordinator" });
+    await holder.connect();
+    await holder.query("select pg_advisory_lock($1)", [LEADER_LOCK_KEY.toString()]);
+    const dead = `http://127.0.0.1:${await freePort()}`;
+    await sql`insert into farm_leader (id, owner, url) values (1, 'gone', ${dead})`.execute(fdb.db);
+    const { urls, args } = await coordinatorPair(dir, engines.pg().url);
+    const B = urls[1];
+    const b = await spawnFarmServe(args(1));
+    const w = startScriptedWorker({ url: B, token: "wrk", id: "w", maxJobs: 2, duration: () => 5 });
+    try {
+      await until("the follower to answer the worker", () => w.closes.length >= 3, 10_000);
+      assert.equal(await leads(B), false);
+      assert.ok(w.closes.every((c) => c === 1013), `'try again' (1013), not a redirect to the dead address (4003): ${w.closes.join(" ")}`);
+      // Once the lock's session is the row's owner, the follower trusts the row.
+      await holder.query(`set application_name = '${LEADER_APP_PREFIX}gone'`);
+      await until("a redirect to the row's address", () => w.closes.includes(4003), 10_000);
+      // The holder's session ends: the follower, waiting for the lock, takes it at once.
+      const t0 = Date.now();
+      await holder.end();
+      await until("B to lead", async () => (await leads(B)) === true, 10_000);
+      const takeoverMs = Date.now() - t0;
+      await w.welcomed();
+      assert.equal(w.welcomedAt(), B);
+      await until("every build", async () => (await statusCounts(fdb.db, "builds")).succeeded === 10);
+      assert.deepEqual(await leaderRow(fdb.db), [B]);
+      process.stderr.write(`# failover: a waiting follower led ${takeoverMs} ms after the lock was freed\n`);
+    } finally {
+      await w.stop();
+      await holder.end().catch(() => undefined);
+      await b.stop();
+      await fdb.close();
+    }
+  });
+
+  test("a worker sent again and again to a leader that does not answer keeps asking, and follows the redirect once the leader is elsewhere", async () => {
+    const dir = join(engines.dir(), "redirects");
+    const [b, c] = [await ScriptedCoordinator.start("wrk"), await ScriptedCoordinator.start("wrk")];
+    const dead = `http://127.0.0.1:${await freePort()}`;
+    const store = LocalStore.open({ storeDir: "/ferry/store", stateDir: "/ferry/var", root: join(dir, "store") });
+    const worker = startWorker({
+      farm: b.url,
+      token: "wrk",
+      identity: { id: "w", systems: ["x86_64-linux"], features: [], mandatoryFeatures: [], maxJobs: 1, speedFactor: 1 },
+      store,
+      state: new WorkerState(join(dir, "state")),
+      backoff: { initialMs: 10, maxMs: 40 },
+    });
+    try {
+      // More redirects to the dead address than a worker follows in a row, then one to the live leader.
+      for (let i = 0; i < 9; i++) {
+        const conn = await b.connection(i, 5000);
+        await conn.waitFor("hello");
+        conn.send({ type: "redirect", url: i < 8 ? dead : c.url });
+      }
+      const there = await c.connection(0, 5000);
+      assert.equal((await there.waitFor("hello")).message.id, "w");
+    } finally {
+      worker.stop();
+      await worker.done.catch(() => undefined);
+      store.close();
+      await b.close();
+      await c.close();
+    }
+  });
+
   test("the leader killed with SIGKILL mid-run: the follower takes over, the workers find it, every build finishes exactly once; restarted, the killed one follows", async () => {
     const dir = join(engines.dir(), "failover");
     const fdb = await engines.open("postgres", { poolSize: 2 });
     await migrateFarmDatabase(fdb);
     const jobsetId = await seedJobset(fdb.db);
     const N = 1000;
-    const { steps, jobs } = dag(N, 11);
-    const { urls, args } = await coordinatorPair(dir, engines.pg().url);
+    const fake = dag(N, 11);
+    const steps = fake.steps.map((x) => ({ ...x, system: FAKE_SYSTEM }));
+    const jobs = fake.jobs.map((x) => ({ ...x, system: FAKE_SYSTEM }));
+    // The farm's cache, shared by both coordinators.
+    const key = generateSecretKey("farm-cache-1");
+    fs.mkdirSync(dir, { recursive: true });
+    fs.writeFileSync(join(dir, "sk"), printSecretKey(key));
+    const cache = await spawnCacheServer(["--dir", join(dir, "cache"), "--upload-token", "up", "--secret-key", join(dir, "sk"), "--store-dir", "/ferry/store"]);
+    const { urls, args } = await coordinatorPair(dir, engines.pg().url, ["--cache", cache.url, "--cache-token", "up", "--cache-public-key", printPublicKey(key)]);
     const [A, B] = urls;
     let a = await spawnFarmServe(args(0));
     await until("A to lead", async () => (await leads(A)) === true, 10_000);
     const b = await spawnFarmServe(args(1));
     const watch = watchLeaders(urls);
-    const scripted = (id: string, url: ScriptedWorkerOptions["url"], ms = 15) => startScriptedWorker({ url, token: "wrk", id, maxJobs: 3, duration: () => ms });
+    const scripted = (id: string, url: ScriptedWorkerOptions["url"], ms = 15) => startScriptedWorker({ url, token: "wrk", id, systems: [FAKE_SYSTEM], maxJobs: 3, duration: () => ms });
     const workers = [
       scripted("s1", [A, B]),
       scripted("s2", [A, B]),
@@ -136,11 +240,20 @@ describe("several coordinators on one PostgreSQL database", () => {
       // Only the leader's URL, and slow: away while A is down, so its leases expire under B.
       scripted("s5", [A], 300),
     ];
+    // A real worker (building in the sandbox: --no-sandbox needs the store at its real place) given both coordinators, the leader first.
+    const real = spawnFerryWorker(`${A},${B}`, "wrk", ["--id", "real", "--max-jobs", "1", "--systems", "x86_64-linux", ...storeFlags(join(dir, "real"))]);
     try {
+      const repo = gitRepo(join(dir, "repo"), { "packages.ts": SET });
+      ferryOk(["farm", "jobset", "add", "--farm", B, "--token", "adm", "demo", "main", "--repo", repo, "--file", "packages.ts"]);
+      const ev = JSON.parse(ferryOk(["farm", "eval", "--farm", B, "--token", "adm", "demo", "main", "--wait"])) as { status: string };
+      assert.equal(ev.status, "evaluated", "the follower evaluates (and publishes to the shared cache)");
       await Promise.all(workers.map((w) => w.welcomed()));
       assert.ok(workers.every((w) => w.welcomedAt() === A), "every worker is at the leader");
+      const realStep = async (name: string) => (await sql<{ status: string; attempts: number; machine: string | null }>`select status, attempts, machine from steps where name = ${name}`.execute(fdb.db)).rows[0];
+      await until("the real worker to build 'slow'", async () => (await realStep("slow"))?.status === "running", 30_000);
       await ingestEvaluation(fdb.db, { jobsetId, inputsHash: "h", jobs, steps });
       await until("a third of the run", async () => ((await statusCounts(fdb.db, "builds")).succeeded ?? 0) >= N / 3, 30_000);
+      assert.equal((await realStep("slow"))?.status, "running", "'slow' is still being built");
       await a.kill9();
       const killedAt = Date.now();
       const atKill = (await statusCounts(fdb.db, "builds")).succeeded ?? 0;
@@ -153,43 +266,56 @@ describe("several coordinators on one PostgreSQL database", () => {
       await until("s5's leases to expire", async () => Number((await sql<{ n: string }>`select count(*) as n from steps where attempts > 0`.execute(fdb.db)).rows[0]!.n) > 0, 15_000);
 
       // The killed coordinator comes back (same address): a follower, which redirects s5 to B.
-      const s5Welcomes = 1;
       a = await spawnFarmServe(args(0));
       await until("A to serve", async () => (await leads(A)) !== undefined, 10_000);
       assert.equal(await leads(A), false, "the restarted coordinator follows");
-      await workers[4]!.welcomed(s5Welcomes);
+      await workers[4]!.welcomed(1);
       assert.equal(workers[4]!.welcomedAt(), B, "s5, which knows only A, was redirected to B");
 
-      await until("every build", async () => (await statusCounts(fdb.db, "builds")).succeeded === N, 60_000);
+      await until("every build", async () => (await statusCounts(fdb.db, "builds")).succeeded === N + 3, 60_000);
       const { both, samples } = await watch.stop();
       assert.equal(both, 0, `never two leaders at once (${samples} samples)`);
       assert.deepEqual([await leads(A), await leads(B)], [false, true]);
       assert.deepEqual(await leaderRow(fdb.db), [B]);
 
-      await checkExactlyOnce(fdb.db, N, workers);
+      // The real worker kept building 'slow' through the failover and delivered it to B.
+      assert.deepEqual(await realStep("slow"), { status: "succeeded", attempts: 0, machine: "real" });
+      assert.equal(real.stderr().match(/building slow/g)?.length, 1, real.stderr());
+      assert.match(real.stderr(), new RegExp(`connected to ws://127\\.0\\.0\\.1:${new URL(A).port}/api/worker as real`));
+      assert.match(real.stderr(), new RegExp(`reconnected to ws://127\\.0\\.0\\.1:${new URL(B).port}/api/worker as real \\(1 running step kept`), real.stderr());
+
+      await checkExactlyOnce(fdb.db, N + 3, workers);
       // Nothing changes after the run: no step is sent again, no build finishes again.
       const sent = workers.reduce((n, w) => n + w.requests.length, 0);
       await new Promise((r) => setTimeout(r, 2500));
       assert.equal(workers.reduce((n, w) => n + w.requests.length, 0), sent);
-      await checkExactlyOnce(fdb.db, N, workers);
+      await checkExactlyOnce(fdb.db, N + 3, workers);
       process.stderr.write(`# failover: takeover ${takeoverMs} ms after the kill; ${atKill}/${N} builds done at the kill\n`);
+    } catch (e) {
+      process.stderr.write(`--- real worker:\n${real.stderr()}\n--- A:\n${a.stderr()}\n--- B:\n${b.stderr()}\n`);
+      throw e;
     } finally {
       await watch.stop();
       for (const w of workers) await w.stop();
+      await real.kill9();
       await a.kill9();
       await b.kill9();
+      cache.child.kill("SIGTERM");
       await fdb.close();
     }
   });
 });
 
-/** Every build succeeded with one build:finished event; no step was sent after it succeeded; attempts only for lost leases. */
+/**
+ * Every build succeeded with one build:finished event; no step of the scripted workers was
+ * sent after it succeeded, or more often than its lost leases allow; leases lost only by s5.
+ */
 async function checkExactlyOnce(db: FarmDatabase["db"], n: number, workers: readonly ScriptedWorker[]): Promise<void> {
   assert.deepEqual(await statusCounts(db, "builds"), { succeeded: n });
   assert.deepEqual(await statusCounts(db, "steps"), { succeeded: n });
   const ev = await sql<{ n: string; d: string }>`select count(*) as n, count(distinct payload->>'buildId') as d from farm_events where kind = 'build:finished'`.execute(db);
   assert.deepEqual([Number(ev.rows[0]!.n), Number(ev.rows[0]!.d)], [n, n], "one build:finished event per build");
-  const rows = (await sql<{ id: string; attempts: number; finished_at: Date; machine: string }>`select id::text as id, attempts, finished_at, machine from steps`.execute(db)).rows;
+  const rows = (await sql<{ id: string; attempts: number; finished_at: Date }>`select id::text as id, attempts, finished_at from steps where system = ${FAKE_SYSTEM}`.execute(db)).rows;
   const sent = new Map<string, { worker: string; at: number }[]>();
   for (const [i, w] of workers.entries()) for (const r of w.requests) sent.set(r.stepId, [...(sent.get(r.stepId) ?? []), { worker: `s${i + 1}`, at: r.receivedAt }]);
   for (const s of rows) {

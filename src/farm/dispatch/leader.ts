@@ -23,12 +23,14 @@ import { sql } from "kysely";
 import type { FarmDatabase } from "../db/index.js";
 
 /** The advisory lock key: "ferry-farm-leader" folded into a bigint. */
-const LOCK_KEY = 0x66657272796c6561n;
+export const LEADER_LOCK_KEY = 0x66657272796c6561n;
+const LOCK_KEY = LEADER_LOCK_KEY;
 /** How pg_locks shows a bigint advisory key: its high and low 32 bits. */
 const LOCK_HI = Number(LOCK_KEY >> 32n);
 const LOCK_LO = Number(LOCK_KEY & 0xffffffffn);
 /** The application_name prefix of lock connections (the owner follows). */
-const APP_PREFIX = "ferry-farm-leader ";
+export const LEADER_APP_PREFIX = "ferry-farm-leader ";
+const APP_PREFIX = LEADER_APP_PREFIX;
 /** How much longer than `pollMs` a query on the lock connection may go unanswered. */
 const CHECK_TIMEOUT_MS = 5000;
 /** The lock session's server-side keepalives: idle, interval (s), probes: a silent leader's lock is freed after ~16 s. */

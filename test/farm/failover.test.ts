@@ -66,7 +66,13 @@ async function coordinatorPair(dir: string, database: string, extra: readonly st
     const name = "ab"[i]!;
     return ["--listen", `127.0.0.1:${ports[i]}`, "--public-url", urls[i], "--database", database, "--data-dir", join(dir, name), "--admin-token", "adm", "--worker-token", "wrk", "--lease-seconds", "2", "--check-every", "0", ...storeFlags(join(dir, `${name}-store`)), ...extra];
   };
-  return { urls, args };
+  /** Starts A, waits until it leads, then starts B, its follower. */
+  const startBoth = async (): Promise<[FarmProcess, FarmProcess]> => {
+    const a = await spawnFarmServe(args(0));
+    await until("A to lead", async () => (await leads(urls[0])) === true, 10_000);
+    return [a, await spawnFarmServe(args(1))];
+  };
+  return { urls, args, startBoth };
 }
 
 /** Samples both coordinators' /metrics until stopped; counts the samples in which both claimed to lead. */
@@ -93,22 +99,24 @@ function watchLeaders(urls: readonly string[]) {
 
 describe("several coordinators on one PostgreSQL database", () => {
   const engines = useFarmEngines("ferry-farm-failover-");
+  /** The PostgreSQL farm database, migrated, with a fresh project/jobset to ingest into. */
+  const seededDatabase = async () => {
+    const fdb = await engines.open("postgres", { poolSize: 2 });
+    await migrateFarmDatabase(fdb);
+    return { fdb, jobsetId: await seedJobset(fdb.db) };
+  };
 
   test("exactly one of two coordinators leads; a worker that dials the follower is redirected to the leader and gets work; both APIs answer", async () => {
     const dir = join(engines.dir(), "pair");
-    const fdb = await engines.open("postgres", { poolSize: 2 });
-    await migrateFarmDatabase(fdb);
-    const jobsetId = await seedJobset(fdb.db);
+    const { fdb, jobsetId } = await seededDatabase();
     const { steps, jobs } = dag(40, 5);
     await ingestEvaluation(fdb.db, { jobsetId, inputsHash: "h", jobs, steps });
-    const { urls, args } = await coordinatorPair(dir, engines.pg().url);
+    const { urls, startBoth } = await coordinatorPair(dir, engines.pg().url);
     const [A, B] = urls;
     const procs: FarmProcess[] = [];
     let w: ScriptedWorker | undefined;
     try {
-      procs.push(await spawnFarmServe(args(0)));
-      await until("A to lead", async () => (await leads(A)) === true, 10_000);
-      procs.push(await spawnFarmServe(args(1)));
+      procs.push(...(await startBoth()));
       await until("B to serve", async () => (await leads(B)) !== undefined, 10_000);
       assert.deepEqual([await leads(A), await leads(B)], [true, false], "exactly one leads");
       assert.deepEqual(await leaderRow(fdb.db), [A], "farm_leader names the leader");
@@ -138,9 +146,7 @@ describe("several coordinators on one PostgreSQL database", () => {
 
   test("a farm_leader row counts only while its coordinator holds the lock; a follower takes the lock the moment it is free", async () => {
     const dir = join(engines.dir(), "stale");
-    const fdb = await engines.open("postgres", { poolSize: 2 });
-    await migrateFarmDatabase(fdb);
-    const jobsetId = await seedJobset(fdb.db);
+    const { fdb, jobsetId } = await seededDatabase();
     const { steps, jobs } = dag(10, 2);
     await ingestEvaluation(fdb.db, { jobsetId, inputsHash: "h", jobs, steps });
     // The test plays a leader that is gone: it holds the lock on a connection of its own, and a
@@ -212,16 +218,12 @@ describe("several coordinators on one PostgreSQL database", () => {
 
   test("the leader's lock connection killed (the process lives on): it steps down at once, the follower takes over, every build finishes once", async () => {
     const dir = join(engines.dir(), "lock-lost");
-    const fdb = await engines.open("postgres", { poolSize: 2 });
-    await migrateFarmDatabase(fdb);
-    const jobsetId = await seedJobset(fdb.db);
+    const { fdb, jobsetId } = await seededDatabase();
     const N = 600;
     const { steps, jobs } = dag(N, 13);
-    const { urls, args } = await coordinatorPair(dir, engines.pg().url);
+    const { urls, startBoth } = await coordinatorPair(dir, engines.pg().url);
     const [A, B] = urls;
-    const procs = [await spawnFarmServe(args(0))];
-    await until("A to lead", async () => (await leads(A)) === true, 10_000);
-    procs.push(await spawnFarmServe(args(1)));
+    const procs = await startBoth();
     const watch = watchLeaders(urls);
     const workers = [[A, B], [B, A], [B]].map((url, i) => startScriptedWorker({ url, token: "wrk", id: `k${i + 1}`, maxJobs: 3, duration: () => 15 }));
     try {
@@ -254,9 +256,7 @@ describe("several coordinators on one PostgreSQL database", () => {
   // taken for lost: aborted on the worker and sent again. The fix belongs in dispatcher.ts.
   test("a leader that reloads its schedule keeps the builds its connected workers run", { todo: "dispatcher.ts rebuild() re-welcomes sessions with their hello's stale running list" }, async () => {
     const dir = join(engines.dir(), "reload");
-    const fdb = await engines.open("postgres", { poolSize: 2 });
-    await migrateFarmDatabase(fdb);
-    const jobsetId = await seedJobset(fdb.db);
+    const { fdb, jobsetId } = await seededDatabase();
     const steps = ["a", "b"].map((n) => ({ drvPath: drv(n), name: n, system: "x86_64-linux", dependsOn: [] }));
     await ingestEvaluation(fdb.db, { jobsetId, inputsHash: "h", jobs: steps.map((x) => ({ job: x.name, drvPath: x.drvPath, system: x.system, outputs: {} })), steps });
     const { args } = await coordinatorPair(dir, engines.pg().url);
@@ -280,9 +280,7 @@ describe("several coordinators on one PostgreSQL database", () => {
 
   test("the leader killed with SIGKILL mid-run: the follower takes over, the workers find it, every build finishes exactly once; restarted, the killed one follows", async () => {
     const dir = join(engines.dir(), "failover");
-    const fdb = await engines.open("postgres", { poolSize: 2 });
-    await migrateFarmDatabase(fdb);
-    const jobsetId = await seedJobset(fdb.db);
+    const { fdb, jobsetId } = await seededDatabase();
     const N = 1000;
     const fake = dag(N, 11);
     const steps = fake.steps.map((x) => ({ ...x, system: FAKE_SYSTEM }));
@@ -292,11 +290,11 @@ describe("several coordinators on one PostgreSQL database", () => {
     fs.mkdirSync(dir, { recursive: true });
     fs.writeFileSync(join(dir, "sk"), printSecretKey(key));
     const cache = await spawnCacheServer(["--dir", join(dir, "cache"), "--upload-token", "up", "--secret-key", join(dir, "sk"), "--store-dir", "/ferry/store"]);
-    const { urls, args } = await coordinatorPair(dir, engines.pg().url, ["--cache", cache.url, "--cache-token", "up", "--cache-public-key", printPublicKey(key)]);
+    const { urls, args, startBoth } = await coordinatorPair(dir, engines.pg().url, ["--cache", cache.url, "--cache-token", "up", "--cache-public-key", printPublicKey(key)]);
     const [A, B] = urls;
-    let a = await spawnFarmServe(args(0));
-    await until("A to lead", async () => (await leads(A)) === true, 10_000);
-    const b = await spawnFarmServe(args(1));
+    const pair = await startBoth();
+    const b = pair[1];
+    let a = pair[0];
     const watch = watchLeaders(urls);
     const scripted = (id: string, url: ScriptedWorkerOptions["url"], ms = 15) => startScriptedWorker({ url, token: "wrk", id, systems: [FAKE_SYSTEM], maxJobs: 3, duration: () => ms });
     const workers = [

@@ -33,8 +33,14 @@ export const LEADER_APP_PREFIX = "ferry-farm-leader ";
 const APP_PREFIX = LEADER_APP_PREFIX;
 /** How much longer than `pollMs` a query on the lock connection may go unanswered. */
 const CHECK_TIMEOUT_MS = 5000;
-/** The lock session's server-side keepalives: idle, interval (s), probes: a silent leader's lock is freed after ~16 s. */
-const SERVER_KEEPALIVE = { idle: 10, interval: 2, count: 3 } as const;
+/**
+ * How the server notices a lock session whose client vanished (no FIN: a machine or network
+ * gone): keepalive probes when idle (idle, interval in s, probes) and a limit on unacknowledged
+ * data (ms): the lock is freed after ~16 s, well after the leader itself stepped down.
+ */
+const SERVER_KEEPALIVE = { idle: 10, interval: 2, count: 3, userTimeoutMs: 16_000 } as const;
+/** application_name is cut at 63 bytes; owners are ASCII ids. */
+const APP_NAME_MAX = 63;
 
 export interface LeadershipEvents {
   /** This process became the leader. */
@@ -52,7 +58,7 @@ export interface Leadership {
 
 export interface LeadershipOptions {
   readonly db: FarmDatabase;
-  /** An id for this process (shown in `farm_leader`; at most 40 characters). */
+  /** An id for this process (shown in `farm_leader`), unique among the coordinators. */
   readonly owner: string;
   /** The URL workers should dial to reach this coordinator. */
   readonly url: string;
@@ -87,14 +93,18 @@ export function startLeadership(opts: LeadershipOptions, events: LeadershipEvent
   };
 
   const connect = async (): Promise<pg.Client> => {
-    const c = new pg.Client({ connectionString: opts.db.url, application_name: `${APP_PREFIX}${opts.owner}`, keepAlive: true, query_timeout: pollMs + CHECK_TIMEOUT_MS });
+    const c = new pg.Client({ connectionString: opts.db.url, application_name: `${APP_PREFIX}${opts.owner}`.slice(0, APP_NAME_MAX), keepAlive: true, query_timeout: pollMs + CHECK_TIMEOUT_MS });
     c.on("error", (e: Error) => lose(c, `the leader's database connection failed: ${e.message}`));
     c.on("end", () => lose(c, "the leader's database connection ended"));
     client = c;
     backendPid = undefined;
     await c.connect();
+    await c.query(`set lock_timeout = ${Math.max(1, Math.round(pollMs))}`);
     const k = SERVER_KEEPALIVE;
-    await c.query(`set tcp_keepalives_idle = ${k.idle}; set tcp_keepalives_interval = ${k.interval}; set tcp_keepalives_count = ${k.count}; set lock_timeout = ${pollMs}`);
+    // Best effort, each on its own (tcp_user_timeout is PostgreSQL 12+; a server on a Unix socket has no TCP).
+    for (const [name, value] of [["tcp_keepalives_idle", k.idle], ["tcp_keepalives_interval", k.interval], ["tcp_keepalives_count", k.count], ["tcp_user_timeout", k.userTimeoutMs]] as const) {
+      await c.query(`set ${name} = ${value}`).catch(() => undefined);
+    }
     backendPid = (await c.query<{ pid: number }>("select pg_backend_pid() as pid")).rows[0]?.pid;
     return c;
   };
@@ -162,7 +172,7 @@ export function startLeadership(opts: LeadershipOptions, events: LeadershipEvent
         where l.id = 1 and exists (
           select 1 from pg_locks k join pg_stat_activity a on a.pid = k.pid
           where k.locktype = 'advisory' and k.classid = ${LOCK_HI} and k.objid = ${LOCK_LO} and k.objsubid = 1 and k.granted
-            and a.application_name = ${APP_PREFIX} || l.owner)`.execute(db);
+            and a.application_name = left(${APP_PREFIX} || l.owner, ${APP_NAME_MAX}))`.execute(db);
       return r.rows[0]?.url;
     },
     close: async () => {

@@ -19,10 +19,13 @@
  * - Drain (the coordinator's `drain`, or `drain()`): `drain` is sent, no new step starts, the
  *   running ones finish, their results are acknowledged, then `done` resolves.
  * - `redirect` (or close 4003) dials the URL given; the next reconnect after that goes back to
- *   the configured farm URL that redirected. With several farm URLs (coordinators of one farm
- *   on one database), one that fails or drops the worker hands over to the next, at once; a
- *   round of URLs that all failed backs off (see `nextDial`). Close 4001 (or HTTP 401/403 on the upgrade) rejects `done` with
- *   FERRY_WORKER_UNAUTHORIZED, close 4004 with FERRY_WORKER_REPLACED; running builds are killed.
+ *   the configured farm URL that redirected. More than MAX_REDIRECTS in a row without a welcome
+ *   count as a failure of that URL, and redirects are followed again after it.
+ * - With several farm URLs (coordinators of one farm on one database), one that fails or drops
+ *   the worker hands over to the next at once; a round of URLs that all failed backs off (see
+ *   `nextDial`).
+ * - Close 4001 (or HTTP 401/403 on the upgrade) rejects `done` with FERRY_WORKER_UNAUTHORIZED,
+ *   close 4004 with FERRY_WORKER_REPLACED; running builds are killed.
  */
 import { loadavg } from "node:os";
 import WebSocket from "ws";

@@ -13,7 +13,8 @@
  *   worker → heartbeat  (load, free disk; renews every lease it holds)
  *   coord  → abort      (a cancelled step, or one whose lease the worker lost)
  *   coord  → drain / worker → drain (take no new steps, finish the running ones)
- * A coordinator that is not the scheduling leader answers hello with `redirect` to the leader.
+ * A coordinator that is not the scheduling leader answers hello with `redirect` to the leader,
+ * or, while none leads (a takeover in progress), closes with 1013 (try again later).
  * Close codes: 4001 unauthorized, 4002 protocol error, 4003 redirect, 4004 replaced by a newer
  * connection of the same worker id.
  */

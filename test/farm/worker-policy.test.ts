@@ -4,10 +4,12 @@ import assert from "node:assert/strict";
 import {
   checkIdentity,
   DISK_FULL_BYTES,
+  farmSocketUrls,
   generatedWorkerId,
   helloOf,
   isTransientFailure,
   LogBuffer,
+  nextDial,
   Outbox,
   planWelcome,
   reconnectDelay,
@@ -38,6 +40,19 @@ describe("worker policy", () => {
     assert.equal(workerSocketUrl("https://example.org/ferry/?x=1#y"), "wss://example.org/ferry/api/worker");
     assert.equal(workerSocketUrl("ws://[::1]:1"), "ws://[::1]:1/api/worker");
     for (const bad of ["farm:8090", "ftp://farm", "", "http://user:pw@farm", "/local/path"]) throwsFerry(() => workerSocketUrl(bad), "FERRY_WORKER_BAD_FARM_URL");
+  });
+
+  test("several farm URLs (comma-separated) are tried in turn: a failed one hands over to the next at once, a failed round backs off", () => {
+    assert.deepEqual(farmSocketUrls("http://a:1,http://b:2"), ["ws://a:1/api/worker", "ws://b:2/api/worker"]);
+    assert.deepEqual(farmSocketUrls([" http://a:1 ", "http://b:2, http://c:3"]), ["ws://a:1/api/worker", "ws://b:2/api/worker", "ws://c:3/api/worker"]);
+    for (const bad of [",", "", "http://a:1,ftp://b"]) throwsFerry(() => farmSocketUrls(bad), "FERRY_WORKER_BAD_FARM_URL");
+    // Three URLs: 0 fails → 1 at once → 2 at once → back to 0 after a backoff.
+    assert.deepEqual(nextDial(0, 0, 3, false), { at: 1, tried: 1, backoff: false });
+    assert.deepEqual(nextDial(1, 1, 3, false), { at: 2, tried: 2, backoff: false });
+    assert.deepEqual(nextDial(2, 2, 3, false), { at: 0, tried: 0, backoff: true });
+    // One URL: every failure backs off. A redirect target that failed: back to the URL that redirected.
+    assert.deepEqual(nextDial(0, 0, 1, false), { at: 0, tried: 0, backoff: true });
+    assert.deepEqual(nextDial(1, 0, 2, true), { at: 1, tried: 0, backoff: true });
   });
 
   test("a welcome stops the builds whose lease is gone, resends kept results and drops the others", () => {

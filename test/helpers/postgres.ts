@@ -31,7 +31,8 @@ export function havePostgres(): boolean {
   return binDir() !== undefined;
 }
 
-async function freePort(): Promise<number> {
+/** A TCP port on 127.0.0.1 that was free a moment ago. */
+export async function freePort(): Promise<number> {
   return new Promise((resolve) => {
     const s = net.createServer().listen(0, "127.0.0.1", () => {
       const port = (s.address() as net.AddressInfo).port;

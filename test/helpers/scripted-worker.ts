@@ -7,7 +7,8 @@ import WebSocket from "ws";
 import { PROTOCOL_VERSION, parseCoordinatorMessage, type BuildRequest } from "../../src/farm/protocol.js";
 
 export interface ScriptedWorkerOptions {
-  readonly url: string;
+  /** The farm's URL, or several coordinators of one farm: a failed one moves the worker on to the next. */
+  readonly url: string | readonly string[];
   readonly token: string;
   readonly id: string;
   readonly systems?: readonly string[];
@@ -23,13 +24,15 @@ export interface ScriptedWorkerOptions {
 }
 
 export interface ScriptedWorker {
-  /** Every build request received, in order. */
-  readonly requests: BuildRequest[];
+  /** Every build request received, in order, with when it came (ms since the epoch). */
+  readonly requests: (BuildRequest & { readonly receivedAt: number })[];
   /** Steps whose result the coordinator acknowledged, with whether it accepted it. */
   readonly acks: Map<string, boolean>;
   /** Close codes seen. */
   readonly closes: number[];
   readonly connected: () => boolean;
+  /** The URL of the last connection that was welcomed. */
+  readonly welcomedAt: () => string | undefined;
   readonly running: () => string[];
   /** Resolves once the coordinator welcomed this worker (again after `n` earlier welcomes). */
   welcomed(n?: number): Promise<void>;
@@ -41,7 +44,7 @@ export interface ScriptedWorker {
 }
 
 export function startScriptedWorker(opts: ScriptedWorkerOptions): ScriptedWorker {
-  const requests: BuildRequest[] = [];
+  const requests: ScriptedWorker["requests"] = [];
   const acks = new Map<string, boolean>();
   const closes: number[] = [];
   const running = new Map<string, NodeJS.Timeout>();
@@ -52,11 +55,16 @@ export function startScriptedWorker(opts: ScriptedWorkerOptions): ScriptedWorker
   let welcomes = 0;
   /** A redirect applies to the next connection only; after that the configured URL again. */
   let redirectTo: string | undefined;
+  const urls = typeof opts.url === "string" ? [opts.url] : opts.url;
+  /** The configured URL dialled (or that redirected us) last. */
+  let at = 0;
+  let lastWelcome: string | undefined;
   const waiters: { n: number; resolve: () => void }[] = [];
 
   const connect = () => {
     if (dead) return;
-    const base = redirectTo ?? opts.url;
+    const redirected = redirectTo !== undefined;
+    const base = redirectTo ?? urls[at]!;
     redirectTo = undefined;
     const sock = new WebSocket(`${base.replace(/^http/, "ws")}/api/worker`, { headers: { authorization: `Bearer ${opts.token}` } });
     ws = sock;
@@ -87,12 +95,13 @@ export function startScriptedWorker(opts: ScriptedWorkerOptions): ScriptedWorker
         for (const id of [...outbox.keys()]) if (!m.keep.includes(id)) outbox.delete(id);
         for (const r of outbox.values()) sock.send(r);
         welcomes++;
+        lastWelcome = base;
         for (const w of waiters.splice(0)) {
           if (welcomes > w.n) w.resolve();
           else waiters.push(w);
         }
       } else if (m.type === "build") {
-        requests.push(m);
+        requests.push({ ...m, receivedAt: Date.now() });
         const t0 = Date.now();
         running.set(
           m.stepId,
@@ -126,6 +135,8 @@ export function startScriptedWorker(opts: ScriptedWorkerOptions): ScriptedWorker
       closes.push(code);
       if (ws === sock) ws = undefined;
       if (dead || opts.reconnect === false || code === 4001 || code === 4004) return;
+      // A configured URL that failed (or dropped us) hands over to the next; a redirect target that failed sends us back.
+      if (!redirected && redirectTo === undefined) at = (at + 1) % urls.length;
       setTimeout(connect, Math.max(50, pauseUntil - Date.now()));
     });
     sock.on("error", () => undefined);
@@ -137,6 +148,7 @@ export function startScriptedWorker(opts: ScriptedWorkerOptions): ScriptedWorker
     acks,
     closes,
     connected: () => ws?.readyState === WebSocket.OPEN,
+    welcomedAt: () => lastWelcome,
     running: () => [...running.keys()],
     welcomed: (n = 0) => (welcomes > n ? Promise.resolve() : new Promise((resolve) => waiters.push({ n, resolve }))),
     drop: (pauseMs = 0) => {

@@ -8,7 +8,7 @@ import { join, resolve } from "node:path";
 import { Command, Option } from "commander";
 import { FerryError } from "../../core/errors.js";
 import { supportedSystems } from "../../build/systems.js";
-import { checkIdentity, startWorker, workerSocketUrl, WorkerEmitter, WorkerState, type WorkerEvents } from "../../farm/worker/index.js";
+import { checkIdentity, farmSocketUrls, startWorker, WorkerEmitter, WorkerState, type WorkerEvents } from "../../farm/worker/index.js";
 import { withStore, withStoreOptions, type StoreFlags } from "../store-options.js";
 import { note } from "../output.js";
 
@@ -50,9 +50,12 @@ function attachProgress(events: WorkerEmitter, opts: { json: boolean; printBuild
   }
   const say = (s: string) => note(`ferry worker: ${s}`);
   let everConnected = false;
+  let dialling = "";
   const on = <K extends keyof WorkerEvents>(name: K, fn: (p: WorkerEvents[K]) => void) => events.on(name, fn);
   on("worker:connecting", (e) => {
-    if (e.attempt === 1) say(`connecting to ${e.url}`);
+    // Once per URL: the first attempt, and each move to another coordinator of the farm.
+    if (e.attempt === 1 || e.url !== dialling) say(`connecting to ${e.url}`);
+    dialling = e.url;
   });
   on("worker:connected", (e) => {
     const n = (k: number, what: string) => `${k} ${what}${k === 1 ? "" : "s"}`;
@@ -61,7 +64,7 @@ function attachProgress(events: WorkerEmitter, opts: { json: boolean; printBuild
     everConnected = true;
   });
   on("worker:disconnected", (e) => say(`lost the connection to ${e.url} (${e.reason}); running builds continue`));
-  on("worker:retrying", (e) => say(`${everConnected ? "reconnecting" : "cannot reach the farm yet; trying again"} in ${secs(e.delayMs)} (${e.reason})`));
+  on("worker:retrying", (e) => say(e.delayMs === 0 ? `trying the farm's next coordinator (${e.reason})` : `${everConnected ? "reconnecting" : "cannot reach the farm yet; trying again"} in ${secs(e.delayMs)} (${e.reason})`));
   on("worker:redirected", (e) => say(`redirected to ${e.to}`));
   on("worker:draining", (e) =>
     say(`draining: taking no new builds${e.running ? `, finishing ${e.running} running` : ""}${e.unacknowledged ? `, delivering ${e.unacknowledged} results` : ""}${e.by === "signal" ? " (signal again to stop at once)" : " (asked by the coordinator)"}`),
@@ -81,7 +84,7 @@ function attachProgress(events: WorkerEmitter, opts: { json: boolean; printBuild
 }
 
 async function run(f: WorkerFlags): Promise<void> {
-  workerSocketUrl(f.farm);
+  farmSocketUrls(f.farm);
   if (!f.token) throw new FerryError("FERRY_WORKER_NO_TOKEN", "the worker needs the farm's worker token", { hint: "pass --token or set FERRY_WORKER_TOKEN (the coordinator's --worker-token)" });
   const maxJobs = positive(f.maxJobs, "--max-jobs", "FERRY_WORKER_BAD_MAX_JOBS", true);
   const speedFactor = positive(f.speedFactor, "--speed-factor", "FERRY_WORKER_BAD_SPEED_FACTOR", false);
@@ -125,7 +128,7 @@ async function run(f: WorkerFlags): Promise<void> {
 export function workerCommand(): Command {
   return withStoreOptions(new Command("worker"))
     .description("build steps for a farm: dial the coordinator, build in the sandbox, upload to the farm cache; SIGTERM drains")
-    .addOption(new Option("--farm <url>", "the coordinator's URL (http:// or https://)").env("FERRY_FARM").makeOptionMandatory())
+    .addOption(new Option("--farm <url[,url...]>", "the coordinator's URL (http:// or https://); several coordinators of one farm (one database) comma-separated, tried in turn when one fails").env("FERRY_FARM").makeOptionMandatory())
     .addOption(new Option("--token <token>", "the farm's worker token").env("FERRY_WORKER_TOKEN"))
     .option("--id <id>", "this worker's name at the farm (default: generated once and kept in the worker state dir)")
     .option("--systems <list>", "systems to build for, comma-separated (default: this machine's, plus those qemu-user runs through binfmt)")

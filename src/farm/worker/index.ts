@@ -6,15 +6,18 @@ export { runStep, type StepContext, type StepOutcome } from "./step.js";
 export {
   checkIdentity,
   DEFAULT_BACKOFF,
+  farmSocketUrls,
   generatedWorkerId,
   helloOf,
   isTransientFailure,
   LogBuffer,
+  nextDial,
   Outbox,
   planWelcome,
   reconnectDelay,
   workerSocketUrl,
   type BackoffPolicy,
+  type DialPlan,
   type WelcomePlan,
   type WorkerIdentity,
 } from "./policy.js";

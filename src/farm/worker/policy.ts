@@ -26,6 +26,16 @@ export function workerSocketUrl(farm: string): string {
   return `${scheme}//${u.host}${u.pathname.replace(/\/+$/, "")}/api/worker`;
 }
 
+/**
+ * The worker endpoints of a `--farm` value: one farm URL, or the URLs of several coordinators
+ * of one farm separated by commas (or white space). Throws FERRY_WORKER_BAD_FARM_URL.
+ */
+export function farmSocketUrls(farm: string | readonly string[]): string[] {
+  const urls = (typeof farm === "string" ? [farm] : farm).flatMap((f) => f.split(/[\s,]+/)).filter((f) => f !== "");
+  if (urls.length === 0) throw badFarmUrl(typeof farm === "string" ? farm : farm.join(","));
+  return urls.map(workerSocketUrl);
+}
+
 function badFarmUrl(farm: string): FerryError {
   return new FerryError("FERRY_WORKER_BAD_FARM_URL", `'${farm}' is not a farm URL`, {
     hint: "give the coordinator's address, e.g. --farm http://farm.example.org:8090 (https:// for TLS); the token goes in --token",
@@ -52,6 +62,29 @@ export const DEFAULT_BACKOFF: BackoffPolicy = { initialMs: 500, maxMs: 30_000 };
 export function reconnectDelay(failures: number, random: number, policy: BackoffPolicy = DEFAULT_BACKOFF): number {
   const base = Math.min(policy.maxMs, policy.initialMs * 2 ** Math.max(0, Math.min(failures - 1, 30)));
   return Math.round(base / 2 + (base / 2) * Math.min(Math.max(random, 0), 1));
+}
+
+/** Where the worker dials next: farm URL `at`, `tried` URLs into a round, and whether to back off first. */
+export interface DialPlan {
+  readonly at: number;
+  readonly tried: number;
+  readonly backoff: boolean;
+}
+
+/**
+ * Where to dial after a connection ended with no redirect to follow, for a worker with `count`
+ * farm URLs that last dialled URL `at` (or a coordinator URL `at` redirected it to, when
+ * `viaRedirect`), `tried` URLs into the current round (0 after a welcome):
+ * - a redirect target that failed sends the worker back to URL `at`, after a backoff (the
+ *   coordinator there answered, so it is asked again where the leader is);
+ * - URL `at` that failed (or dropped the worker) hands over to the next URL, at once while this
+ *   round has URLs not yet tried, else after a backoff, starting a new round.
+ * With one URL every failure backs off, as it always did.
+ */
+export function nextDial(at: number, tried: number, count: number, viaRedirect: boolean): DialPlan {
+  if (viaRedirect) return { at, tried, backoff: true };
+  const next = (at + 1) % count;
+  return tried + 1 >= count ? { at: next, tried: 0, backoff: true } : { at: next, tried: tried + 1, backoff: false };
 }
 
 // ---- who the worker is ----------------------------------------------------------------------

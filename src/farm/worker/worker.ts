@@ -19,8 +19,13 @@
  * - Drain (the coordinator's `drain`, or `drain()`): `drain` is sent, no new step starts, the
  *   running ones finish, their results are acknowledged, then `done` resolves.
  * - `redirect` (or close 4003) dials the URL given; the next reconnect after that goes back to
- *   the configured farm URL. Close 4001 (or HTTP 401/403 on the upgrade) rejects `done` with
- *   FERRY_WORKER_UNAUTHORIZED, close 4004 with FERRY_WORKER_REPLACED; running builds are killed.
+ *   the configured farm URL that redirected. More than MAX_REDIRECTS in a row without a welcome
+ *   count as a failure of that URL, and redirects are followed again after it.
+ * - With several farm URLs (coordinators of one farm on one database), one that fails or drops
+ *   the worker hands over to the next at once; a round of URLs that all failed backs off (see
+ *   `nextDial`).
+ * - Close 4001 (or HTTP 401/403 on the upgrade) rejects `done` with FERRY_WORKER_UNAUTHORIZED,
+ *   close 4004 with FERRY_WORKER_REPLACED; running builds are killed.
  */
 import { loadavg } from "node:os";
 import WebSocket from "ws";
@@ -39,13 +44,29 @@ import {
   type WorkerMessage,
 } from "../protocol.js";
 import { WorkerEmitter } from "./events.js";
-import { DEFAULT_BACKOFF, helloOf, LOG_CHUNK_CHARS, LOG_FLUSH_MS, LogBuffer, planWelcome, reconnectDelay, workerSocketUrl, type BackoffPolicy, type WorkerIdentity } from "./policy.js";
+import {
+  DEFAULT_BACKOFF,
+  farmSocketUrls,
+  helloOf,
+  LOG_CHUNK_CHARS,
+  LOG_FLUSH_MS,
+  LogBuffer,
+  nextDial,
+  planWelcome,
+  reconnectDelay,
+  workerSocketUrl,
+  type BackoffPolicy,
+  type WorkerIdentity,
+} from "./policy.js";
 import { WorkerState } from "./state.js";
 import { freeDiskBytes, runStep, type StepOutcome } from "./step.js";
 
 export interface WorkerOptions {
-  /** The farm's URL (http:// or https://); the worker dials its /api/worker. */
-  readonly farm: string;
+  /**
+   * The farm's URL (http:// or https://), or the URLs of several coordinators of one farm,
+   * tried in turn; the worker dials their /api/worker.
+   */
+  readonly farm: string | readonly string[];
   /** The worker token. */
   readonly token: string;
   readonly identity: WorkerIdentity;
@@ -83,7 +104,7 @@ interface Running {
 
 /** Sent data beyond this waits in the step's log buffer instead of the socket's. */
 const MAX_SOCKET_BACKLOG = 1024 * 1024;
-/** Dialling to the redirected URL this many times in a row without a welcome falls back to backoff. */
+/** Following redirects this many times in a row without a welcome counts as a failure of the farm URL that sent them. */
 const MAX_REDIRECTS = 5;
 /** The shortest heartbeat period honoured, whatever the coordinator asks. */
 const MIN_HEARTBEAT_MS = 100;
@@ -94,7 +115,7 @@ const nameOf = (drvPath: string) => drvPath.slice(drvPath.lastIndexOf("/") + 1).
 
 /** Starts a worker; see the module comment for what it promises. */
 export function startWorker(opts: WorkerOptions): WorkerHandle {
-  const farmUrl = workerSocketUrl(opts.farm);
+  const farmUrls = farmSocketUrls(opts.farm);
   const ev = opts.events ?? new WorkerEmitter();
   const backoff = opts.backoff ?? DEFAULT_BACKOFF;
   const random = opts.random ?? Math.random;
@@ -104,7 +125,11 @@ export function startWorker(opts: WorkerOptions): WorkerHandle {
   const outbox = opts.state.loadOutbox();
 
   let ws: WebSocket | undefined;
-  let url = farmUrl;
+  /** The farm URL dialled last (or that redirected the worker), and how many were tried in this round. */
+  let at = 0;
+  let tried = 0;
+  let url = farmUrls[0]!;
+  let viaRedirect = false;
   let welcome: Welcome | undefined;
   let failures = 0;
   let redirects = 0;
@@ -259,6 +284,7 @@ export function startWorker(opts: WorkerOptions): WorkerHandle {
     welcome = w;
     failures = 0;
     redirects = 0;
+    tried = 0;
     clearTimeout(welcomeTimer);
     const plan = planWelcome(running.keys(), outbox.ids(), w.keep);
     for (const id of plan.abort) abortStep(id, "the coordinator gave the step to another worker while this one was away");
@@ -314,7 +340,8 @@ export function startWorker(opts: WorkerOptions): WorkerHandle {
   const connect = () => {
     retryTimer = undefined;
     if (ended) return;
-    url = redirectTo ?? farmUrl;
+    viaRedirect = redirectTo !== undefined;
+    url = redirectTo ?? farmUrls[at]!;
     redirectTo = undefined;
     welcome = undefined;
     lastReason = "";
@@ -382,7 +409,18 @@ export function startWorker(opts: WorkerOptions): WorkerHandle {
       }
     }
     if (redirectTo && ++redirects <= MAX_REDIRECTS) return connect();
+    // Too many redirects without a welcome: the farm URL that sends them failed; the count starts again.
+    const tooMany = redirectTo !== undefined;
     redirectTo = undefined;
+    if (tooMany) redirects = 0;
+    const plan = nextDial(at, tried, farmUrls.length, viaRedirect && !tooMany);
+    at = plan.at;
+    tried = plan.tried;
+    if (!plan.backoff) {
+      ev.emit("worker:retrying", { delayMs: 0, failures, reason: why });
+      retryTimer = setTimeout(connect, 0);
+      return;
+    }
     failures++;
     const delayMs = reconnectDelay(failures, random(), backoff);
     ev.emit("worker:retrying", { delayMs, failures, reason: why });

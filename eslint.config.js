@@ -36,7 +36,7 @@ export default tseslint.config(
     files: ["scripts/**/*.mjs", "bench/**/*.mjs"],
     languageOptions: {
       globals: Object.fromEntries(
-        ["process", "console", "URL", "Buffer", "setTimeout", "clearTimeout", "setInterval", "clearInterval", "performance", "TextEncoder", "TextDecoder"].map((g) => [g, "readonly"]),
+        ["process", "console", "URL", "Buffer", "setTimeout", "clearTimeout", "setInterval", "clearInterval", "performance", "TextEncoder", "TextDecoder", "fetch"].map((g) => [g, "readonly"]),
       ),
     },
   },

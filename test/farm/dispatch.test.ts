@@ -225,6 +225,31 @@ describe("farm dispatcher", () => {
     }
   });
 
+  test("a step sent but never named by the worker's heartbeats is queued again, not leased for ever", async () => {
+    const fdb = await engines.open("pglite", { name: "lost-send" });
+    await migrateFarmDatabase(fdb);
+    const jobsetId = await seedJobset(fdb.db);
+    const steps: EvalStep[] = ["a", "b", "c"].map((n) => ({ drvPath: drv(n), name: n, system: "x86_64-linux", dependsOn: [] }));
+    await ingestEvaluation(fdb.db, { jobsetId, inputsHash: "h", jobs: steps.map((x) => ({ job: x.name, drvPath: x.drvPath, system: x.system, outputs: {} })), steps });
+    const farm = await startFarm(fdb, join(engines.dir(), "logs-lost-send"));
+    // The first request for b is lost on the way; the worker stays connected and keeps beating.
+    let lost = 0;
+    const w = startScriptedWorker({ url: farm.url, token: "wtok", id: "w", maxJobs: 3, duration: () => 5, heartbeatMs: 100, lose: (d) => d === drv("b") && lost++ === 0 });
+    try {
+      await until("every build", async () => (await statusCounts(fdb.db, "builds")).succeeded === 3, 10_000);
+      const sent = w.requests.map((r) => r.drvPath);
+      assert.deepEqual(sent.filter((d) => d === drv("b")).length, 2, "b was sent again after two heartbeats without it");
+      assert.equal(sent.length, 4, "nothing else was sent twice");
+      // Its lease was renewed all along (the worker is connected): only the heartbeats could tell.
+      const b = (await sql<{ attempts: number }>`select attempts from steps where drv_path = ${drv("b")}`.execute(fdb.db)).rows[0]!;
+      assert.equal(b.attempts, 0, "a lost message is not a failed attempt");
+    } finally {
+      await w.stop();
+      await farm.close();
+      await fdb.close();
+    }
+  });
+
   test("workers with a wrong token are refused before the upgrade", async () => {
     const fdb = await engines.open("pglite", { name: "auth" });
     await migrateFarmDatabase(fdb);

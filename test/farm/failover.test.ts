@@ -251,10 +251,10 @@ describe("several coordinators on one PostgreSQL database", () => {
   });
 
   // A leader reloads its schedule from the database when its writes and the database disagree
-  // (a late write of a coordinator that no longer leads, say). It then welcomes the connected
-  // workers again with the step lists of their first hello, so the steps sent to them since are
-  // taken for lost: aborted on the worker and sent again. The fix belongs in dispatcher.ts.
-  test("a leader that reloads its schedule keeps the builds its connected workers run", { todo: "dispatcher.ts rebuild() re-welcomes sessions with their hello's stale running list" }, async () => {
+  // (a late write of a coordinator that no longer leads, say). It used to welcome the connected
+  // workers again with the step lists of their first hello, so the steps sent to them since were
+  // taken for lost: aborted on the worker and sent again.
+  test("a leader that reloads its schedule keeps the builds its connected workers run", async () => {
     const dir = join(engines.dir(), "reload");
     const { fdb, jobsetId } = await seededDatabase();
     const steps = ["a", "b"].map((n) => ({ drvPath: drv(n), name: n, system: "x86_64-linux", dependsOn: [] }));

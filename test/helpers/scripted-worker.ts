@@ -21,6 +21,10 @@ export interface ScriptedWorkerOptions {
   readonly outcome?: (drvPath: string) => "succeeded" | "failed" | "transient";
   /** Reconnect after a lost connection (default true). */
   readonly reconnect?: boolean;
+  /** Send heartbeats naming the steps held, this often (ms); none by default. */
+  readonly heartbeatMs?: number;
+  /** Lose this build request: never build it, never name it (like a message that was never delivered). */
+  readonly lose?: (drvPath: string) => boolean;
 }
 
 export interface ScriptedWorker {
@@ -102,6 +106,7 @@ export function startScriptedWorker(opts: ScriptedWorkerOptions): ScriptedWorker
         }
       } else if (m.type === "build") {
         requests.push({ ...m, receivedAt: Date.now() });
+        if (opts.lose?.(m.drvPath)) return;
         const t0 = Date.now();
         running.set(
           m.stepId,
@@ -131,7 +136,13 @@ export function startScriptedWorker(opts: ScriptedWorkerOptions): ScriptedWorker
         redirectTo = m.url;
       }
     });
+    const beat = opts.heartbeatMs
+      ? setInterval(() => {
+          if (sock.readyState === WebSocket.OPEN) sock.send(JSON.stringify({ type: "heartbeat", load: 0, freeDiskBytes: 1e12, running: [...new Set([...running.keys(), ...outbox.keys()])] }));
+        }, opts.heartbeatMs)
+      : undefined;
     sock.on("close", (code) => {
+      clearInterval(beat);
       closes.push(code);
       if (ws === sock) ws = undefined;
       if (dead || opts.reconnect === false || code === 4001 || code === 4004) return;

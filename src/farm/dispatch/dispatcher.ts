@@ -88,6 +88,12 @@ interface Session {
   draining: boolean;
   /** Set when the leader has taken this session in (its machine is in the scheduler). */
   welcomed: boolean;
+  /** When it was welcomed (by this leader's current schedule). */
+  welcomedAt: number;
+  /** When each step this coordinator sent to the worker was sent. */
+  readonly sent: Map<string, number>;
+  /** Steps the scheduler has on this worker that its last heartbeats did not name, and how many in a row. */
+  readonly missing: Map<string, number>;
 }
 
 export interface WorkerView {
@@ -147,6 +153,7 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
   // ---- what arrived since the last cycle ----
   let hellos: Session[] = [];
   let gone: Session[] = [];
+  let beats: { session: Session; running: readonly string[]; at: number }[] = [];
   let results: { session: Session; msg: Result }[] = [];
   const drains: string[] = [];
 
@@ -246,8 +253,11 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
     sched = s;
     leaderSince = Date.now();
     needRebuild = false;
-    for (const sess of sessions.values()) sess.welcomed = false;
-    hellos = [...sessions.values()];
+    // Workers already welcomed keep their builds: the leases just loaded put those steps back on
+    // them (a hello's list of running steps is as old as the connection, so it is not asked again).
+    // Should the database name a step a worker does not have, its heartbeats tell (checkBeats).
+    for (const sess of sessions.values()) if (sess.welcomed) sess.welcomedAt = Date.now();
+    hellos = [...sessions.values()].filter((x) => !x.welcomed);
     const c = s.counts();
     log(`scheduler ready: ${c.runnable} runnable, ${c.waiting} waiting, ${c.running} running (${Date.now() - t0} ms)`);
   };
@@ -474,6 +484,7 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
       }
       await renewStepLeases(db, sess.hello.id, keep, leaseMs);
       sess.welcomed = true;
+      sess.welcomedAt = Date.now();
       send(sess, { type: "welcome", leaseMs, heartbeatMs, cache: opts.cache, keep });
       log(`worker ${sess.hello.id} joined (${sess.hello.systems.join(", ")}; ${sess.hello.maxJobs} job(s)${keep.length ? `; still building ${keep.length}` : ""})`);
     }
@@ -558,6 +569,47 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
     for (const a of acks) send(a.session, { type: "ack", stepId: a.stepId, accepted: a.accepted && !refused.has(a.stepId) });
   };
 
+  /**
+   * A step the scheduler has on a connected worker, which two heartbeats in a row do not name
+   * although it was sent (or the worker welcomed) at least a heartbeat period before, is not
+   * being built there: a claim whose build message was never sent (its leader lost the lock in
+   * between), or a lease the database gave back to a worker that had dropped the step. Its
+   * lease would be renewed for ever, so it is queued again (and the worker told to drop it).
+   */
+  const checkBeats = async (): Promise<void> => {
+    const s = sched!;
+    const batch = beats;
+    beats = [];
+    const lost: { session: Session; id: string }[] = [];
+    for (const { session, running, at } of batch) {
+      const id0 = session.hello.id;
+      if (!session.welcomed || sessions.get(id0) !== session || !s.hasMachine(id0)) continue;
+      const onIt = new Set(s.machine(id0).running);
+      for (const id of session.sent.keys()) if (!onIt.has(id)) session.sent.delete(id);
+      for (const id of session.missing.keys()) if (!onIt.has(id)) session.missing.delete(id);
+      const named = new Set(running);
+      for (const id of onIt) {
+        if (named.has(id) || at - (session.sent.get(id) ?? session.welcomedAt) < heartbeatMs) {
+          session.missing.delete(id);
+          continue;
+        }
+        const n = (session.missing.get(id) ?? 0) + 1;
+        session.missing.set(id, n);
+        if (n >= 2) lost.push({ session, id });
+      }
+    }
+    if (lost.length === 0) return;
+    const ids = lost.map((l) => l.id);
+    await requeueSteps(db, ids);
+    s.requeue(ids, Date.now());
+    for (const { session, id } of lost) {
+      session.missing.delete(id);
+      session.sent.delete(id);
+      send(session, { type: "abort", stepId: id, reason: "the worker does not report building it" });
+    }
+    log(`${ids.length} step(s) were not being built by the worker that held them; they are queued again`);
+  };
+
   const expireLeases = async (): Promise<void> => {
     const now = Date.now();
     // Workers that are connected are alive: renew all their leases at once.
@@ -605,6 +657,11 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
       recordWait(v.system, Math.max(0, now - (v.runnableSince ?? now)) / 1000);
     }
     const claimed = await claimAssigned(db, assignments.map((a) => ({ stepId: a.stepId, owner: a.machineId })), leaseMs);
+    if (!leadership.isLeader()) {
+      // The lock went while claiming: give the claims back rather than send work as a follower.
+      await requeueSteps(db, claimed.map((c) => c.id));
+      return;
+    }
     const got = new Map(claimed.map((c) => [c.id, c]));
     if (got.size < assignments.length) {
       needRebuild = true;
@@ -615,7 +672,9 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
       if (!c) continue;
       dispatched++;
       fs.writeFileSync(join(opts.logDir, baseName(c.drvPath)), "");
-      send(sessions.get(a.machineId), {
+      const to = sessions.get(a.machineId);
+      to?.sent.set(a.stepId, Date.now());
+      send(to, {
         type: "build",
         stepId: a.stepId,
         drvPath: c.drvPath,
@@ -635,6 +694,7 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
     await welcome();
     disconnects();
     await processResults();
+    await checkBeats();
     await expireLeases();
     if (dirty) {
       dirty = false;
@@ -706,7 +766,7 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
           );
           return;
         }
-        session = { ws, hello: msg, connectedAt: Date.now(), load: 0, freeDiskBytes: 0, draining: false, welcomed: false };
+        session = { ws, hello: msg, connectedAt: Date.now(), load: 0, freeDiskBytes: 0, draining: false, welcomed: false, welcomedAt: 0, sent: new Map(), missing: new Map() };
         const old = sessions.get(msg.id);
         if (old) old.ws.close(CLOSE_REPLACED, "a newer connection of this worker took over");
         sessions.set(msg.id, session);
@@ -718,6 +778,8 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
         case "heartbeat":
           session.load = msg.load;
           session.freeDiskBytes = msg.freeDiskBytes;
+          beats.push({ session, running: msg.running, at: Date.now() });
+          kick();
           break;
         case "log": {
           const i = info.get(msg.stepId);

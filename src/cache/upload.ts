@@ -37,6 +37,8 @@ export interface CopyToOptions {
   readonly jobs?: number;
   readonly events?: UploadEmitter;
   readonly tmpDir?: string;
+  /** Paths the caller knows the cache holds (it fetched them from it, or put them there): not asked about again. */
+  readonly knownPresent?: (path: string) => boolean;
 }
 
 export type UploadOutcome = ItemOutcome<{ uploaded: boolean }>;
@@ -49,7 +51,7 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
   if (!(await backend.stat("nix-cache-info"))) {
     await backend.write("nix-cache-info", new TextEncoder().encode(printCacheInfo({ storeDir, wantMassQuery: true, priority: 50 })), { contentType: contentTypeOf("cache-info") });
   }
-  const present = await mapLimit(closure, 32, async (p) => (await backend.stat(narInfoKey(parseStorePath(storeDir, p).hashPart))) !== undefined);
+  const present = await mapLimit(closure, 32, async (p) => opts.knownPresent?.(p) === true || (await backend.stat(narInfoKey(parseStorePath(storeDir, p).hashPart))) !== undefined);
   const toUpload = closure.filter((_, k) => present[k] !== true);
   opts.events?.emit("copy:planned", { paths: closure.length, toUpload: toUpload.length, present: closure.length - toUpload.length });
   const compression = opts.compression ?? "zstd";

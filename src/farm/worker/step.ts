@@ -23,6 +23,8 @@ export interface StepContext {
   readonly store: LocalStore;
   /** The farm cache, as the welcome named it. */
   readonly cache: Welcome["cache"];
+  /** The worker's client of the farm cache, shared by its steps. */
+  readonly farmCache: FarmCacheClient;
   readonly sandbox: boolean;
   /** NIX_BUILD_CORES for the builder. */
   readonly cores: number;
@@ -42,19 +44,63 @@ export async function freeDiskBytes(store: LocalStore): Promise<number> {
   }
 }
 
-/** The farm cache as a substituter (signatures by `publicKey` required when one is given) and an upload target. */
-async function openFarmCache(store: LocalStore, cache: Welcome["cache"]): Promise<CacheSubstituter> {
-  // Misses are not remembered: an input another worker has just uploaded must be found.
-  const bc = await BinaryCache.open(cache.url, { storeDir: store.storeDir, token: cache.token, negativeTtlMs: 0 });
-  const trustedKeys = cache.publicKey ? [parsePublicKey(cache.publicKey)] : [];
-  return new CacheSubstituter(store, [bc], { trustedKeys, requireSigs: cache.publicKey !== undefined });
+/**
+ * The farm cache as a substituter (signatures by `publicKey` required when one is given) and an
+ * upload target, opened once and kept for the worker's steps while the welcome names the same
+ * cache: steps share its connections, and it remembers which paths the cache holds (those this
+ * worker fetched from it or uploaded to it), so an upload asks only about the others.
+ */
+export class FarmCacheClient {
+  #config = "";
+  #opening: Promise<CacheSubstituter> | undefined;
+  readonly #present = new Set<string>();
+
+  /** The substituter for `cache`; a different cache than last time closes the old client. */
+  async open(store: LocalStore, cache: Welcome["cache"]): Promise<CacheSubstituter> {
+    const config = JSON.stringify([cache.url, cache.token ?? "", cache.publicKey ?? ""]);
+    if (config !== this.#config || !this.#opening) {
+      const old = this.#opening;
+      this.#config = config;
+      this.#present.clear();
+      this.#opening = (async () => {
+        // Misses are not remembered: an input another worker has just uploaded must be found.
+        const bc = await BinaryCache.open(cache.url, { storeDir: store.storeDir, token: cache.token, negativeTtlMs: 0 });
+        const trustedKeys = cache.publicKey ? [parsePublicKey(cache.publicKey)] : [];
+        return new CacheSubstituter(store, [bc], { trustedKeys, requireSigs: cache.publicKey !== undefined });
+      })();
+      // A failed opening is tried again by the next step.
+      this.#opening.catch(() => {
+        if (this.#config === config) this.#opening = undefined;
+      });
+      void old?.then((s) => s.close()).catch(() => undefined);
+    }
+    return this.#opening;
+  }
+
+  /** Whether the cache is known to hold `path`. */
+  holds(path: string): boolean {
+    return this.#present.has(path);
+  }
+
+  remember(paths: Iterable<string>): void {
+    for (const p of paths) this.#present.add(p);
+  }
+
+  async close(): Promise<void> {
+    const s = this.#opening;
+    this.#opening = undefined;
+    this.#config = "";
+    await s?.then((x) => x.close()).catch(() => undefined);
+  }
 }
 
 /** Makes the closures of `paths` valid from the farm cache; throws FERRY_WORKER_INPUT_UNAVAILABLE. */
-async function fetchClosures(store: LocalStore, substituter: CacheSubstituter, paths: readonly string[]): Promise<void> {
+async function fetchClosures(store: LocalStore, substituter: CacheSubstituter, farmCache: FarmCacheClient, paths: readonly string[]): Promise<void> {
   const missing = paths.filter((p) => !store.isValid(p));
   if (missing.length === 0) return;
-  const errors = (await substituter.substituteClosure(missing)).flatMap((o) => (o.status === "error" ? [o.error.message] : []));
+  const outcomes = await substituter.substituteClosure(missing);
+  farmCache.remember(outcomes.flatMap((o) => (o.status === "ok" ? [o.path] : [])));
+  const errors = outcomes.flatMap((o) => (o.status === "error" ? [o.error.message] : []));
   const absent = missing.filter((p) => !store.isValid(p));
   if (errors.length > 0 || absent.length > 0) {
     throw new FerryError("FERRY_WORKER_INPUT_UNAVAILABLE", `cannot fetch ${absent.length === 1 ? absent[0] : `${absent.length} inputs`} from the farm cache: ${errors.join("; ") || "not found"}`, {
@@ -82,7 +128,7 @@ export async function runStep(req: BuildRequest, ctx: StepContext): Promise<Step
   const cancelled = () => failure(new FerryError("FERRY_BUILD_CANCELLED", "the step was aborted"), true);
   let substituter: CacheSubstituter;
   try {
-    substituter = await openFarmCache(store, ctx.cache);
+    substituter = await ctx.farmCache.open(store, ctx.cache);
   } catch (e) {
     return failure(e, true);
   }
@@ -94,8 +140,8 @@ export async function runStep(req: BuildRequest, ctx: StepContext): Promise<Step
       return failure(e, false);
     }
     try {
-      await fetchClosures(store, substituter, [drvPath]);
-      await fetchClosures(store, substituter, inputPaths(store, drvPath));
+      await fetchClosures(store, substituter, ctx.farmCache, [drvPath]);
+      await fetchClosures(store, substituter, ctx.farmCache, inputPaths(store, drvPath));
     } catch (e) {
       return failure(e, true);
     }
@@ -117,7 +163,8 @@ export async function runStep(req: BuildRequest, ctx: StepContext): Promise<Step
       return failure(outcome.error, isTransientFailure(outcome.error.code, await freeDiskBytes(store)));
     }
 
-    const uploads = await copyToCache(store, substituter.caches[0]!.backend, Object.values(outcome.outputs));
+    const uploads = await copyToCache(store, substituter.caches[0]!.backend, Object.values(outcome.outputs), { knownPresent: (p) => ctx.farmCache.holds(p) });
+    ctx.farmCache.remember(uploads.flatMap((u) => (u.status === "ok" ? [u.path] : [])));
     const bad = uploads.flatMap((u) => (u.status === "error" ? [`${u.path}: ${u.error.message}`] : []));
     if (bad.length > 0) {
       return failure(new FerryError("FERRY_WORKER_UPLOAD_FAILED", `the outputs were built but not all could be uploaded to the farm cache: ${bad.join("; ")}`), true);
@@ -126,7 +173,5 @@ export async function runStep(req: BuildRequest, ctx: StepContext): Promise<Step
   } catch (e) {
     // Whatever else went wrong (the store, the disk, the cache) is this machine's trouble.
     return failure(e, true);
-  } finally {
-    await substituter.close().catch(() => undefined);
   }
 }

@@ -59,7 +59,7 @@ import {
   type WorkerIdentity,
 } from "./policy.js";
 import { WorkerState } from "./state.js";
-import { freeDiskBytes, runStep, type StepOutcome } from "./step.js";
+import { FarmCacheClient, freeDiskBytes, runStep, type StepOutcome } from "./step.js";
 
 export interface WorkerOptions {
   /**
@@ -121,6 +121,7 @@ export function startWorker(opts: WorkerOptions): WorkerHandle {
   const random = opts.random ?? Math.random;
   const identity = opts.identity;
   const running = new Map<string, Running>();
+  const farmCache = new FarmCacheClient();
   const logs = new Map<string, LogBuffer>();
   const outbox = opts.state.loadOutbox();
 
@@ -228,7 +229,7 @@ export function startWorker(opts: WorkerOptions): WorkerHandle {
       if (buf.size >= LOG_CHUNK_CHARS) flushLogs();
       else scheduleLogFlush();
     };
-    r.settled = runStep(req, { store: opts.store, cache, sandbox: opts.sandbox ?? true, cores: opts.cores ?? 1, signal: r.controller.signal, onLog })
+    r.settled = runStep(req, { store: opts.store, cache, farmCache, sandbox: opts.sandbox ?? true, cores: opts.cores ?? 1, signal: r.controller.signal, onLog })
       .catch((e: unknown): StepOutcome => ({ status: "failed", transient: true, error: String((e as Error)?.message ?? e), durationMs: 0 }))
       .then((outcome) => finishStep(r, outcome));
   };
@@ -460,6 +461,7 @@ export function startWorker(opts: WorkerOptions): WorkerHandle {
       else socket.terminate();
     }
     const finish = () => {
+      void farmCache.close();
       if (error) rejectDone(error);
       else {
         if (draining && settling.length === 0) ev.emit("worker:drained", {});

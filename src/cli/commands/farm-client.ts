@@ -21,10 +21,43 @@ export interface Answer {
   readonly json: unknown;
 }
 
+const urlOf = (f: ClientFlags, path: string) => `${f.farm.replace(/\/+$/, "")}${path}`;
+
+/** What a failed fetch says (undici puts the system error in `cause`). */
+const reason = (e: unknown): string => ((e as Error).cause as Error | undefined)?.message ?? (e as Error).message;
+
+const unreachable = (f: ClientFlags, e: unknown) =>
+  new FerryError("FERRY_FARM_UNREACHABLE", `cannot reach the farm at ${f.farm}: ${reason(e)}`, {
+    hint: "check --farm (or FERRY_FARM) and that `ferry farm serve` runs there",
+    cause: e,
+  });
+
+const parseJson = (text: string): unknown => {
+  try {
+    return JSON.parse(text) as unknown;
+  } catch {
+    return undefined;
+  }
+};
+
+/** The farm's error in an answer (its code and hint). */
+function farmError(status: number, json: unknown, what: string): FerryError {
+  if (json === undefined) return new FerryError("FERRY_FARM_BAD_ANSWER", `${what}: HTTP ${status}, not JSON`, { hint: "is --farm the coordinator's URL?" });
+  const e = (json as { error?: { code?: string; message?: string; hint?: string } }).error ?? {};
+  return new FerryError(e.code ?? "FERRY_FARM_ERROR", e.message ?? `HTTP ${status}`, e.hint ? { hint: e.hint } : {});
+}
+
+/** An answer's JSON body, or its error as a FerryError. */
+async function jsonOf(res: Response, what: string): Promise<unknown> {
+  const json = parseJson(await res.text());
+  if (json === undefined || !res.ok) throw farmError(res.status, json, what);
+  return json;
+}
+
 /** One API call: the answer's JSON, or its error as a FerryError (with the farm's code and hint). */
 export async function call(f: ClientFlags, method: string, path: string, body?: unknown): Promise<Answer> {
   let res: Response;
-  const url = `${f.farm.replace(/\/+$/, "")}${path}`;
+  const url = urlOf(f, path);
   try {
     res = await fetch(url, {
       method,
@@ -32,22 +65,92 @@ export async function call(f: ClientFlags, method: string, path: string, body?: 
       ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
     });
   } catch (e) {
-    throw new FerryError("FERRY_FARM_UNREACHABLE", `cannot reach the farm at ${f.farm}: ${((e as Error).cause as Error | undefined)?.message ?? (e as Error).message}`, {
-      hint: "check --farm (or FERRY_FARM) and that `ferry farm serve` runs there",
-    });
+    throw unreachable(f, e);
   }
-  const text = await res.text();
-  let json: unknown;
-  try {
-    json = JSON.parse(text);
-  } catch {
-    throw new FerryError("FERRY_FARM_BAD_ANSWER", `${method} ${url}: HTTP ${res.status}, not JSON`, { hint: "is --farm the coordinator's URL?" });
+  return { status: res.status, json: await jsonOf(res, `${method} ${url}`) };
+}
+
+export interface LogOptions {
+  /** Keep reading as the log grows, until the step has finished. */
+  readonly follow: boolean;
+  /** Gets the log's bytes as they arrive. */
+  write(chunk: Uint8Array): void;
+  /** Tells the user about reconnections. */
+  note(line: string): void;
+  /** How many times in a row a lost connection is tried again (default 5). */
+  readonly retries?: number;
+  /** The first wait before trying again, doubled each time (default 500 ms). */
+  readonly backoffMs?: number;
+}
+
+/**
+ * A step's log (`GET /api/steps/{id}/log`), handed to `write` as it arrives; with `follow`, until
+ * the step has finished. A connection lost on the way is opened again from the byte it stopped
+ * at (`offset`), so nothing is written twice; redirects to the scheduling leader are followed
+ * with the token.
+ */
+export async function readStepLog(f: ClientFlags, stepId: string, o: LogOptions): Promise<void> {
+  const retries = o.retries ?? 5;
+  let offset = 0;
+  let failed = 0;
+  /** Whether the farm answered once: a farm never reached is an error at once, not retried. */
+  let reached = false;
+  const retry = async (why: string): Promise<void> => {
+    failed++;
+    o.note(`ferry farm: ${why}; reconnecting from byte ${offset} (${failed}/${retries})`);
+    await new Promise((r) => setTimeout(r, (o.backoffMs ?? 500) * 2 ** (failed - 1)));
+  };
+  for (;;) {
+    let res: Response;
+    try {
+      res = await fetchFollowingRedirects(f, urlOf(f, `/api/steps/${seg(stepId)}/log?${o.follow ? "follow=1&" : ""}offset=${offset}`));
+    } catch (e) {
+      if (failed >= retries || !reached) throw unreachable(f, e);
+      await retry(`the farm is unreachable (${reason(e)})`);
+      continue;
+    }
+    if (!res.ok) {
+      const e = farmError(res.status, parseJson(await res.text()), `GET step ${stepId}'s log`);
+      // Back after a drop: the log started again (the step was retried meanwhile).
+      if (e.code === "FERRY_FARM_LOG_OFFSET" && offset > 0) {
+        o.note(`ferry farm: step ${stepId}'s log started again (the step was retried); printing it from its start`);
+        offset = 0;
+        continue;
+      }
+      const transient = res.status >= 500 || e.code === "FERRY_FARM_STARTING";
+      if (!transient || failed >= retries || !reached) throw e;
+      await retry(`the farm answered ${e.code}`);
+      continue;
+    }
+    reached = true;
+    try {
+      for await (const chunk of res.body ?? []) {
+        o.write(chunk);
+        offset += chunk.length;
+        failed = 0;
+      }
+      return;
+    } catch (e) {
+      if (failed >= retries) {
+        throw new FerryError("FERRY_FARM_LOG_DROPPED", `the connection to the farm was lost ${failed + 1} times in a row while reading step ${stepId}'s log: ${reason(e)}`, {
+          hint: "check the network and the coordinator, then run the command again",
+          cause: e,
+        });
+      }
+      await retry(`the connection dropped (${reason(e)})`);
+    }
   }
-  if (!res.ok) {
-    const e = (json as { error?: { code?: string; message?: string; hint?: string } }).error ?? {};
-    throw new FerryError(e.code ?? "FERRY_FARM_ERROR", e.message ?? `HTTP ${res.status}`, e.hint ? { hint: e.hint } : {});
+}
+
+/** GET with the token, following redirects (to the scheduling leader) with the token too. */
+async function fetchFollowingRedirects(f: ClientFlags, url: string): Promise<Response> {
+  for (let hops = 0; ; hops++) {
+    const res = await fetch(url, { headers: f.token ? { authorization: `Bearer ${f.token}` } : {}, redirect: "manual" });
+    const location = res.headers.get("location");
+    if (![301, 302, 303, 307, 308].includes(res.status) || !location || hops === 5) return res;
+    await res.body?.cancel();
+    url = new URL(location, url).href;
   }
-  return { status: res.status, json };
 }
 
 export async function api(f: ClientFlags, method: string, path: string, body?: unknown): Promise<unknown> {

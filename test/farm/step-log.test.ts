@@ -11,7 +11,7 @@ import { once } from "node:events";
 import { join } from "node:path";
 import type { AddressInfo } from "node:net";
 import { sql } from "kysely";
-import { openFarmDatabase, type FarmDatabase } from "../../src/farm/db/index.js";
+import { migrateFarmDatabase, openFarmDatabase, type FarmDatabase } from "../../src/farm/db/index.js";
 import { spawnFerry } from "../helpers/cli.js";
 import { useFarmEngines } from "../helpers/farm-db.js";
 import { drv, freshDatabase, seedEvaluation, startTestFarm, WORKER, type TestFarm } from "../helpers/farm-api.js";
@@ -25,23 +25,27 @@ interface Setup {
   readonly farm: TestFarm;
   readonly fdb: FarmDatabase;
   readonly stepId: string;
-  readonly worker: ScriptedWorker;
+  /** Starts a worker that runs the step, logging LINES evenly over `durationMs`. */
+  startWorker(): ScriptedWorker;
   close(): Promise<void>;
 }
 
-/** A coordinator with one queued step ("app") and a worker that logs LINES over `durationMs`. */
+/** A coordinator (with its dispatcher) and one queued step, "app". */
 async function setup(fdb: FarmDatabase, dir: string, durationMs: number): Promise<Setup> {
-  const farm = await startTestFarm(fdb, dir, { dispatch: { leaseMs: 10_000 } });
+  // Queued before the coordinator starts: the leader takes it in when it loads the schedule.
+  const m = await migrateFarmDatabase(fdb);
+  if (m.error) throw m.error;
   await seedEvaluation(fdb.db, "p", "j", [{ job: "app" }]);
   const stepId = (await sql<{ id: string }>`select id::text as id from steps where drv_path = ${drv("app")}`.execute(fdb.db)).rows[0]!.id;
-  const worker = startScriptedWorker({ url: farm.c.url, token: WORKER, id: "w1", duration: () => durationMs, log: () => LINES });
+  const farm = await startTestFarm(fdb, dir, { dispatch: { leaseMs: 10_000 } });
+  let worker: ScriptedWorker | undefined;
   return {
     farm,
     fdb,
     stepId,
-    worker,
+    startWorker: () => (worker = startScriptedWorker({ url: farm.c.url, token: WORKER, id: "w1", duration: () => durationMs, log: () => LINES })),
     close: async () => {
-      await worker.stop();
+      await worker?.stop();
       await farm.close();
       await fdb.close();
     },
@@ -113,6 +117,7 @@ describe("following a step's log", () => {
         const url = `${s.farm.c.url}/api/steps/${s.stepId}/log`;
         // Followed from before the step starts: the answer waits for the log to appear.
         const res = await fetch(`${url}?follow=1`);
+        s.startWorker();
         assert.equal(res.status, 200);
         assert.equal(res.headers.get("content-type"), "text/plain; charset=utf-8");
         assert.equal(res.headers.get("transfer-encoding"), "chunked");
@@ -152,6 +157,7 @@ describe("following a step's log", () => {
     const s = await setup(await freshDatabase(engines, "pglite", "gone"), join(engines.dir(), "gone"), 4000);
     try {
       const url = `${s.farm.c.url}/api/steps/${s.stepId}/log`;
+      s.startWorker();
       const gone = new AbortController();
       const res = await fetch(`${url}?follow=1`, { signal: gone.signal });
       const reader = res.body!.getReader();
@@ -164,6 +170,14 @@ describe("following a step's log", () => {
       await until("the follower to leave", async () => (await followers(s.farm)) === 0, 2000);
       assert.equal(fdsOn(path), 0, "the log file is closed");
       assert.equal(await stepStatus(s.farm.db, s.stepId), "running", "it left while the step still ran");
+      // Ctrl-C ends `ferry farm log --follow`; the coordinator lets go of it too.
+      const cli = spawnFerry(["farm", "log", "--farm", s.farm.c.url, s.stepId, "--follow"]);
+      await once(cli.stdout!, "data");
+      assert.equal(await followers(s.farm), 1);
+      cli.kill("SIGINT");
+      assert.deepEqual(await once(cli, "close"), [null, "SIGINT"]);
+      await until("the CLI's follower to leave", async () => (await followers(s.farm)) === 0, 2000);
+      assert.equal(await stepStatus(s.farm.db, s.stepId), "running");
 
       const code = async (path: string, status: number) => {
         const r = await s.farm.call("GET", path);
@@ -187,6 +201,7 @@ describe("following a step's log", () => {
   test("a coordinator that does not schedule sends log readers to the leader (307)", async () => {
     const fdb = await freshDatabase(engines, "postgres", "redirect");
     const s = await setup(fdb, join(engines.dir(), "redirect-leader"), 600);
+    s.startWorker();
     // A second coordinator on the same database: it does not get the leader's lock.
     const fdbOther = await openFarmDatabase({ url: engines.pg().url.replace(/\/[^/]*$/, "/redirect") });
     const other = await startTestFarm(fdbOther, join(engines.dir(), "redirect-other"), { dispatch: {} });
@@ -209,7 +224,8 @@ describe("following a step's log", () => {
     const s = await setup(await freshDatabase(engines, "pglite", "cli"), join(engines.dir(), "cli"), 2400);
     const proxy = await startCutter(s.farm.c.url);
     try {
-      await until("the step to start", () => s.worker.requests.length === 1);
+      const worker = s.startWorker();
+      await until("the step to start", () => worker.requests.length === 1);
       const child = spawnFerry(["farm", "log", "--farm", proxy.url, s.stepId, "--follow"]);
       let stdout = "";
       let stderr = "";

@@ -1,4 +1,6 @@
 /** How `ferry farm` client commands talk to a coordinator's API, and print what it answers. */
+import * as http from "node:http";
+import * as https from "node:https";
 import { Command, Option } from "commander";
 import { FerryError } from "../../core/errors.js";
 import { note, out } from "../output.js";
@@ -87,7 +89,8 @@ export interface LogOptions {
  * A step's log (`GET /api/steps/{id}/log`), handed to `write` as it arrives; with `follow`, until
  * the step has finished. A connection lost on the way is opened again from the byte it stopped
  * at (`offset`), so nothing is written twice; redirects to the scheduling leader are followed
- * with the token.
+ * with the token. Through node:http rather than fetch, whose body timeout (5 minutes) would cut
+ * a build that prints nothing for a while.
  */
 export async function readStepLog(f: ClientFlags, stepId: string, o: LogOptions): Promise<void> {
   const retries = o.retries ?? 5;
@@ -101,30 +104,31 @@ export async function readStepLog(f: ClientFlags, stepId: string, o: LogOptions)
     await new Promise((r) => setTimeout(r, (o.backoffMs ?? 500) * 2 ** (failed - 1)));
   };
   for (;;) {
-    let res: Response;
+    let res: http.IncomingMessage;
     try {
-      res = await fetchFollowingRedirects(f, urlOf(f, `/api/steps/${seg(stepId)}/log?${o.follow ? "follow=1&" : ""}offset=${offset}`));
+      res = await getFollowingRedirects(f, urlOf(f, `/api/steps/${seg(stepId)}/log?${o.follow ? "follow=1&" : ""}offset=${offset}`));
     } catch (e) {
       if (failed >= retries || !reached) throw unreachable(f, e);
       await retry(`the farm is unreachable (${reason(e)})`);
       continue;
     }
-    if (!res.ok) {
-      const e = farmError(res.status, parseJson(await res.text()), `GET step ${stepId}'s log`);
+    const status = res.statusCode ?? 0;
+    if (status < 200 || status > 299) {
+      const e = farmError(status, parseJson(await textOf(res).catch(() => "")), `GET step ${stepId}'s log`);
       // Back after a drop: the log started again (the step was retried meanwhile).
       if (e.code === "FERRY_FARM_LOG_OFFSET" && offset > 0) {
         o.note(`ferry farm: step ${stepId}'s log started again (the step was retried); printing it from its start`);
         offset = 0;
         continue;
       }
-      const transient = res.status >= 500 || e.code === "FERRY_FARM_STARTING";
+      const transient = status >= 500 || e.code === "FERRY_FARM_STARTING";
       if (!transient || failed >= retries || !reached) throw e;
       await retry(`the farm answered ${e.code}`);
       continue;
     }
     reached = true;
     try {
-      for await (const chunk of res.body ?? []) {
+      for await (const chunk of res as AsyncIterable<Buffer>) {
         o.write(chunk);
         offset += chunk.length;
         failed = 0;
@@ -143,14 +147,24 @@ export async function readStepLog(f: ClientFlags, stepId: string, o: LogOptions)
 }
 
 /** GET with the token, following redirects (to the scheduling leader) with the token too. */
-async function fetchFollowingRedirects(f: ClientFlags, url: string): Promise<Response> {
-  for (let hops = 0; ; hops++) {
-    const res = await fetch(url, { headers: f.token ? { authorization: `Bearer ${f.token}` } : {}, redirect: "manual" });
-    const location = res.headers.get("location");
-    if (![301, 302, 303, 307, 308].includes(res.status) || !location || hops === 5) return res;
-    await res.body?.cancel();
-    url = new URL(location, url).href;
-  }
+function getFollowingRedirects(f: ClientFlags, url: string, hops = 0): Promise<http.IncomingMessage> {
+  return new Promise((resolve, reject) => {
+    const req = (url.startsWith("https:") ? https : http).get(url, { headers: f.token ? { authorization: `Bearer ${f.token}` } : {} }, (res) => {
+      const location = res.headers.location;
+      if (!location || ![301, 302, 303, 307, 308].includes(res.statusCode ?? 0) || hops === 5) return resolve(res);
+      res.resume();
+      resolve(getFollowingRedirects(f, new URL(location, url).href, hops + 1));
+    });
+    // A followed log may be silent for long: keep the connection known to be alive.
+    req.on("socket", (s) => s.setKeepAlive(true, 30_000));
+    req.on("error", reject);
+  });
+}
+
+async function textOf(res: http.IncomingMessage): Promise<string> {
+  let text = "";
+  for await (const c of res as AsyncIterable<Buffer>) text += c.toString("utf8");
+  return text;
 }
 
 export async function api(f: ClientFlags, method: string, path: string, body?: unknown): Promise<unknown> {

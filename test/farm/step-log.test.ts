@@ -12,6 +12,7 @@ import { join } from "node:path";
 import type { AddressInfo } from "node:net";
 import { sql } from "kysely";
 import { migrateFarmDatabase, openFarmDatabase, type FarmDatabase } from "../../src/farm/db/index.js";
+import { createLogFollowers } from "../../src/farm/api/step-log.js";
 import { spawnFerry } from "../helpers/cli.js";
 import { useFarmEngines } from "../helpers/farm-db.js";
 import { drv, freshDatabase, seedEvaluation, startTestFarm, WORKER, type TestFarm } from "../helpers/farm-api.js";
@@ -153,7 +154,7 @@ describe("following a step's log", () => {
     });
   }
 
-  test("a client that goes away mid-follow leaves no follower, timer or open file; coded errors", async () => {
+  test("a client that goes away mid-follow (fetch aborted, or the CLI on Ctrl-C) leaves no follower and no open file; coded errors", async () => {
     const s = await setup(await freshDatabase(engines, "pglite", "gone"), join(engines.dir(), "gone"), 4000);
     try {
       const url = `${s.farm.c.url}/api/steps/${s.stepId}/log`;
@@ -195,6 +196,36 @@ describe("following a step's log", () => {
       assert.equal(await code(`/api/steps/${later}/log?follow=1`, 404), "FERRY_FARM_NO_LOG");
     } finally {
       await s.close();
+    }
+  });
+
+  test("a retried step's log starts again: a follower goes on with the new attempt and ends once the step has finished", async () => {
+    const fdb = await freshDatabase(engines, "postgres", "retry");
+    const logs = createLogFollowers({ db: fdb.db, pollMs: 50 });
+    try {
+      await migrateFarmDatabase(fdb);
+      await seedEvaluation(fdb.db, "p", "j", [{ job: "app" }]);
+      const stepId = (await sql<{ id: string }>`update steps set status = 'running' returning id::text as id`.execute(fdb.db)).rows[0]!.id;
+      const path = join(engines.dir(), "retry.log");
+      fs.writeFileSync(path, "attempt 1: compiling\n");
+      const got: string[] = [];
+      const reading = (async () => {
+        for await (const c of logs.read({ path, stepId, status: "running", offset: 0, follow: true }, new AbortController().signal)) got.push(Buffer.from(c).toString());
+      })();
+      await until("the first attempt's log", () => got.join("") === "attempt 1: compiling\n");
+      fs.writeFileSync(path, ""); // what the dispatcher does when it runs the step again
+      await new Promise((r) => setTimeout(r, 150));
+      fs.appendFileSync(path, "attempt 2\n");
+      await until("the second attempt's log", () => got.length === 2);
+      assert.match(logs.metrics(), /^ferry_farm_log_followers 1$/m);
+      await sql`update steps set status = 'succeeded'`.execute(fdb.db);
+      fs.appendFileSync(path, "done\n");
+      await reading;
+      assert.equal(got.join(""), "attempt 1: compiling\nattempt 2\ndone\n");
+      assert.match(logs.metrics(), /^ferry_farm_log_followers 0$/m);
+    } finally {
+      logs.close();
+      await fdb.close();
     }
   });
 

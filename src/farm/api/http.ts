@@ -9,6 +9,7 @@
  */
 import type * as http from "node:http";
 import { FerryError, isFerryError } from "../../core/errors.js";
+import { firstEvent } from "../../core/events.js";
 import type { Role } from "./auth.js";
 
 /** A FerryError with the HTTP status it is answered with. */
@@ -195,17 +196,8 @@ export function createRouter(opts: RouterOptions): (req: http.IncomingMessage, r
 }
 
 /** Resolves when a response can take more (or is closed). */
-function drained(res: http.ServerResponse): Promise<void> {
-  return new Promise<void>((resolve) => {
-    if (!res.writableNeedDrain || res.destroyed) return resolve();
-    const done = () => {
-      res.off("drain", done);
-      res.off("close", done);
-      resolve();
-    };
-    res.on("drain", done);
-    res.on("close", done);
-  });
+async function drained(res: http.ServerResponse): Promise<void> {
+  if (res.writableNeedDrain && !res.destroyed) await firstEvent(res, ["drain", "close"]);
 }
 
 async function sendStream(req: http.IncomingMessage, res: http.ServerResponse, reply: StreamReply): Promise<void> {

@@ -6,6 +6,11 @@ export function out(line: string): void {
   writeAllSync(1, Buffer.from(line + "\n"));
 }
 
+/** Bytes to stdout as they are (a log that arrives in pieces). */
+export function outBytes(data: Uint8Array): void {
+  writeAllSync(1, data);
+}
+
 export function outJson(value: unknown): void {
   out(JSON.stringify(value, null, 2));
 }

@@ -1,12 +1,6 @@
+import { firstEvent } from "../core/events.js";
+
 /** Long-running commands (servers) stop on SIGTERM or SIGINT: this resolves on the first one. */
-export function untilStopSignal(): Promise<void> {
-  return new Promise<void>((done) => {
-    const stop = () => {
-      process.off("SIGTERM", stop);
-      process.off("SIGINT", stop);
-      done();
-    };
-    process.on("SIGTERM", stop);
-    process.on("SIGINT", stop);
-  });
+export async function untilStopSignal(): Promise<void> {
+  await firstEvent(process, ["SIGTERM", "SIGINT"]);
 }

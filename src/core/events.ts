@@ -37,3 +37,21 @@ export class TypedEmitter<Events extends { [K in keyof Events]: unknown }> {
     }
   }
 }
+
+/** What can be listened to the Node way (an EventEmitter, `process`, a response). */
+export interface Listenable {
+  on(name: string, fn: () => void): unknown;
+  off(name: string, fn: () => void): unknown;
+}
+
+/** Resolves with the first of `names` that `target` emits, and stops listening to all of them. */
+export function firstEvent(target: Listenable, names: readonly string[]): Promise<string> {
+  return new Promise<string>((resolve) => {
+    const listeners = names.map((name) => [name, () => done(name)] as const);
+    const done = (name: string) => {
+      for (const [n, fn] of listeners) target.off(n, fn);
+      resolve(name);
+    };
+    for (const [n, fn] of listeners) target.on(n, fn);
+  });
+}

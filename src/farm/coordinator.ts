@@ -27,6 +27,7 @@ import { OPENAPI } from "./api/openapi.js";
 import { projectRoutes } from "./api/projects.js";
 import { webhookRoutes } from "./api/webhooks.js";
 import { workerRoutes } from "./api/workers.js";
+import { createLogFollowers } from "./api/step-log.js";
 import { startDispatcher, type Dispatcher, type DispatcherOptions } from "./dispatch/dispatcher.js";
 import { openFarmCache, type FarmCacheOptions } from "./farm-cache.js";
 
@@ -104,6 +105,7 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Coordi
     : undefined;
   /** Set once the server listens (the dispatcher needs the coordinator's URL). */
   let dispatcher: Dispatcher | undefined;
+  let publicUrl: string | undefined;
   const deliveries = startWebhookDelivery({ db, ...opts.webhooks });
   const evaluations = startEvaluationLoop({
     evaluator: {
@@ -134,16 +136,21 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Coordi
     commandWait: opts.commandWait ?? {},
     webhookSecret: opts.webhookSecret,
   };
+  const logs = dispatch ? createLogFollowers({ db }) : undefined;
   const extra = [
     ...(typeof opts.extraRoutes === "function" ? opts.extraRoutes(ctx) : (opts.extraRoutes ?? [])),
-    ...(dispatch
-      ? workerRoutes(ctx, () => {
-          if (!dispatcher) throw new FerryError("FERRY_FARM_STARTING", "the coordinator is still starting", { hint: "try again in a moment" });
-          return dispatcher;
+    ...(logs
+      ? workerRoutes(ctx, {
+          dispatcher: () => {
+            if (!dispatcher) throw new FerryError("FERRY_FARM_STARTING", "the coordinator is still starting", { hint: "try again in a moment" });
+            return dispatcher;
+          },
+          logs,
+          publicUrl: () => publicUrl,
         })
       : []),
   ];
-  const extraMetrics = async (): Promise<string> => (opts.extraMetrics ? await opts.extraMetrics() : "") + (dispatcher?.metrics() ?? "");
+  const extraMetrics = async (): Promise<string> => (opts.extraMetrics ? await opts.extraMetrics() : "") + (dispatcher?.metrics() ?? "") + (logs?.metrics() ?? "");
   const routes: Route[] = [
     { method: "GET", path: "/api/health", access: "public", run: async () => ok({ ok: true, database: opts.db.kind }) },
     { method: "GET", path: "/api/openapi.json", access: "public", run: async () => ok(OPENAPI) },
@@ -173,9 +180,10 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Coordi
   const addr = server.address() as { address: string; port: number };
   const url = `http://${addr.address.includes(":") ? `[${addr.address}]` : addr.address}:${addr.port}`;
   if (dispatch && farmCache) {
+    publicUrl = dispatch.publicUrl ?? url;
     dispatcher = startDispatcher({
       db: opts.db,
-      publicUrl: dispatch.publicUrl ?? url,
+      publicUrl,
       cache: { url: farmCache.url, ...(farmCache.token ? { token: farmCache.token } : {}), ...(farmCache.publicKey ? { publicKey: farmCache.publicKey } : {}) },
       logDir: join(opts.dataDir, "logs"),
       authenticate: auth.authenticate,
@@ -197,8 +205,10 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Coordi
       await farmCache?.close();
       await new Promise<void>((r) => {
         server.close(() => r());
+        // Followed logs are cut (not ended cleanly): their clients know to come back.
         server.closeAllConnections();
       });
+      logs?.close();
     },
   };
 }

@@ -17,6 +17,11 @@ export interface ScriptedWorkerOptions {
   readonly speedFactor?: number;
   /** How long a step takes (ms); default 5. */
   readonly duration?: (drvPath: string) => number;
+  /**
+   * What a step logs: `log` messages sent evenly over its duration (the first at once, the last
+   * one gap before the result); default one line, "building DRV".
+   */
+  readonly log?: (drvPath: string) => readonly string[];
   /** How a step ends; default succeeded. */
   readonly outcome?: (drvPath: string) => "succeeded" | "failed" | "transient";
   /** Reconnect after a lost connection (default true). */
@@ -108,6 +113,7 @@ export function startScriptedWorker(opts: ScriptedWorkerOptions): ScriptedWorker
         requests.push({ ...m, receivedAt: Date.now() });
         if (opts.lose?.(m.drvPath)) return;
         const t0 = Date.now();
+        const duration = opts.duration?.(m.drvPath) ?? 5;
         running.set(
           m.stepId,
           setTimeout(() => {
@@ -123,9 +129,15 @@ export function startScriptedWorker(opts: ScriptedWorkerOptions): ScriptedWorker
             });
             outbox.set(m.stepId, r);
             if (ws?.readyState === WebSocket.OPEN) ws.send(r);
-          }, opts.duration?.(m.drvPath) ?? 5),
+          }, duration),
         );
-        ws?.send(JSON.stringify({ type: "log", stepId: m.stepId, data: `building ${m.drvPath}\n` }));
+        const lines = opts.log?.(m.drvPath) ?? [`building ${m.drvPath}\n`];
+        const sendLine = (i: number) => {
+          if (!running.has(m.stepId)) return;
+          if (ws?.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "log", stepId: m.stepId, data: lines[i] }));
+          if (i + 1 < lines.length) setTimeout(() => sendLine(i + 1), duration / lines.length);
+        };
+        sendLine(0);
       } else if (m.type === "ack") {
         outbox.delete(m.stepId);
         acks.set(m.stepId, m.accepted);

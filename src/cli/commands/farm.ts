@@ -10,13 +10,13 @@ import { FerryError } from "../../core/errors.js";
 import { LocalStore } from "../../store/local-store.js";
 import { withStoreOptions, storeLocation, type StoreFlags } from "../store-options.js";
 import { parseListen } from "../listen.js";
-import { note, out } from "../output.js";
+import { note, out, outBytes } from "../output.js";
 import { untilStopSignal } from "../signals.js";
 import { spawn, type ChildProcess } from "node:child_process";
 import { join } from "node:path";
 import { readSecretKeyFile } from "../key-files.js";
 import type { CoordinatorOptions } from "../../farm/coordinator.js";
-import { api, call, clientOptions, printItems, printRows, seg, type ClientFlags } from "./farm-client.js";
+import { api, call, clientOptions, printItems, printRows, readStepLog, seg, type ClientFlags } from "./farm-client.js";
 
 interface ServeFlags extends StoreFlags {
   dataDir: string;
@@ -340,6 +340,16 @@ function evaluationCommands(cmd: Command): void {
   );
 }
 
+function logCommand(): Command {
+  return clientOptions(new Command("log"))
+    .description("a step's build log; with --follow, as it grows until the step has finished (a lost connection is resumed where it stopped)")
+    .argument("<step-id>", "a step id (a build's step is shown by GET /api/builds/{id})")
+    .option("--follow", "keep printing the log as the step runs; Ctrl-C stops")
+    .action(async (stepId: string, f: ClientFlags & { follow?: boolean }) => {
+      await readStepLog(f, stepId, { follow: f.follow === true, write: outBytes, note });
+    });
+}
+
 function buildActionCommand(action: "restart" | "cancel" | "bump", description: string): Command {
   const cmd = clientOptions(new Command(action))
     .description(description)
@@ -469,6 +479,7 @@ export function farmCommand(): Command {
   cmd.addCommand(projectCommands());
   cmd.addCommand(jobsetCommands());
   evaluationCommands(cmd);
+  cmd.addCommand(logCommand());
   cmd.addCommand(buildActionCommand("restart", "queue failed, dependency-failed or cancelled builds again"));
   cmd.addCommand(buildActionCommand("cancel", "cancel queued builds (and the steps no other queued build needs)"));
   cmd.addCommand(buildActionCommand("bump", "build queued builds sooner"));

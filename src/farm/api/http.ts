@@ -9,6 +9,7 @@
  */
 import type * as http from "node:http";
 import { FerryError, isFerryError } from "../../core/errors.js";
+import { firstEvent } from "../../core/events.js";
 import type { Role } from "./auth.js";
 
 /** A FerryError with the HTTP status it is answered with. */
@@ -53,7 +54,21 @@ export interface ApiRequest {
 
 export type Reply =
   | { readonly status: number; readonly json: unknown; readonly headers?: Readonly<Record<string, string>> }
-  | { readonly status: number; readonly text: string; readonly contentType: string; readonly headers?: Readonly<Record<string, string>> };
+  | { readonly status: number; readonly text: string | Uint8Array; readonly contentType: string; readonly headers?: Readonly<Record<string, string>> }
+  | StreamReply;
+
+/**
+ * A body sent as it is produced (chunked unless `headers` has a Content-Length). `signal` is
+ * aborted when the client goes away, and the router stops pulling chunks: the producer ends and
+ * releases what it holds. A producer that throws after the first chunk cuts the response short
+ * (the client sees an incomplete body, not a clean end).
+ */
+export interface StreamReply {
+  readonly status: number;
+  readonly contentType: string;
+  readonly headers?: Readonly<Record<string, string>>;
+  stream(signal: AbortSignal): AsyncIterable<Uint8Array>;
+}
 
 export interface Route {
   readonly method: Method;
@@ -172,11 +187,38 @@ export function createRouter(opts: RouterOptions): (req: http.IncomingMessage, r
         if (status === 500) console.error(`ferry farm: ${req.method} ${url.pathname}: ${(e as Error).stack ?? String(e)}`);
         reply = { status, json: { error: status === 500 ? { code: "FERRY_FARM_INTERNAL", message: "internal error", hint: "see the coordinator's log" } : errorBody(e as FerryError) } };
       }
+      if ("stream" in reply) return sendStream(req, res, reply);
       const [text, type] = "json" in reply ? [JSON.stringify(reply.json), "application/json"] : [reply.text, reply.contentType];
       if (!res.headersSent) res.writeHead(reply.status, { ...reply.headers, "Content-Type": type, "Content-Length": Buffer.byteLength(text) });
       res.end(text);
     })();
   };
+}
+
+/** Resolves when a response can take more (or is closed). */
+async function drained(res: http.ServerResponse): Promise<void> {
+  if (res.writableNeedDrain && !res.destroyed) await firstEvent(res, ["drain", "close"]);
+}
+
+async function sendStream(req: http.IncomingMessage, res: http.ServerResponse, reply: StreamReply): Promise<void> {
+  const gone = new AbortController();
+  const onClose = () => gone.abort();
+  res.once("close", onClose);
+  res.writeHead(reply.status, { ...reply.headers, "Content-Type": reply.contentType, "X-Content-Type-Options": "nosniff" });
+  // The status goes out at once, before the first chunk (a followed log may stay empty a while).
+  res.flushHeaders();
+  try {
+    for await (const chunk of reply.stream(gone.signal)) {
+      if (gone.signal.aborted) break;
+      if (!res.write(chunk)) await drained(res);
+    }
+    res.end();
+  } catch (e) {
+    console.error(`ferry farm: ${req.method} ${req.url}: ${(e as Error).stack ?? String(e)}`);
+    res.destroy();
+  } finally {
+    res.off("close", onClose);
+  }
 }
 
 // ---- body fields ----------------------------------------------------------------------------

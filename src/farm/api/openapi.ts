@@ -376,7 +376,25 @@ export const OPENAPI = {
     },
     "/api/steps/{id}": { get: op({ summary: "a step: its derivation, status, machine, timings", access: "read", dispatcher: true, params: [P.id], responses: { "200": json({ type: "object" }) } }) },
     "/api/steps/{id}/log": {
-      get: op({ summary: "a step's build log (text)", access: "read", dispatcher: true, params: [P.id], responses: { "200": { description: "the log", content: { "text/plain": { schema: { type: "string" } } } } } }),
+      get: op({
+        summary: "a step's build log (text); with follow, streamed as the step runs",
+        description:
+          "Without follow: the log's bytes from offset to its end now (with Content-Length). With follow=1: a chunked answer that sends what the log has, then what is appended, and ends once the step has finished (no longer queued or running) and its log was read to the end; the coordinator looks for new bytes and the step's status every 200 ms. " +
+          "A client that loses the connection asks again with offset = the bytes it got. A retried step's log starts again (a follower goes on with the new attempt). " +
+          "A coordinator that does not schedule answers 307 to the scheduling leader's same URL when it has no log for the step.",
+        access: "read",
+        dispatcher: true,
+        params: [P.id],
+        query: [
+          { name: "follow", in: "query", schema: { enum: ["1", "true", "0", "false"] }, description: "keep sending the log as it grows until the step has finished" },
+          { name: "offset", in: "query", schema: { type: "integer", minimum: 0, default: 0 }, description: "the first byte to send" },
+        ],
+        responses: {
+          "200": { description: "the log (chunked with follow)", content: { "text/plain": { schema: { type: "string" } } } },
+          "307": { description: "the log is kept by the scheduling leader: ask the URL in Location (with the same token)", headers: { Location: { schema: { type: "string" } } } },
+          "416": json(ref("Error"), "offset is beyond the log's end (FERRY_FARM_LOG_OFFSET): it started again, ask without offset"),
+        },
+      }),
     },
   },
 };

@@ -2,13 +2,22 @@
  * The dispatcher's routes: connected workers (and draining one), and steps with their live
  * logs. The worker WebSocket itself (`GET /api/worker`) is an upgrade, handled by the dispatcher.
  */
-import * as fs from "node:fs";
 import { sql } from "kysely";
 import type { Dispatcher } from "../dispatch/dispatcher.js";
 import type { ApiContext } from "./context.js";
-import { ApiError, ok, type Route } from "./http.js";
+import { ApiError, ok, type Reply, type Route } from "./http.js";
+import { logSize, type LogFollowers } from "./step-log.js";
 
-export function workerRoutes(ctx: ApiContext, dispatcher: () => Dispatcher): Route[] {
+export interface WorkerRouteOptions {
+  /** The dispatcher (throws while the coordinator is starting). */
+  readonly dispatcher: () => Dispatcher;
+  readonly logs: LogFollowers;
+  /** The URL this coordinator is known by (as the leader, in `farm_leader`); undefined while starting. */
+  readonly publicUrl: () => string | undefined;
+}
+
+export function workerRoutes(ctx: ApiContext, opts: WorkerRouteOptions): Route[] {
+  const { dispatcher, logs } = opts;
   const stepRow = async (id: string) => {
     if (!/^[0-9]{1,18}$/.test(id)) throw new ApiError(400, "FERRY_FARM_BAD_ID", `'${id}' is not a step id`, "step ids are numbers");
     const r = await sql<{ id: string; drv_path: string; name: string; system: string; status: string; attempts: number; machine: string | null; started_at: Date | null; finished_at: Date | null; duration_ms: number | null; error: string | null; outputs: unknown }>`
@@ -55,16 +64,54 @@ export function workerRoutes(ctx: ApiContext, dispatcher: () => Dispatcher): Rou
       method: "GET",
       path: "/api/steps/{id}/log",
       access: "read",
-      run: async (req) => {
+      run: async (req): Promise<Reply> => {
         const s = await stepRow(req.params.id!);
-        let text: string;
-        try {
-          text = fs.readFileSync(dispatcher().logPath(s.drv_path), "utf8");
-        } catch {
-          throw new ApiError(404, "FERRY_FARM_NO_LOG", `step ${s.id} has no log here`, s.status === "queued" ? "the step has not started yet" : "logs are kept by the coordinator that scheduled the step");
+        const follow = flag(req.query, "follow");
+        const offset = offsetOf(req.query);
+        const path = dispatcher().logPath(s.drv_path);
+        const size = logSize(path);
+        const live = s.status === "queued" || s.status === "running";
+        if (size === undefined) {
+          // The leader writes the logs of the steps it runs: send the caller there.
+          const leader = dispatcher().isLeader() ? undefined : await leaderUrl();
+          if (leader !== undefined) return { status: 307, json: { leader }, headers: { Location: `${leader}${req.raw.url ?? ""}` } };
+          if (!(follow && live)) {
+            throw new ApiError(404, "FERRY_FARM_NO_LOG", `step ${s.id} has no log here`, s.status === "queued" ? "the step has not started yet; add ?follow=1 to wait for it" : "logs are kept by the coordinator that scheduled the step");
+          }
+        } else if (offset > size) {
+          throw new ApiError(416, "FERRY_FARM_LOG_OFFSET", `step ${s.id}'s log has ${size} bytes, fewer than offset ${offset}`, "the log starts again when a step is retried; ask again without offset");
         }
-        return { status: 200, text, contentType: "text/plain; charset=utf-8" };
+        const headers: Record<string, string> = follow ? { "Cache-Control": "no-store", "X-Accel-Buffering": "no" } : { "Content-Length": String((size ?? 0) - offset) };
+        return {
+          status: 200,
+          contentType: "text/plain; charset=utf-8",
+          headers,
+          stream: (signal) => logs.read({ path, stepId: s.id, status: s.status, offset, follow, ...(size !== undefined ? { end: size } : {}) }, signal),
+        };
       },
     },
   ];
+
+  /** The scheduling leader's URL when it is another coordinator. */
+  async function leaderUrl(): Promise<string | undefined> {
+    const r = await sql<{ url: string }>`select url from farm_leader where id = 1`.execute(ctx.db);
+    const url = r.rows[0]?.url.replace(/\/+$/, "");
+    return url !== undefined && url !== opts.publicUrl() ? url : undefined;
+  }
+}
+
+/** A yes/no query parameter: `?follow`, `?follow=1`, `?follow=true`. */
+function flag(q: URLSearchParams, name: string): boolean {
+  const v = q.get(name);
+  if (v === null || v === "0" || v === "false") return false;
+  if (v === "" || v === "1" || v === "true") return true;
+  throw new ApiError(400, "FERRY_FARM_BAD_QUERY", `'${name}=${v}' is not a yes or no`, `use ${name}=1 or leave it out`);
+}
+
+/** `?offset=N`: the first byte to send (default 0). */
+function offsetOf(q: URLSearchParams): number {
+  const v = q.get("offset");
+  if (v === null) return 0;
+  if (!/^[0-9]{1,15}$/.test(v)) throw new ApiError(400, "FERRY_FARM_BAD_OFFSET", `'offset=${v}' is not a byte offset`, "offset is a whole number of bytes, 0 or more");
+  return Number(v);
 }

@@ -6,6 +6,7 @@
  */
 import { test, describe } from "node:test";
 import assert from "node:assert/strict";
+import * as fs from "node:fs";
 import * as http from "node:http";
 import { join } from "node:path";
 import type { AddressInfo } from "node:net";
@@ -243,6 +244,27 @@ describe("farm dispatcher", () => {
       // Its lease was renewed all along (the worker is connected): only the heartbeats could tell.
       const b = (await sql<{ attempts: number }>`select attempts from steps where drv_path = ${drv("b")}`.execute(fdb.db)).rows[0]!;
       assert.equal(b.attempts, 0, "a lost message is not a failed attempt");
+    } finally {
+      await w.stop();
+      await farm.close();
+      await fdb.close();
+    }
+  });
+
+  test("a log sent in one burst is written in the order it was sent", async () => {
+    const fdb = await engines.open("pglite", { name: "log-order" });
+    await migrateFarmDatabase(fdb);
+    const jobsetId = await seedJobset(fdb.db);
+    const steps: EvalStep[] = [{ drvPath: drv("chatty"), name: "chatty", system: "x86_64-linux", dependsOn: [] }];
+    await ingestEvaluation(fdb.db, { jobsetId, inputsHash: "h", jobs: [{ job: "chatty", drvPath: drv("chatty"), system: "x86_64-linux", outputs: {} }], steps });
+    const logDir = join(engines.dir(), "logs-order");
+    const farm = await startFarm(fdb, logDir);
+    const lines = Array.from({ length: 2000 }, (_, i) => `line ${i} ${"x".repeat(i % 200)}\n`);
+    const w = startScriptedWorker({ url: farm.url, token: "wtok", id: "w", duration: () => 0, log: () => lines });
+    try {
+      await until("the build", async () => (await statusCounts(fdb.db, "builds")).succeeded === 1, 10_000);
+      await until("the whole log", () => fs.readFileSync(farm.dispatcher.logPath(drv("chatty")), "utf8").length === lines.join("").length, 5000);
+      assert.equal(fs.readFileSync(farm.dispatcher.logPath(drv("chatty")), "utf8"), lines.join(""));
     } finally {
       await w.stop();
       await farm.close();

@@ -135,7 +135,11 @@ export function startScriptedWorker(opts: ScriptedWorkerOptions): ScriptedWorker
         const sendLine = (i: number) => {
           if (!running.has(m.stepId)) return;
           if (ws?.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "log", stepId: m.stepId, data: lines[i] }));
-          if (i + 1 < lines.length) setTimeout(() => sendLine(i + 1), duration / lines.length);
+          // A step of no duration sends its whole log in one burst.
+          if (i + 1 < lines.length) {
+            if (duration === 0) sendLine(i + 1);
+            else setTimeout(() => sendLine(i + 1), duration / lines.length);
+          }
         };
         sendLine(0);
       } else if (m.type === "ack") {

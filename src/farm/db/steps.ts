@@ -141,11 +141,11 @@ async function graphOf(db: Kysely<FarmSchema>, rows: RawStep[]): Promise<StepGra
 
 /** Every unfinished step (queued or running), and marks them taken in (`scheduled`). */
 export async function loadLiveSteps(db: Kysely<FarmSchema>): Promise<StepGraph> {
+  // One statement: a step ingested meanwhile is either taken in here or left for intake, never marked taken but missed.
   const rows = await sql<RawStep>`
-    update steps set scheduled = true where status in ('queued', 'running')
+    update steps set scheduled = true where status in ('queued', 'running') or not scheduled
     returning id, drv_path, name, system, features, status, bump, attempts, lease_owner, started_at, created_at`.execute(db);
-  await sql`update steps set scheduled = true where not scheduled`.execute(db);
-  return graphOf(db, rows.rows);
+  return graphOf(db, rows.rows.filter((r) => r.status === "queued" || r.status === "running"));
 }
 
 /** Steps written since the leader last looked (at most `limit`), marked taken in. */

@@ -179,6 +179,21 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
     w.count++;
   };
 
+  /**
+   * Writes to a step's log file one after the other (appends issued at once may land in any
+   * order): each write waits for the one before it on the same file. A failed write loses its
+   * chunk, not the log.
+   */
+  const logWrites = new Map<string, Promise<void>>();
+  const writeLog = (drvPath: string, write: (path: string) => Promise<void>): void => {
+    const path = join(opts.logDir, baseName(drvPath));
+    const next = (logWrites.get(path) ?? Promise.resolve()).then(() => write(path)).catch(() => undefined);
+    logWrites.set(path, next);
+    void next.then(() => {
+      if (logWrites.get(path) === next) logWrites.delete(path);
+    });
+  };
+
   const send = (s: Session | undefined, m: CoordinatorMessage): boolean => {
     if (!s || s.ws.readyState !== s.ws.OPEN) return false;
     s.ws.send(JSON.stringify(m));
@@ -671,7 +686,7 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
       const c = got.get(a.stepId);
       if (!c) continue;
       dispatched++;
-      fs.writeFileSync(join(opts.logDir, baseName(c.drvPath)), "");
+      writeLog(c.drvPath, (path) => fs.promises.writeFile(path, ""));
       const to = sessions.get(a.machineId);
       to?.sent.set(a.stepId, Date.now());
       send(to, {
@@ -783,7 +798,7 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
           break;
         case "log": {
           const i = info.get(msg.stepId);
-          if (i) fs.appendFile(join(opts.logDir, baseName(i.drvPath)), msg.data, () => undefined);
+          if (i) writeLog(i.drvPath, (path) => fs.promises.appendFile(path, msg.data));
           break;
         }
         case "result":

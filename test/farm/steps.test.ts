@@ -1,99 +1,101 @@
 /**
- * Durable step claims on PGlite and PostgreSQL: dependencies gate claims, systems and features
- * are honoured, an expired lease re-queues the step, a stale owner's result is refused, and
- * with claimers racing (and one of them "dying") every step finishes exactly once.
+ * Durable step state on PGlite and PostgreSQL, as the dispatcher writes it: claims of assigned
+ * steps, lease renewal and expiry, results accepted only from the lease owner and only once,
+ * and two would-be leaders claiming the same steps at once (each step goes to one of them).
  */
 import { test, describe } from "node:test";
 import assert from "node:assert/strict";
 import { sql } from "kysely";
 import { migrateFarmDatabase, type FarmDatabase } from "../../src/farm/db/index.js";
 import { ingestEvaluation, type EvalStep } from "../../src/farm/db/ingest.js";
-import { claimSteps, finishStep, renewLeases, requeueExpired } from "../../src/farm/db/steps.js";
+import { claimAssigned, recordStepResults, renewStepLeases, requeueExpired, requeueSteps } from "../../src/farm/db/steps.js";
 import { useFarmEngines } from "../helpers/farm-db.js";
 
 const drv = (n: string) => `/ferry/store/${n.padStart(32, "b").slice(0, 32)}-${n}.drv`;
 
-async function seed(db: FarmDatabase["db"], steps: EvalStep[]): Promise<void> {
+async function seed(db: FarmDatabase["db"], steps: EvalStep[]): Promise<Map<string, string>> {
   await sql`truncate steps, step_deps, builds, build_steps, evaluations, jobsets, projects cascade`.execute(db);
   const p = await sql<{ id: number }>`insert into projects (name) values ('t') returning id`.execute(db);
   const js = await sql<{ id: number }>`insert into jobsets (project_id, name, repo, file) values (${p.rows[0]!.id}, 'j', '/r', 'f.ts') returning id`.execute(db);
   await ingestEvaluation(db, { jobsetId: js.rows[0]!.id, inputsHash: "h", jobs: [], steps });
+  const ids = await sql<{ id: string; name: string }>`select id::text as id, name from steps`.execute(db);
+  return new Map(ids.rows.map((r) => [r.name, r.id]));
 }
 
-describe("farm step claims", () => {
+const step = async (db: FarmDatabase["db"], id: string) =>
+  (await sql<{ status: string; lease_owner: string | null; attempts: number }>`select status, lease_owner, attempts from steps where id = ${id}`.execute(db)).rows[0]!;
+
+const ok = (stepId: string, owner: string) => ({ stepId, owner, status: "succeeded" as const, durationMs: 5 });
+
+describe("farm step state", () => {
   const engines = useFarmEngines("ferry-farm-steps-");
 
   for (const engine of ["pglite", "postgres"] as const) {
-    test(`claims follow dependencies, systems and features; leases expire; stale results are refused (${engine})`, async () => {
+    test(`claims, leases and results: only the lease owner finishes a step, and only once (${engine})`, async () => {
       const fdb = await engines.open(engine);
       try {
         await migrateFarmDatabase(fdb);
         const db = fdb.db;
-        await seed(db, [
+        const id = await seed(db, [
           { drvPath: drv("base"), name: "base", system: "x86_64-linux", dependsOn: [] },
-          { drvPath: drv("kvm-test"), name: "kvm-test", system: "x86_64-linux", features: ["kvm"], dependsOn: [drv("base")] },
-          { drvPath: drv("arm"), name: "arm", system: "aarch64-linux", dependsOn: [] },
           { drvPath: drv("top"), name: "top", system: "x86_64-linux", dependsOn: [drv("base")] },
+          { drvPath: drv("arm"), name: "arm", system: "aarch64-linux", dependsOn: [] },
         ]);
-        const x86 = { systems: ["x86_64-linux"], features: [] as string[], limit: 10, leaseMs: 60_000 };
-        const first = await claimSteps(db, { ...x86, owner: "w1" });
-        assert.deepEqual(first.map((s) => s.name), ["base"], "only steps whose dependencies succeeded");
-        assert.deepEqual(await claimSteps(db, { ...x86, owner: "w2" }), [], "a claimed step is not claimed again");
-        assert.equal(await finishStep(db, first[0]!.id, "w2", { status: "succeeded", durationMs: 5 }), false, "not w2's lease");
-        assert.equal(await finishStep(db, first[0]!.id, "w1", { status: "succeeded", durationMs: 5 }), true);
-        assert.equal(await finishStep(db, first[0]!.id, "w1", { status: "succeeded", durationMs: 5 }), false, "finished once");
-        const next = await claimSteps(db, { ...x86, owner: "w1", leaseMs: 1 });
-        assert.deepEqual(next.map((s) => s.name), ["top"], "kvm-test needs a feature w1 lacks");
-        const kvm = await claimSteps(db, { ...x86, owner: "w3", features: ["kvm", "big-parallel"] });
-        assert.deepEqual(kvm.map((s) => s.name), ["kvm-test"]);
-        assert.deepEqual((await claimSteps(db, { ...x86, owner: "w4", systems: ["aarch64-linux"] })).map((s) => s.name), ["arm"]);
-        // w1's 1 ms lease on top expires: the step is queued again and w1's late result is refused
-        await new Promise((r) => setTimeout(r, 20));
-        assert.equal(await renewLeases(db, "w3", 60_000), 1);
-        const requeued = await requeueExpired(db);
-        assert.deepEqual(requeued, [next[0]!.id]);
-        assert.equal(await finishStep(db, next[0]!.id, "w1", { status: "succeeded", durationMs: 5 }), false);
-        const again = await claimSteps(db, { ...x86, owner: "w5" });
-        assert.equal(again[0]!.name, "top");
-        assert.equal(again[0]!.attempts, 1, "the expired attempt counts");
+        const [base, top, arm] = ["base", "top", "arm"].map((n) => id.get(n)!) as [string, string, string];
+        const claimed = await claimAssigned(db, [{ stepId: base, owner: "w1" }, { stepId: arm, owner: "w2" }], 60_000);
+        assert.deepEqual(claimed.map((c) => c.id).sort(), [base, arm].sort());
+        assert.deepEqual(await claimAssigned(db, [{ stepId: base, owner: "w3" }], 60_000), [], "a running step is not claimed again");
+        assert.equal((await step(db, base)).lease_owner, "w1");
+        assert.deepEqual(await renewStepLeases(db, "w1", [base, arm], 60_000), [base], "only w1's own lease is renewed");
+
+        let r = await recordStepResults(db, { outcomes: [ok(base, "w2")], depFailed: [] });
+        assert.deepEqual(r.refused, [base], "not w2's lease");
+        assert.equal((await step(db, base)).status, "running");
+        r = await recordStepResults(db, { outcomes: [ok(base, "w1")], depFailed: [] });
+        assert.deepEqual(r.refused, []);
+        assert.equal((await step(db, base)).status, "succeeded");
+        r = await recordStepResults(db, { outcomes: [ok(base, "w1")], depFailed: [] });
+        assert.deepEqual(r.refused, [base], "finished once");
+        const events = await sql<{ n: string }>`select count(*) as n from farm_events where kind = 'step:finished'`.execute(db);
+        assert.equal(Number(events.rows[0]!.n), 1);
+
+        // w1's 1 ms lease on top expires: the step is queued again (an attempt counted) and w1's late result is refused.
+        await claimAssigned(db, [{ stepId: top, owner: "w1" }], 1);
+        await new Promise((res) => setTimeout(res, 20));
+        assert.deepEqual(await renewStepLeases(db, "w2", [arm], 60_000), [arm]);
+        assert.deepEqual(await requeueExpired(db), [top]);
+        assert.deepEqual((await recordStepResults(db, { outcomes: [ok(top, "w1")], depFailed: [] })).refused, [top]);
+        assert.deepEqual(await step(db, top), { status: "queued", lease_owner: null, attempts: 1 });
+        // A step given back (a refusal, a lost message) is queued again without counting an attempt.
+        const again = await claimAssigned(db, [{ stepId: top, owner: "w5" }], 60_000);
+        assert.equal(again[0]!.attempts, 1);
+        await requeueSteps(db, [top]);
+        assert.deepEqual(await step(db, top), { status: "queued", lease_owner: null, attempts: 1 });
       } finally {
         await fdb.close();
       }
     });
   }
 
-  test("racing claimers on PostgreSQL, one of them dying mid-step: every step finishes exactly once", async () => {
+  test("two would-be leaders claiming the same steps at once on PostgreSQL: each step goes to exactly one", async () => {
     const fdb = await engines.open("postgres", { poolSize: 8 });
     try {
       await migrateFarmDatabase(fdb);
       const db = fdb.db;
       const n = 300;
-      const steps: EvalStep[] = Array.from({ length: n }, (_, i) => ({ drvPath: drv(`s${i}`), name: `s${i}`, system: "x86_64-linux", dependsOn: i >= 10 ? [drv(`s${i % 10}`)] : [] }));
-      await seed(db, steps);
-      const finished: string[] = [];
-      const worker = async (owner: string, dieAfter: number) => {
-        let done = 0;
-        for (let idle = 0; idle < 30; ) {
-          const claimed = await claimSteps(db, { owner, systems: ["x86_64-linux"], features: [], limit: 3, leaseMs: dieAfter < Infinity ? 50 : 60_000 });
-          if (claimed.length === 0) {
-            idle++;
-            await requeueExpired(db);
-            await new Promise((r) => setTimeout(r, 10));
-            continue;
-          }
-          idle = 0;
-          for (const s of claimed) {
-            if (done >= dieAfter) return; // "killed": holds its claims without finishing them
-            if (await finishStep(db, s.id, owner, { status: "succeeded", durationMs: 1 })) finished.push(s.id);
-            done++;
-          }
-        }
+      const id = await seed(db, Array.from({ length: n }, (_, i) => ({ drvPath: drv(`s${i}`), name: `s${i}`, system: "x86_64-linux", dependsOn: [] })));
+      const all = [...id.values()];
+      // Both claim every step, in batches of 10, in opposite orders, concurrently.
+      const claimer = async (owner: string, ids: string[]) => {
+        const got: string[] = [];
+        for (let i = 0; i < ids.length; i += 10) got.push(...(await claimAssigned(db, ids.slice(i, i + 10).map((stepId) => ({ stepId, owner })), 60_000)).map((c) => c.id));
+        return got;
       };
-      await Promise.all([worker("a", Infinity), worker("b", Infinity), worker("dies", 5), worker("c", Infinity)]);
-      assert.equal(finished.length, n, "every step finished");
-      assert.equal(new Set(finished).size, n, "none twice");
-      const left = await sql<{ n: string }>`select count(*) as n from steps where status <> 'succeeded'`.execute(db);
-      assert.equal(Number(left.rows[0]!.n), 0);
+      const [a, b] = await Promise.all([claimer("old-leader", all), claimer("new-leader", [...all].reverse())]);
+      assert.equal(a.length + b.length, n, "every step claimed once");
+      assert.equal(new Set([...a, ...b]).size, n, "none twice");
+      const owners = await sql<{ lease_owner: string; n: string }>`select lease_owner, count(*) as n from steps group by lease_owner order by lease_owner`.execute(db);
+      assert.deepEqual(owners.rows.map((r) => [r.lease_owner, Number(r.n)]).sort(), [["new-leader", b.length], ["old-leader", a.length]].filter(([, k]) => k !== 0).sort());
     } finally {
       await fdb.close();
     }

@@ -639,7 +639,7 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
     // After a restart, give workers one lease period to come back before taking their steps.
     if (now - leaderSince < leaseMs || now - lastExpiry < Math.min(1000, leaseMs / 4)) return;
     lastExpiry = now;
-    const ids = (await requeueExpired(db)).map(String);
+    const ids = await requeueExpired(db);
     if (ids.length === 0) return;
     const s = sched!;
     for (const r of s.requeue(ids, now)) {

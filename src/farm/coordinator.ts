@@ -21,7 +21,7 @@ import { buildRoutes } from "./api/builds.js";
 import type { WaitOptions } from "./api/commands.js";
 import type { ApiContext } from "./api/context.js";
 import { evaluationRoutes } from "./api/evaluations.js";
-import { createRouter, ok, type Method, type Route } from "./api/http.js";
+import { ApiError, createRouter, ok, type Method, type Route } from "./api/http.js";
 import { metricsRoute } from "./api/metrics.js";
 import { OPENAPI } from "./api/openapi.js";
 import { projectRoutes } from "./api/projects.js";
@@ -142,7 +142,7 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Coordi
     ...(logs
       ? workerRoutes(ctx, {
           dispatcher: () => {
-            if (!dispatcher) throw new FerryError("FERRY_FARM_STARTING", "the coordinator is still starting", { hint: "try again in a moment" });
+            if (!dispatcher) throw new ApiError(503, "FERRY_FARM_STARTING", "the coordinator is still starting", "try again in a moment");
             return dispatcher;
           },
           logs,

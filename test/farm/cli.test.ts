@@ -64,6 +64,9 @@ async function moreCommands(engine: string, c: string[], repo: string, pgUrl: st
     const bump = await ferryAsync(["farm", "bump", ...a, "demo", "main", "--bump", "7"]);
     assert.match(bump.stdout, leader ? /^ok\s+\d+\s+app\s+bump 7$/m : /^ok\s+\d+\s+app\s+bump 7\s+\(pending\)$/m);
     assert.match(ferry(["farm", "bump", ...a]).stderr, /FERRY_FARM_BAD_ARGUMENT/);
+    const badRetry = ferry(["farm", "serve", "--data-dir", "/nonexistent/never-made", "--retry-attempts", "0"]);
+    assert.equal(badRetry.status, 1);
+    assert.match(badRetry.stderr, /FERRY_FARM_BAD_ARGUMENT.*--retry-attempts must be 1 or more/);
     if (db) {
       await sql`update steps set status = 'succeeded'`.execute(db.db);
       await sql`update builds set status = 'succeeded'`.execute(db.db);

@@ -30,6 +30,8 @@ interface ServeFlags extends StoreFlags {
   commandWait: number;
   leaseSeconds: number;
   stepTimeout?: number;
+  retryAttempts: number;
+  retryDelay: number;
   publicUrl?: string;
   cacheListen?: string;
   cache?: string;
@@ -115,6 +117,7 @@ function dispatchOptions(f: ServeFlags, host: string): NonNullable<Exclude<Coord
   return {
     leaseMs: Math.round(f.leaseSeconds * 1000),
     ...(f.stepTimeout ? { stepTimeoutSeconds: f.stepTimeout } : {}),
+    scheduler: { retry: { maxAttempts: f.retryAttempts, initialDelayMs: Math.round(f.retryDelay * 1000) } },
     ...(f.publicUrl ? { publicUrl: f.publicUrl.replace(/\/+$/, "") } : {}),
     cacheHost: cacheAt?.host ?? host,
     ...(cacheAt ? { cachePort: cacheAt.port } : {}),
@@ -131,6 +134,11 @@ function dispatchOptions(f: ServeFlags, host: string): NonNullable<Exclude<Coord
   };
 }
 
+const atLeastOne = (flag: string, v: string) => {
+  const n = toInt(flag)(v);
+  if (n < 1) throw new FerryError("FERRY_FARM_BAD_ARGUMENT", `${flag} must be 1 or more, not '${v}'`, { hint: "1 means no retry: a transient failure fails the step at once" });
+  return n;
+};
 const STATES = ["disabled", "enabled", "one-shot"];
 const toInt = (name: string) => (v: string) => {
   if (!/^-?\d+$/.test(v)) throw new FerryError("FERRY_FARM_BAD_ARGUMENT", `${name} must be an integer, not '${v}'`);
@@ -466,6 +474,8 @@ export function farmCommand(): Command {
       .option("--command-wait <seconds>", "how long restart / cancel / bump wait for the scheduler before answering 'queued'", (v) => Number(v), 10)
       .option("--lease-seconds <seconds>", "a step whose worker is silent this long goes to another worker", (v) => positive("--lease-seconds", v), 60)
       .option("--step-timeout <seconds>", "kill builds that run longer than this", (v) => positive("--step-timeout", v))
+      .option("--retry-attempts <n>", "attempts a step gets when it fails for a transient reason (a lost worker, a transfer, the disk) before it fails for good", (v) => atLeastOne("--retry-attempts", v), 5)
+      .option("--retry-delay <seconds>", "wait before the first retry; each later one waits 3 times longer", (v) => positive("--retry-delay", v), 60)
       .option("--public-url <url>", "the URL workers reach this coordinator at (default: the listen address)")
       .option("--cache-listen <host:port>", "where the embedded farm cache listens (default: the listen host, a free port)")
       .option("--cache <url>", "use this binary cache (http(s)://, s3://, file://) instead of the embedded one")

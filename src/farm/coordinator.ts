@@ -139,16 +139,15 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Coordi
   const logs = dispatch ? createLogFollowers({ db }) : undefined;
   const extra = [
     ...(typeof opts.extraRoutes === "function" ? opts.extraRoutes(ctx) : (opts.extraRoutes ?? [])),
-    ...(logs
-      ? workerRoutes(ctx, {
-          dispatcher: () => {
-            if (!dispatcher) throw new ApiError(503, "FERRY_FARM_STARTING", "the coordinator is still starting", "try again in a moment");
-            return dispatcher;
-          },
-          logs,
-          publicUrl: () => publicUrl,
-        })
-      : []),
+    ...workerRoutes(ctx, {
+      dispatcher: () => {
+        if (!dispatch) return undefined;
+        if (!dispatcher) throw new ApiError(503, "FERRY_FARM_STARTING", "the coordinator is still starting", "try again in a moment");
+        return dispatcher;
+      },
+      logs,
+      publicUrl: () => publicUrl,
+    }),
   ];
   const extraMetrics = async (): Promise<string> => (opts.extraMetrics ? await opts.extraMetrics() : "") + (dispatcher?.metrics() ?? "") + (logs?.metrics() ?? "");
   const routes: Route[] = [

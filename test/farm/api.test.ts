@@ -34,8 +34,8 @@ describe("farm API", () => {
     const upgrades: string[] = [];
     const farm = await startTestFarm(fdb, join(engines.dir(), "extend"), {
       extraRoutes: (api) => [
-        { method: "GET", path: "/api/workers", access: "read", run: async () => ({ status: 200, json: [{ id: "w1", database: api.fdb.kind }] }) },
-        { method: "POST", path: "/api/workers/{id}/drain", access: "admin", run: async (req) => ({ status: 200, json: { draining: req.params.id } }) },
+        { method: "GET", path: "/api/things", access: "read", run: async () => ({ status: 200, json: [{ id: "w1", database: api.fdb.kind }] }) },
+        { method: "POST", path: "/api/things/{id}/poke", access: "admin", run: async (req) => ({ status: 200, json: { poked: req.params.id } }) },
       ],
       onUpgrade: (req, socket, _head, api) => {
         void api.auth.authenticate(req).then((role) => {
@@ -46,11 +46,11 @@ describe("farm API", () => {
       extraMetrics: async () => "# TYPE ferry_farm_workers gauge\nferry_farm_workers 3\n",
     });
     try {
-      assert.deepEqual((await farm.call("GET", "/api/workers", { token: undefined })).json, [{ id: "w1", database: "postgres" }]);
-      isError(await farm.call("POST", "/api/workers/w1/drain", { token: WORKER }), 403, "FERRY_FARM_FORBIDDEN");
-      assert.deepEqual((await farm.call("POST", "/api/workers/w%2F1/drain")).json, { draining: "w/1" });
+      assert.deepEqual((await farm.call("GET", "/api/things", { token: undefined })).json, [{ id: "w1", database: "postgres" }]);
+      isError(await farm.call("POST", "/api/things/w1/poke", { token: WORKER }), 403, "FERRY_FARM_FORBIDDEN");
+      assert.deepEqual((await farm.call("POST", "/api/things/w%2F1/poke")).json, { poked: "w/1" });
       assert.match((await farm.call("GET", "/metrics")).text, /^ferry_farm_evaluations_total 0\n[^]*^ferry_farm_workers 3\n$/m);
-      assert.ok(farm.c.routes.some((r) => r.path === "/api/workers/{id}/drain"));
+      assert.ok(farm.c.routes.some((r) => r.path === "/api/things/{id}/poke"));
       const upgrade = (token: string) =>
         new Promise<number>((resolve, reject) => {
           const req = http.request(`${farm.c.url}/api/worker`, { headers: { connection: "Upgrade", upgrade: "test", authorization: `Bearer ${token}` } });
@@ -269,13 +269,7 @@ describe("farm API", () => {
           const routed = new Set(farm.c.routes.map((r) => `${r.method} ${r.path}`));
           for (const r of routed) assert.ok(documented.some((d) => d.key === r), `${r} is routed but not documented`);
           for (const d of documented) assert.ok(routed.has(d.key) || d.external === "dispatcher", `${d.key} is documented but not routed`);
-          assert.deepEqual(documented.filter((d) => !routed.has(d.key)).map((d) => d.key).sort(), [
-            "GET /api/steps/{id}",
-            "GET /api/steps/{id}/log",
-            "GET /api/worker",
-            "GET /api/workers",
-            "POST /api/workers/{id}/drain",
-          ]);
+          assert.deepEqual(documented.filter((d) => !routed.has(d.key)).map((d) => d.key).sort(), ["GET /api/worker"]);
         });
       } finally {
         await farm.close();

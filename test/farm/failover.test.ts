@@ -130,7 +130,20 @@ describe("several coordinators on one PostgreSQL database", () => {
 
       const workersOf = async (url: string) => (await getJson<{ id: string }[]>(`${url}/api/workers`)).map((x) => x.id);
       assert.deepEqual(await workersOf(A), ["via-b"], "the leader has the worker");
-      assert.deepEqual(await workersOf(B), [], "the follower keeps none");
+      const atB = await fetch(`${B}/api/workers`, { redirect: "manual" });
+      assert.equal(atB.status, 307, "the follower sends the caller to the leader");
+      assert.equal(atB.headers.get("location"), `${A}/api/workers`);
+      assert.deepEqual(await workersOf(B), ["via-b"]);
+      // A third coordinator that only serves the API (--no-dispatch): steps from the database, the rest at the leader.
+      const apiOnly = await spawnFarmServe(["--listen", "127.0.0.1:0", "--database", engines.pg().url, "--data-dir", join(dir, "api-only"), "--admin-token", "adm", "--no-dispatch", "--check-every", "0", ...storeFlags(join(dir, "api-only-store"))]);
+      procs.push(apiOnly);
+      const stepId = (await sql<{ id: string }>`select id::text as id from steps order by id limit 1`.execute(fdb.db)).rows[0]!.id;
+      assert.equal((await getJson<{ status: string }>(`${apiOnly.url}/api/steps/${stepId}`)).status, "succeeded");
+      assert.deepEqual(await workersOf(apiOnly.url), ["via-b"], "its workers list is the leader's");
+      const log = await fetch(`${apiOnly.url}/api/steps/${stepId}/log`, { redirect: "manual" });
+      assert.equal(log.status, 307);
+      assert.equal(log.headers.get("location"), `${A}/api/steps/${stepId}/log`);
+      assert.match(await (await fetch(`${apiOnly.url}/api/steps/${stepId}/log`)).text(), /building/);
       for (const url of urls) {
         const builds = await getJson<{ status: string }[]>(`${url}/api/projects/p/jobsets/j/builds`);
         assert.equal(builds.length, 40, `${url} lists the builds`);

@@ -1,8 +1,8 @@
 /**
  * The coordinator's API as an OpenAPI 3.1 document, served at `GET /api/openapi.json`. It is a
  * value kept next to the routes; a test checks that every route the router knows is described
- * here and that everything described here is routed (operations marked
- * `x-ferry-provided-by: dispatcher` are added by the dispatcher's routes).
+ * here and that everything described here is routed (the one operation marked
+ * `x-ferry-provided-by: dispatcher`, the worker WebSocket, is an upgrade the dispatcher takes).
  */
 import type { Access } from "./http.js";
 
@@ -370,11 +370,13 @@ export const OPENAPI = {
         responses: { "101": { description: "switching to the worker protocol" } },
       }),
     },
-    "/api/workers": { get: op({ summary: "connected build machines", access: "read", dispatcher: true, responses: { "200": json(arrayOf({ type: "object" })) } }) },
-    "/api/workers/{id}/drain": {
-      post: op({ summary: "let a build machine finish its steps and take no new ones", access: "admin", dispatcher: true, params: [P.id], responses: { "200": json({ type: "object" }) } }),
+    "/api/workers": {
+      get: op({ summary: "connected build machines (a coordinator that does not lead answers 307 to the leader)", access: "read", responses: { "200": json(arrayOf({ type: "object" })), "307": { description: "ask the scheduling leader, at Location" } } }),
     },
-    "/api/steps/{id}": { get: op({ summary: "a step: its derivation, status, machine, timings", access: "read", dispatcher: true, params: [P.id], responses: { "200": json({ type: "object" }) } }) },
+    "/api/workers/{id}/drain": {
+      post: op({ summary: "let a build machine finish its steps and take no new ones (a coordinator that does not lead answers 307 to the leader)", access: "admin", params: [P.id], responses: { "200": json({ type: "object" }), "307": { description: "ask the scheduling leader, at Location" } } }),
+    },
+    "/api/steps/{id}": { get: op({ summary: "a step: its derivation, status, machine, timings", access: "read", params: [P.id], responses: { "200": json({ type: "object" }) } }) },
     "/api/steps/{id}/log": {
       get: op({
         summary: "a step's build log (text); with follow, streamed as the step runs",
@@ -383,7 +385,6 @@ export const OPENAPI = {
           "A client that loses the connection asks again with offset = the bytes it got. A retried step's log starts again (a follower goes on with the new attempt). " +
           "A coordinator that does not schedule answers 307 to the scheduling leader's same URL when it has no log for the step.",
         access: "read",
-        dispatcher: true,
         params: [P.id],
         query: [
           { name: "follow", in: "query", schema: { enum: ["1", "true", "0", "false"] }, description: "keep sending the log as it grows until the step has finished" },

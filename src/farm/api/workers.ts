@@ -1,17 +1,21 @@
 /**
  * The dispatcher's routes: connected workers (and draining one), and steps with their live
  * logs. The worker WebSocket itself (`GET /api/worker`) is an upgrade, handled by the dispatcher.
+ * Every coordinator serves them: steps come from the database, and what only the scheduling
+ * leader has (its workers, the logs it writes) is a 307 to the leader from the others.
  */
 import { sql } from "kysely";
 import type { Dispatcher } from "../dispatch/dispatcher.js";
+import { currentLeaderUrl } from "../dispatch/leader.js";
 import type { ApiContext } from "./context.js";
 import { ApiError, ok, type Reply, type Route } from "./http.js";
 import { logSize, type LogFollowers } from "./step-log.js";
 
 export interface WorkerRouteOptions {
-  /** The dispatcher (throws while the coordinator is starting). */
-  readonly dispatcher: () => Dispatcher;
-  readonly logs: LogFollowers;
+  /** The dispatcher (throws while the coordinator is starting); undefined on a coordinator that does not schedule (`--no-dispatch`). */
+  readonly dispatcher: () => Dispatcher | undefined;
+  /** Log followers, with the dispatcher. */
+  readonly logs: LogFollowers | undefined;
   /** The URL this coordinator is known by (as the leader, in `farm_leader`); undefined while starting. */
   readonly publicUrl: () => string | undefined;
 }
@@ -26,15 +30,37 @@ export function workerRoutes(ctx: ApiContext, opts: WorkerRouteOptions): Route[]
     if (!row) throw new ApiError(404, "FERRY_FARM_UNKNOWN_STEP", `there is no step ${id}`, "a build's steps are listed by GET /api/builds/{id}");
     return row;
   };
+  /**
+   * The dispatcher when this coordinator leads; else a 307 to the leader; else (no one leads
+   * now) this coordinator's own dispatcher, or a 404 on one without.
+   */
+  const scheduling = async (req: { raw: { url?: string | undefined } }): Promise<Dispatcher | Reply> => {
+    const d = dispatcher();
+    if (d?.isLeader()) return d;
+    const leader = await leaderUrl();
+    if (leader !== undefined) return toLeader(leader, req);
+    if (d) return d;
+    throw new ApiError(404, "FERRY_FARM_NO_SCHEDULER", "this coordinator does not schedule (--no-dispatch), and no coordinator leads now", "start a coordinator without --no-dispatch on the same database");
+  };
   return [
-    { method: "GET", path: "/api/workers", access: "read", run: async () => ok(dispatcher().workers()) },
+    {
+      method: "GET",
+      path: "/api/workers",
+      access: "read",
+      run: async (req) => {
+        const d = await scheduling(req);
+        return "status" in d ? d : ok(d.workers());
+      },
+    },
     {
       method: "POST",
       path: "/api/workers/{id}/drain",
       access: "admin",
       run: async (req) => {
+        const d = await scheduling(req);
+        if ("status" in d) return d;
         const id = req.params.id!;
-        if (!dispatcher().drain(id)) throw new ApiError(404, "FERRY_FARM_UNKNOWN_WORKER", `no worker '${id}' is connected here`, "see GET /api/workers; a worker connects to the scheduling coordinator");
+        if (!d.drain(id)) throw new ApiError(404, "FERRY_FARM_UNKNOWN_WORKER", `no worker '${id}' is connected here`, "see GET /api/workers; a worker connects to the scheduling coordinator");
         return ok({ worker: id, draining: true });
       },
     },
@@ -68,13 +94,15 @@ export function workerRoutes(ctx: ApiContext, opts: WorkerRouteOptions): Route[]
         const s = await stepRow(req.params.id!);
         const follow = flag(req.query, "follow");
         const offset = offsetOf(req.query);
-        const path = dispatcher().logPath(s.drv_path);
+        const d = await scheduling(req);
+        if ("status" in d) return d;
+        const path = d.logPath(s.drv_path);
         const size = logSize(path);
         const live = s.status === "queued" || s.status === "running";
         if (size === undefined) {
           // The leader writes the logs of the steps it runs: send the caller there.
-          const leader = dispatcher().isLeader() ? undefined : await leaderUrl();
-          if (leader !== undefined) return { status: 307, json: { leader }, headers: { Location: `${leader}${req.raw.url ?? ""}` } };
+          const leader = d.isLeader() ? undefined : await leaderUrl();
+          if (leader !== undefined) return toLeader(leader, req);
           if (!(follow && live)) {
             throw new ApiError(404, "FERRY_FARM_NO_LOG", `step ${s.id} has no log here`, s.status === "queued" ? "the step has not started yet; add ?follow=1 to wait for it" : "logs are kept by the coordinator that scheduled the step");
           }
@@ -86,7 +114,7 @@ export function workerRoutes(ctx: ApiContext, opts: WorkerRouteOptions): Route[]
           status: 200,
           contentType: "text/plain; charset=utf-8",
           headers,
-          stream: (signal) => logs.read({ path, stepId: s.id, status: s.status, offset, follow, ...(size !== undefined ? { end: size } : {}) }, signal),
+          stream: (signal) => logs!.read({ path, stepId: s.id, status: s.status, offset, follow, ...(size !== undefined ? { end: size } : {}) }, signal),
         };
       },
     },
@@ -94,10 +122,14 @@ export function workerRoutes(ctx: ApiContext, opts: WorkerRouteOptions): Route[]
 
   /** The scheduling leader's URL when it is another coordinator. */
   async function leaderUrl(): Promise<string | undefined> {
-    const r = await sql<{ url: string }>`select url from farm_leader where id = 1`.execute(ctx.db);
-    const url = r.rows[0]?.url.replace(/\/+$/, "");
+    const url = (await currentLeaderUrl(ctx.fdb))?.replace(/\/+$/, "");
     return url !== undefined && url !== opts.publicUrl() ? url : undefined;
   }
+}
+
+/** The same request, at the leader. */
+function toLeader(leader: string, req: { raw: { url?: string | undefined } }): Reply {
+  return { status: 307, json: { leader }, headers: { Location: `${leader}${req.raw.url ?? ""}` } };
 }
 
 /** A yes/no query parameter: `?follow`, `?follow=1`, `?follow=true`. */

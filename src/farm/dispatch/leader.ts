@@ -66,6 +66,25 @@ export interface LeadershipOptions {
   readonly pollMs?: number;
 }
 
+/**
+ * The URL of the coordinator that leads, as `farm_leader` records it, but only while the
+ * session holding the lock is that coordinator's (a row left by a leader that died names no
+ * one). Any coordinator may ask, with or without a dispatcher of its own.
+ */
+export async function currentLeaderUrl(fdb: FarmDatabase): Promise<string | undefined> {
+  if (fdb.kind === "pglite") {
+    const r = await sql<{ url: string }>`select url from farm_leader where id = 1`.execute(fdb.db);
+    return r.rows[0]?.url;
+  }
+  const r = await sql<{ url: string }>`
+    select l.url from farm_leader l
+    where l.id = 1 and exists (
+      select 1 from pg_locks k join pg_stat_activity a on a.pid = k.pid
+      where k.locktype = 'advisory' and k.classid = ${LOCK_HI} and k.objid = ${LOCK_LO} and k.objsubid = 1 and k.granted
+        and a.application_name = left(${APP_PREFIX} || l.owner, ${APP_NAME_MAX}))`.execute(fdb.db);
+  return r.rows[0]?.url;
+}
+
 export function startLeadership(opts: LeadershipOptions, events: LeadershipEvents): Leadership {
   const db = opts.db.db;
   const pollMs = opts.pollMs ?? 1000;
@@ -162,19 +181,7 @@ export function startLeadership(opts: LeadershipOptions, events: LeadershipEvent
 
   return {
     isLeader: () => leader,
-    leaderUrl: async () => {
-      if (opts.db.kind === "pglite") {
-        const r = await sql<{ url: string }>`select url from farm_leader where id = 1`.execute(db);
-        return r.rows[0]?.url;
-      }
-      const r = await sql<{ url: string }>`
-        select l.url from farm_leader l
-        where l.id = 1 and exists (
-          select 1 from pg_locks k join pg_stat_activity a on a.pid = k.pid
-          where k.locktype = 'advisory' and k.classid = ${LOCK_HI} and k.objid = ${LOCK_LO} and k.objsubid = 1 and k.granted
-            and a.application_name = left(${APP_PREFIX} || l.owner, ${APP_NAME_MAX}))`.execute(db);
-      return r.rows[0]?.url;
-    },
+    leaderUrl: () => currentLeaderUrl(opts.db),
     close: async () => {
       closed = true;
       if (timer) clearTimeout(timer);

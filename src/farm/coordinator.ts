@@ -147,6 +147,7 @@ export async function startCoordinator(opts: CoordinatorOptions): Promise<Coordi
       },
       logs,
       publicUrl: () => publicUrl,
+      ...(farmCache ? { cachedLog: (drvPath: string) => farmCache.readLog(drvPath) } : {}),
     }),
   ];
   const extraMetrics = async (): Promise<string> => (opts.extraMetrics ? await opts.extraMetrics() : "") + (dispatcher?.metrics() ?? "") + (logs?.metrics() ?? "");

@@ -25,6 +25,8 @@ export interface FarmCache {
   readonly publicKey?: string;
   /** Uploads the closures of `paths` (derivations and their sources) from the coordinator's store. */
   publish(store: LocalStore, paths: readonly string[]): Promise<void>;
+  /** The build log a worker uploaded for `drvPath` (`log/<drv base name>`), if the cache has it. */
+  readLog(drvPath: string): Promise<Uint8Array | undefined>;
   close(): Promise<void>;
 }
 
@@ -69,6 +71,7 @@ export async function openFarmCache(opts: FarmCacheOptions): Promise<FarmCache> 
       ...(ext.token ? { token: ext.token } : {}),
       ...(ext.publicKey ? { publicKey: ext.publicKey } : {}),
       publish: async (store, paths) => failIfAny(await copyToCache(store, backend, paths, { secretKey: ext.secretKey })),
+      readLog: (drvPath) => readLog(backend, drvPath),
       close: async () => undefined,
     };
   }
@@ -94,8 +97,14 @@ export async function openFarmCache(opts: FarmCacheOptions): Promise<FarmCache> 
       // The server remembers absent narinfos for a moment: tell it they exist now.
       for (const p of paths) server.forget(`${p.slice(store.storeDir.length + 1, store.storeDir.length + 33)}.narinfo`);
     },
+    readLog: (drvPath) => readLog(backend, drvPath),
     close: () => server.close(),
   };
+}
+
+async function readLog(backend: CacheBackend, drvPath: string): Promise<Uint8Array | undefined> {
+  const base = drvPath.slice(drvPath.lastIndexOf("/") + 1);
+  return (await backend.readBytes(`log/${base}`)) ?? undefined;
 }
 
 function failIfAny(outcomes: readonly UploadOutcome[]): void {

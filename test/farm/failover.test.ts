@@ -363,6 +363,13 @@ describe("several coordinators on one PostgreSQL database", () => {
       assert.match(real.stderr(), new RegExp(`connected to ws://127\\.0\\.0\\.1:${new URL(A).port}/api/worker as real`));
       assert.match(real.stderr(), new RegExp(`reconnected to ws://127\\.0\\.0\\.1:${new URL(B).port}/api/worker as real \\(1 running step kept`), real.stderr());
 
+      // 'first' ran under A, whose logs died with it: B serves the log the worker uploaded to the farm cache.
+      const firstId = (await sql<{ id: string }>`select id::text as id from steps where name = 'first'`.execute(fdb.db)).rows[0]!.id;
+      const firstLog = await fetch(`${B}/api/steps/${firstId}/log`);
+      assert.equal(firstLog.status, 200, await firstLog.clone().text());
+      assert.equal(firstLog.headers.get("x-ferry-log-source"), "farm-cache");
+      await firstLog.arrayBuffer();
+
       await checkExactlyOnce(fdb.db, N + 3, workers, { system: FAKE_SYSTEM, mayLose: 4 });
       // Nothing changes after the run: no step is sent again, no build finishes again.
       const sent = workers.reduce((n, w) => n + w.requests.length, 0);

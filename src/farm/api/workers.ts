@@ -18,6 +18,8 @@ export interface WorkerRouteOptions {
   readonly logs: LogFollowers | undefined;
   /** The URL this coordinator is known by (as the leader, in `farm_leader`); undefined while starting. */
   readonly publicUrl: () => string | undefined;
+  /** A finished step's log as its worker uploaded it to the farm cache (for logs this coordinator did not write: another leader ran the step). */
+  readonly cachedLog?: (drvPath: string) => Promise<Uint8Array | undefined>;
 }
 
 export function workerRoutes(ctx: ApiContext, opts: WorkerRouteOptions): Route[] {
@@ -103,6 +105,13 @@ export function workerRoutes(ctx: ApiContext, opts: WorkerRouteOptions): Route[]
           // The leader writes the logs of the steps it runs: send the caller there.
           const leader = d.isLeader() ? undefined : await leaderUrl();
           if (leader !== undefined) return toLeader(leader, req);
+          // Run under another leader (before a failover): its worker uploaded the log to the farm cache.
+          const cached = live ? undefined : await opts.cachedLog?.(s.drv_path).catch(() => undefined);
+          if (cached !== undefined) {
+            if (offset > cached.length) throw new ApiError(416, "FERRY_FARM_LOG_OFFSET", `step ${s.id}'s log has ${cached.length} bytes, fewer than offset ${offset}`, "ask again without offset");
+            const rest = cached.subarray(offset);
+            return { status: 200, contentType: "text/plain; charset=utf-8", headers: { "Content-Length": String(rest.length), "X-Ferry-Log-Source": "farm-cache" }, stream: async function* () { yield rest; } };
+          }
           if (!(follow && live)) {
             throw new ApiError(404, "FERRY_FARM_NO_LOG", `step ${s.id} has no log here`, s.status === "queued" ? "the step has not started yet; add ?follow=1 to wait for it" : "logs are kept by the coordinator that scheduled the step");
           }

@@ -15,7 +15,7 @@ import { join } from "node:path";
 import pg from "pg";
 import { sql } from "kysely";
 import { generateSecretKey, printPublicKey, printSecretKey } from "../../src/core/signing.js";
-import { ferryOk } from "../helpers/cli.js";
+import { ferry, ferryOk } from "../helpers/cli.js";
 import { spawnCacheServer } from "../helpers/cache.js";
 import { gitRepo } from "../helpers/git-repo.js";
 import { useFarmEngines } from "../helpers/farm-db.js";
@@ -134,6 +134,14 @@ describe("several coordinators on one PostgreSQL database", () => {
       assert.equal(atB.status, 307, "the follower sends the caller to the leader");
       assert.equal(atB.headers.get("location"), `${A}/api/workers`);
       assert.deepEqual(await workersOf(B), ["via-b"]);
+      // The CLI follows the redirect with its token.
+      const listed = ferryOk(["farm", "workers", "--farm", B, "--token", "adm", "--json"]).trim().split("\n").map((l) => JSON.parse(l) as { id: string; draining: boolean });
+      assert.deepEqual(listed.map((x) => [x.id, x.draining]), [["via-b", false]]);
+      assert.equal(ferryOk(["farm", "drain", "--farm", B, "--token", "adm", "via-b"]).trim(), "draining via-b");
+      assert.deepEqual((await getJson<{ id: string; draining: boolean }[]>(`${A}/api/workers`)).map((x) => [x.id, x.draining]), [["via-b", true]]);
+      const noSuch = ferry(["farm", "drain", "--farm", B, "--token", "adm", "nobody"]);
+      assert.equal(noSuch.status, 1);
+      assert.match(noSuch.stderr, /FERRY_FARM_UNKNOWN_WORKER/);
       // A third coordinator that only serves the API (--no-dispatch): steps from the database, the rest at the leader.
       const apiOnly = await spawnFarmServe(["--listen", "127.0.0.1:0", "--database", engines.pg().url, "--data-dir", join(dir, "api-only"), "--admin-token", "adm", "--no-dispatch", "--check-every", "0", ...storeFlags(join(dir, "api-only-store"))]);
       procs.push(apiOnly);

@@ -56,18 +56,29 @@ async function jsonOf(res: Response, what: string): Promise<unknown> {
   return json;
 }
 
-/** One API call: the answer's JSON, or its error as a FerryError (with the farm's code and hint). */
+/**
+ * One API call: the answer's JSON, or its error as a FerryError (with the farm's code and hint).
+ * A 307 to the scheduling leader is followed (a few hops at most) with the same method, body
+ * and token: fetch would drop the token on the way to another origin.
+ */
 export async function call(f: ClientFlags, method: string, path: string, body?: unknown): Promise<Answer> {
   let res: Response;
-  const url = urlOf(f, path);
-  try {
-    res = await fetch(url, {
-      method,
-      headers: { ...(f.token ? { authorization: `Bearer ${f.token}` } : {}), ...(body !== undefined ? { "content-type": "application/json" } : {}) },
-      ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
-    });
-  } catch (e) {
-    throw unreachable(f, e);
+  let url = urlOf(f, path);
+  for (let hop = 0; ; hop++) {
+    try {
+      res = await fetch(url, {
+        method,
+        redirect: "manual",
+        headers: { ...(f.token ? { authorization: `Bearer ${f.token}` } : {}), ...(body !== undefined ? { "content-type": "application/json" } : {}) },
+        ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
+      });
+    } catch (e) {
+      throw unreachable(f, e);
+    }
+    const to = res.status === 307 ? res.headers.get("location") : null;
+    if (to === null || hop >= 3) break;
+    await res.body?.cancel();
+    url = new URL(to, url).toString();
   }
   return { status: res.status, json: await jsonOf(res, `${method} ${url}`) };
 }

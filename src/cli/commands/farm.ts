@@ -348,6 +348,25 @@ function evaluationCommands(cmd: Command): void {
   );
 }
 
+function workerCommands(): Command[] {
+  return [
+    clientOptions(new Command("workers"))
+      .description("the build machines connected to the farm (asked of the scheduling leader)")
+      .option("--json", "one JSON object per worker")
+      .action(async (f: ClientFlags & { json?: boolean }) => {
+        const rows = (await api(f, "GET", "/api/workers")) as Record<string, unknown>[];
+        printRows(f, rows.map((w) => ({ ...w, systems: (w.systems as string[]).join(","), running: (w.running as string[]).length })), ["id", "systems", "maxJobs", "speedFactor", "running", "load", "draining"]);
+      }),
+    clientOptions(new Command("drain"))
+      .description("let a worker finish what it builds and take nothing new (for maintenance); it leaves once done")
+      .argument("<worker>", "the worker's id, as `ferry farm workers` shows it")
+      .action(async (worker: string, f: ClientFlags) => {
+        await api(f, "POST", `/api/workers/${seg(worker)}/drain`);
+        out(`draining ${worker}`);
+      }),
+  ];
+}
+
 function logCommand(): Command {
   return clientOptions(new Command("log"))
     .description("a step's build log; with --follow, as it grows until the step has finished (a lost connection is resumed where it stopped)")
@@ -490,6 +509,7 @@ export function farmCommand(): Command {
   cmd.addCommand(jobsetCommands());
   evaluationCommands(cmd);
   cmd.addCommand(logCommand());
+  for (const c of workerCommands()) cmd.addCommand(c);
   cmd.addCommand(buildActionCommand("restart", "queue failed, dependency-failed or cancelled builds again"));
   cmd.addCommand(buildActionCommand("cancel", "cancel queued builds (and the steps no other queued build needs)"));
   cmd.addCommand(buildActionCommand("bump", "build queued builds sooner"));

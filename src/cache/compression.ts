@@ -109,35 +109,65 @@ export function decompressStream(method: Compression): Duplex {
   }
 }
 
+/** Compression contexts of this thread not in use: making one costs far more (milliseconds: its tables) than compressing a small NAR. */
+const idleCompressors: { cctx: ZstdBinding.CCtx; buf: Uint8Array }[] = [];
+const MAX_IDLE_COMPRESSORS = 4;
+
 /**
  * A synchronous zstd compressor for a producer that cannot wait (the NAR dumper calls back
- * synchronously): output goes to `out` as it is made, so memory stays flat for any input.
+ * synchronously): output goes to `out` as it is made, so memory stays flat for any input. Its
+ * context comes from a per-thread pool and goes back on `end()`. Given the exact input size
+ * (`pledgedSize`), zstd sizes its tables for it: a small NAR then costs microseconds, and a
+ * different size fails the stream (FERRY_CACHE_COMPRESS_FAILED).
  */
 export class SyncZstdCompressor {
-  readonly #cctx = new zstdBinding.CCtx();
-  readonly #buf = new Uint8Array(256 * 1024);
+  #ctx: { cctx: ZstdBinding.CCtx; buf: Uint8Array } | undefined;
   readonly #out: (chunk: Uint8Array) => void;
 
-  constructor(out: (chunk: Uint8Array) => void, level = ZSTD_LEVEL) {
+  constructor(out: (chunk: Uint8Array) => void, opts: { readonly level?: number; readonly pledgedSize?: number } = {}) {
     this.#out = out;
-    this.#cctx.setParameter(zstdBinding.CParameter.compressionLevel, level);
+    const ctx = idleCompressors.pop() ?? { cctx: new zstdBinding.CCtx(), buf: new Uint8Array(256 * 1024) };
+    // A context from the pool ended its last frame; start clean all the same.
+    ctx.cctx.reset(zstdBinding.ResetDirective.sessionOnly);
+    ctx.cctx.setParameter(zstdBinding.CParameter.compressionLevel, opts.level ?? ZSTD_LEVEL);
+    if (opts.pledgedSize !== undefined) ctx.cctx.setPledgedSrcSize(opts.pledgedSize);
+    this.#ctx = ctx;
   }
 
   push(chunk: Uint8Array): void {
+    const { cctx, buf } = this.#live();
     let src = chunk;
-    while (src.length > 0) {
-      const [, written, consumed] = this.#cctx.compressStream2(this.#buf, src, zstdBinding.EndDirective.continue);
-      if (written > 0) this.#out(this.#buf.slice(0, written));
-      src = src.subarray(consumed);
+    try {
+      while (src.length > 0) {
+        const [, written, consumed] = cctx.compressStream2(buf, src, zstdBinding.EndDirective.continue);
+        if (written > 0) this.#out(buf.slice(0, written));
+        src = src.subarray(consumed);
+      }
+    } catch (e) {
+      this.#ctx = undefined;
+      throw codecError("compress", "zstd", e);
     }
   }
 
   end(): void {
-    for (;;) {
-      const [remaining, written] = this.#cctx.compressStream2(this.#buf, new Uint8Array(0), zstdBinding.EndDirective.end);
-      if (written > 0) this.#out(this.#buf.slice(0, written));
-      if (remaining === 0) return;
+    const ctx = this.#live();
+    try {
+      for (;;) {
+        const [remaining, written] = ctx.cctx.compressStream2(ctx.buf, new Uint8Array(0), zstdBinding.EndDirective.end);
+        if (written > 0) this.#out(ctx.buf.slice(0, written));
+        if (remaining === 0) break;
+      }
+    } catch (e) {
+      this.#ctx = undefined;
+      throw codecError("compress", "zstd", e);
     }
+    this.#ctx = undefined;
+    if (idleCompressors.length < MAX_IDLE_COMPRESSORS) idleCompressors.push(ctx);
+  }
+
+  #live(): { cctx: ZstdBinding.CCtx; buf: Uint8Array } {
+    if (!this.#ctx) throw new FerryError("FERRY_CACHE_COMPRESS_FAILED", "this zstd compressor has ended", { hint: "make a new SyncZstdCompressor per stream" });
+    return this.#ctx;
   }
 }
 

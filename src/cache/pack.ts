@@ -12,6 +12,7 @@ import { makeHash, type Hash } from "../core/hash.js";
 import type { Compression } from "../core/cache-layout.js";
 import { dumpPath } from "../store/nar-dump.js";
 import { randomSuffix, writeAllSync } from "../store/fs-util.js";
+import { FerryError } from "../core/errors.js";
 import { compressStream, SyncZstdCompressor } from "./compression.js";
 
 export interface PackedNar {
@@ -24,8 +25,12 @@ export interface PackedNar {
   readonly narSize: number;
 }
 
-/** Packs the tree at `realPath` into a new file in `tmpDir`. */
-export async function packNar(realPath: string, compression: Compression, tmpDir: string): Promise<PackedNar> {
+/**
+ * Packs the tree at `realPath` into a new file in `tmpDir`. `expectedNarSize`, when given, is the size
+ * the store recorded: zstd then sizes its work for it, and a tree whose NAR is not that size
+ * any more fails with FERRY_STORE_CORRUPT.
+ */
+export async function packNar(realPath: string, compression: Compression, tmpDir: string, expectedNarSize?: number): Promise<PackedNar> {
   const file = join(tmpDir, `nar-${randomSuffix()}`);
   const narHasher = createHasher("sha256");
   const fileHasher = createHasher("sha256");
@@ -39,14 +44,25 @@ export async function packNar(realPath: string, compression: Compression, tmpDir
           fileSize += c.length;
           writeAllSync(fd, c);
         };
-        const zstd = compression === "zstd" ? new SyncZstdCompressor(toFile) : undefined;
-        const narSize = dumpPath(realPath, (c) => {
-          narHasher.update(c);
-          if (zstd) zstd.push(c);
-          else toFile(c);
-        });
-        zstd?.end();
-        return { file, compression, fileHash: makeHash("sha256", fileHasher.digest()), fileSize, narHash: makeHash("sha256", narHasher.digest()), narSize };
+        const zstd = compression === "zstd" ? new SyncZstdCompressor(toFile, expectedNarSize !== undefined ? { pledgedSize: expectedNarSize } : {}) : undefined;
+        let dumped = 0;
+        try {
+          dumpPath(realPath, (c) => {
+            dumped += c.length;
+            narHasher.update(c);
+            if (zstd) zstd.push(c);
+            else toFile(c);
+          });
+          zstd?.end();
+        } catch (e) {
+          if (expectedNarSize !== undefined && dumped !== expectedNarSize) {
+            throw new FerryError("FERRY_STORE_CORRUPT", `'${realPath}' changed on disk: its NAR is ${dumped > expectedNarSize ? "larger" : "smaller"} than the ${expectedNarSize} bytes the store recorded`, {
+              hint: "run `ferry store verify` to find every damaged path",
+            });
+          }
+          throw e;
+        }
+        return { file, compression, fileHash: makeHash("sha256", fileHasher.digest()), fileSize, narHash: makeHash("sha256", narHasher.digest()), narSize: dumped };
       } finally {
         fs.closeSync(fd);
       }

@@ -70,7 +70,7 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
     const info = store.requirePathInfo(path);
     let ok = false;
     try {
-      const packed = await packNar(store.realPathOf(path), compression, tmpDir);
+      const packed = await packNar(store.realPathOf(path), compression, tmpDir, info.narSize);
       try {
         if (packed.narSize !== info.narSize || !hashEquals(packed.narHash, info.narHash)) {
           throw new FerryError("FERRY_STORE_CORRUPT", `'${path}' changed on disk: its NAR hash is ${printHash(packed.narHash, "sri")}, the store recorded ${printHash(info.narHash, "sri")}`, {

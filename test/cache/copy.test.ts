@@ -24,6 +24,7 @@ import * as http from "node:http";
 import { startCacheServer } from "../../src/cache/server.js";
 import { openBackend } from "../../src/cache/open.js";
 import { packNar } from "../../src/cache/pack.js";
+import { SyncZstdDecompressor } from "../../src/cache/compression.js";
 import { UploadEmitter } from "../../src/cache/upload.js";
 import { narKey } from "../../src/core/cache-layout.js";
 import { printHash } from "../../src/core/hash.js";
@@ -145,6 +146,28 @@ describe("binary cache client", () => {
         dst.close();
       }
     }
+  });
+
+  test("zstd packing reuses its compression contexts, and a tree that no longer has the recorded NAR size is refused as corrupt", async () => {
+    const info = src.requirePathInfo(closure.top);
+    // Packed many times in a row (contexts come back to the pool): the same bytes each time, and they decompress to the NAR.
+    const files = [];
+    for (let i = 0; i < 6; i++) files.push(await packNar(src.realPathOf(closure.top), "zstd", dir, info.narSize));
+    assert.equal(new Set(files.map((f) => printHash(f.fileHash, "nix32"))).size, 1);
+    const plain = await packNar(src.realPathOf(closure.top), "none", dir);
+    const z = new SyncZstdDecompressor();
+    z.reset();
+    const parts: Uint8Array[] = [];
+    z.push(fs.readFileSync(files[0]!.file), (c) => parts.push(Uint8Array.from(c)));
+    z.end();
+    assert.deepEqual(Buffer.concat(parts), fs.readFileSync(plain.file), "zstd output decompresses to the NAR");
+    for (const f of [...files, plain]) fs.rmSync(f.file);
+    // A recorded size that is not the tree's: refused, with the store's code, and the pooled context is not left mid-frame.
+    await assert.rejects(packNar(src.realPathOf(closure.top), "zstd", dir, info.narSize + 8), (e: unknown) => (e as { code?: string }).code === "FERRY_STORE_CORRUPT");
+    await assert.rejects(packNar(src.realPathOf(closure.top), "zstd", dir, info.narSize - 8), (e: unknown) => (e as { code?: string }).code === "FERRY_STORE_CORRUPT");
+    const after = await packNar(src.realPathOf(closure.top), "zstd", dir, info.narSize);
+    assert.equal(printHash(after.fileHash, "nix32"), printHash(files[0]!.fileHash, "nix32"));
+    fs.rmSync(after.file);
   });
 
   test("an untrusted or missing signature is refused, naming the keys; nothing is registered", async () => {

@@ -2,7 +2,9 @@
  * A binary cache in a directory (`file://DIR`, `ferry cache serve --dir DIR`): the layout Nix's
  * `file://` store writes, so either tool can read what the other wrote. Writes go to a
  * temporary file in `DIR/.ferry-tmp`, are fsync'ed and renamed into place; readers never see
- * a partial object.
+ * a partial object. A write returns once its rename is durable too: the directory is fsync'ed
+ * off the event loop, one fsync for all the renames into a directory made while the previous
+ * one ran (group commit), so many writers share a few directory syncs.
  */
 import * as fs from "node:fs";
 import { join, dirname } from "node:path";
@@ -10,7 +12,7 @@ import { Readable } from "node:stream";
 import { FerryError } from "../core/errors.js";
 import { checkRelativeKey } from "../core/cache-layout.js";
 import type { ByteRange, CacheBackend, ObjectInfo, ReadResult, WriteOptions } from "./backend.js";
-import { fsyncPath, randomSuffix } from "../store/fs-util.js";
+import { randomSuffix } from "../store/fs-util.js";
 
 const TMP_DIR = ".ferry-tmp";
 
@@ -33,9 +35,51 @@ export function etagOf(st: { size: number; mtimeMs: number; ino?: number }): str
   return `"${Math.floor(st.mtimeMs).toString(16)}-${st.size.toString(16)}${st.ino ? `-${st.ino.toString(16)}` : ""}"`;
 }
 
+/**
+ * Durable renames into directories, shared: `sync(dir)` resolves after an fsync of `dir` that
+ * began after the call. Callers that arrive while one runs share the next.
+ */
+class DirectorySyncs {
+  readonly #dirs = new Map<string, { running?: Promise<void>; next?: Promise<void> }>();
+
+  sync(dir: string): Promise<void> {
+    let d = this.#dirs.get(dir);
+    if (!d) this.#dirs.set(dir, (d = {}));
+    const state = d;
+    if (state.next) return state.next;
+    const next = (async () => {
+      await state.running?.catch(() => undefined);
+      // From here on, callers wait for the sync after this one.
+      state.next = undefined;
+      const run = fsyncDirectory(dir);
+      state.running = run;
+      try {
+        await run;
+      } finally {
+        if (state.running === run) state.running = undefined;
+        if (!state.running && !state.next) this.#dirs.delete(dir);
+      }
+    })();
+    state.next = next;
+    return next;
+  }
+}
+
+async function fsyncDirectory(dir: string): Promise<void> {
+  const fh = await fs.promises.open(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
 export class FileBackend implements CacheBackend {
   readonly url: string;
   readonly root: string;
+  readonly #dirSyncs = new DirectorySyncs();
+  /** Directories known to exist (made or seen by this process); one that vanished is made again. */
+  readonly #dirs = new Set<string>();
 
   constructor(root: string) {
     this.root = root;
@@ -116,8 +160,7 @@ export class FileBackend implements CacheBackend {
     const tmp = join(this.root, TMP_DIR, `${randomSuffix()}-${key.replace(/\//g, "_")}`);
     let fh: fs.promises.FileHandle | undefined;
     try {
-      fs.mkdirSync(join(this.root, TMP_DIR), { recursive: true });
-      fh = await fs.promises.open(tmp, "wx", 0o644);
+      fh = await this.#inDir(join(this.root, TMP_DIR), () => fs.promises.open(tmp, "wx", 0o644));
       let size = 0;
       const put = async (c: Uint8Array) => {
         size += c.length;
@@ -128,16 +171,34 @@ export class FileBackend implements CacheBackend {
       if (body instanceof Uint8Array) await put(body);
       else for await (const c of body) await put(c);
       await fh.sync();
+      // The rename keeps the inode, size and mtime: the object's info is the temporary file's.
+      const st = await fh.stat();
       await fh.close();
       fh = undefined;
-      await fs.promises.mkdir(dirname(final), { recursive: true });
-      await fs.promises.rename(tmp, final);
-      fsyncPath(dirname(final));
-      return this.#info(key, await fs.promises.stat(final));
+      await this.#inDir(dirname(final), () => fs.promises.rename(tmp, final));
+      await this.#dirSyncs.sync(dirname(final));
+      return this.#info(key, st);
     } catch (e) {
       await fh?.close().catch(() => undefined);
       await fs.promises.rm(tmp, { force: true });
       throw ioError(e, `cannot write ${key} to ${this.url}`);
+    }
+  }
+
+  /** Runs `op`, which needs `dir` to exist; makes the directory first when it is not known to exist, or when `op` says it is missing. */
+  async #inDir<T>(dir: string, op: () => Promise<T>): Promise<T> {
+    if (!this.#dirs.has(dir)) {
+      await fs.promises.mkdir(dir, { recursive: true });
+      this.#dirs.add(dir);
+    }
+    try {
+      return await op();
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
+      this.#dirs.delete(dir);
+      await fs.promises.mkdir(dir, { recursive: true });
+      this.#dirs.add(dir);
+      return op();
     }
   }
 

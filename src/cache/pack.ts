@@ -16,8 +16,9 @@ import { FerryError } from "../core/errors.js";
 import { compressStream, SyncZstdCompressor } from "./compression.js";
 
 export interface PackedNar {
-  /** The compressed NAR; the caller removes it. */
-  readonly file: string;
+  /** The compressed NAR in a file the caller removes, or (a small NAR packed with zstd or none) in `bytes`. */
+  readonly file: string | undefined;
+  readonly bytes: Uint8Array | undefined;
   readonly compression: Compression;
   readonly fileHash: Hash;
   readonly fileSize: number;
@@ -25,10 +26,13 @@ export interface PackedNar {
   readonly narSize: number;
 }
 
+/** NARs up to this size (as the store recorded them) are packed in memory, not in a temporary file (larger ones keep resumable uploads from the file). */
+const IN_MEMORY_MAX = 64 << 10;
+
 /**
  * Packs the tree at `realPath` into a new file in `tmpDir`. `expectedNarSize`, when given, is the size
- * the store recorded: zstd then sizes its work for it, and a tree whose NAR is not that size
- * any more fails with FERRY_STORE_CORRUPT.
+ * the store recorded: zstd then sizes its work for it, a small NAR is packed in memory (`bytes`),
+ * and a tree whose NAR is not that size any more fails with FERRY_STORE_CORRUPT.
  */
 export async function packNar(realPath: string, compression: Compression, tmpDir: string, expectedNarSize?: number): Promise<PackedNar> {
   const file = join(tmpDir, `nar-${randomSuffix()}`);
@@ -37,12 +41,16 @@ export async function packNar(realPath: string, compression: Compression, tmpDir
   let fileSize = 0;
   try {
     if (compression === "zstd" || compression === "none") {
-      const fd = fs.openSync(file, "wx", 0o600);
+      const inMemory = expectedNarSize !== undefined && expectedNarSize <= IN_MEMORY_MAX;
+      const chunks: Uint8Array[] = [];
+      const fd = inMemory ? undefined : fs.openSync(file, "wx", 0o600);
       try {
         const toFile = (c: Uint8Array) => {
           fileHasher.update(c);
           fileSize += c.length;
-          writeAllSync(fd, c);
+          // (The dumper reuses its buffers: keep a copy.)
+          if (fd === undefined) chunks.push(c.slice());
+          else writeAllSync(fd, c);
         };
         const zstd = compression === "zstd" ? new SyncZstdCompressor(toFile, expectedNarSize !== undefined ? { pledgedSize: expectedNarSize } : {}) : undefined;
         let dumped = 0;
@@ -56,15 +64,17 @@ export async function packNar(realPath: string, compression: Compression, tmpDir
           zstd?.end();
         } catch (e) {
           if (expectedNarSize !== undefined && dumped !== expectedNarSize) {
+            // (A tree that grew past the pledge fails inside the compressor, before `dumped` reaches its size.)
             throw new FerryError("FERRY_STORE_CORRUPT", `'${realPath}' changed on disk: its NAR is ${dumped > expectedNarSize ? "larger" : "smaller"} than the ${expectedNarSize} bytes the store recorded`, {
               hint: "run `ferry store verify` to find every damaged path",
             });
           }
           throw e;
         }
-        return { file, compression, fileHash: makeHash("sha256", fileHasher.digest()), fileSize, narHash: makeHash("sha256", narHasher.digest()), narSize: dumped };
+        const packed = { compression, fileHash: makeHash("sha256", fileHasher.digest()), fileSize, narHash: makeHash("sha256", narHasher.digest()), narSize: dumped };
+        return fd === undefined ? { ...packed, file: undefined, bytes: Buffer.concat(chunks) } : { ...packed, file, bytes: undefined };
       } finally {
-        fs.closeSync(fd);
+        if (fd !== undefined) fs.closeSync(fd);
       }
     }
     const narFile = `${file}.nar`;
@@ -89,7 +99,7 @@ export async function packNar(realPath: string, compression: Compression, tmpDir
     } finally {
       fs.rmSync(narFile, { force: true });
     }
-    return { file, compression, fileHash: makeHash("sha256", fileHasher.digest()), fileSize, narHash: makeHash("sha256", narHasher.digest()), narSize };
+    return { file, bytes: undefined, compression, fileHash: makeHash("sha256", fileHasher.digest()), fileSize, narHash: makeHash("sha256", narHasher.digest()), narSize };
   } catch (e) {
     fs.rmSync(file, { force: true });
     throw e;

@@ -79,10 +79,12 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
         }
         const key = narKey(printHash(packed.fileHash, "nix32"), compression);
         if (!(await backend.stat(key))) {
-          if (backend instanceof HttpBackend) {
-            await backend.uploadFile(key, packed.file, packed.fileSize, { contentType: contentTypeOf("nar"), onResume: (offset) => opts.events?.emit("upload:resumed", { path, offset }) });
+          if (packed.bytes) {
+            await backend.write(key, packed.bytes, { contentType: contentTypeOf("nar") });
+          } else if (backend instanceof HttpBackend) {
+            await backend.uploadFile(key, packed.file!, packed.fileSize, { contentType: contentTypeOf("nar"), onResume: (offset) => opts.events?.emit("upload:resumed", { path, offset }) });
           } else {
-            await backend.write(key, fs.createReadStream(packed.file, { highWaterMark: 256 * 1024 }), { contentType: contentTypeOf("nar") });
+            await backend.write(key, fs.createReadStream(packed.file!, { highWaterMark: 256 * 1024 }), { contentType: contentTypeOf("nar") });
           }
         }
         for (const r of info.references) {
@@ -114,7 +116,7 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
         outcomes.set(path, { status: "ok", path, value: { uploaded: true } });
         opts.events?.emit("path:uploaded", { path, narSize: info.narSize, fileSize: packed.fileSize, durationMs: Date.now() - t0 });
       } finally {
-        fs.rmSync(packed.file, { force: true });
+        if (packed.file) fs.rmSync(packed.file, { force: true });
       }
     } catch (e) {
       const error = asFerryError(e);

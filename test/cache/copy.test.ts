@@ -148,26 +148,37 @@ describe("binary cache client", () => {
     }
   });
 
-  test("zstd packing reuses its compression contexts, and a tree that no longer has the recorded NAR size is refused as corrupt", async () => {
-    const info = src.requirePathInfo(closure.top);
-    // Packed many times in a row (contexts come back to the pool): the same bytes each time, and they decompress to the NAR.
-    const files = [];
-    for (let i = 0; i < 6; i++) files.push(await packNar(src.realPathOf(closure.top), "zstd", dir, info.narSize));
-    assert.equal(new Set(files.map((f) => printHash(f.fileHash, "nix32"))).size, 1);
-    const plain = await packNar(src.realPathOf(closure.top), "none", dir);
-    const z = new SyncZstdDecompressor();
-    z.reset();
-    const parts: Uint8Array[] = [];
-    z.push(fs.readFileSync(files[0]!.file), (c) => parts.push(Uint8Array.from(c)));
-    z.end();
-    assert.deepEqual(Buffer.concat(parts), fs.readFileSync(plain.file), "zstd output decompresses to the NAR");
-    for (const f of [...files, plain]) fs.rmSync(f.file);
-    // A recorded size that is not the tree's: refused, with the store's code, and the pooled context is not left mid-frame.
-    await assert.rejects(packNar(src.realPathOf(closure.top), "zstd", dir, info.narSize + 8), (e: unknown) => (e as { code?: string }).code === "FERRY_STORE_CORRUPT");
-    await assert.rejects(packNar(src.realPathOf(closure.top), "zstd", dir, info.narSize - 8), (e: unknown) => (e as { code?: string }).code === "FERRY_STORE_CORRUPT");
-    const after = await packNar(src.realPathOf(closure.top), "zstd", dir, info.narSize);
-    assert.equal(printHash(after.fileHash, "nix32"), printHash(files[0]!.fileHash, "nix32"));
-    fs.rmSync(after.file);
+  test("zstd packing reuses its compression contexts, small NARs are packed in memory, and a tree that no longer has the recorded NAR size is refused as corrupt", async () => {
+    const unpack = (bytes: Uint8Array) => {
+      const z = new SyncZstdDecompressor();
+      z.reset();
+      const parts: Uint8Array[] = [];
+      z.push(bytes, (c) => parts.push(Uint8Array.from(c)));
+      z.end();
+      return Buffer.concat(parts);
+    };
+    for (const path of [closure.mid, closure.top]) {
+      const info = src.requirePathInfo(path);
+      const small = info.narSize <= 64 << 10;
+      // Packed many times in a row (contexts come back to the pool): the same bytes each time, and they decompress to the NAR.
+      const packs = [];
+      for (let i = 0; i < 4; i++) packs.push(await packNar(src.realPathOf(path), "zstd", dir, info.narSize));
+      assert.equal(new Set(packs.map((f) => printHash(f.fileHash, "nix32"))).size, 1);
+      assert.ok(packs.every((f) => (small ? f.file === undefined && f.bytes?.length === f.fileSize : f.file !== undefined && f.bytes === undefined)), `${path}: in memory only when small`);
+      const plain = await packNar(src.realPathOf(path), "none", dir);
+      assert.ok(plain.file !== undefined, "without a recorded size, in a file");
+      assert.deepEqual(unpack(packs[0]!.bytes ?? fs.readFileSync(packs[0]!.file!)), fs.readFileSync(plain.file), "zstd output decompresses to the NAR");
+      if (small) assert.deepEqual(Buffer.from((await packNar(src.realPathOf(path), "none", dir, info.narSize)).bytes!), fs.readFileSync(plain.file));
+      for (const f of [...packs, plain]) if (f.file) fs.rmSync(f.file);
+      // A recorded size that is not the tree's: refused, with the store's code, and the pooled context is not left mid-frame.
+      for (const wrong of [info.narSize + 8, info.narSize - 8]) {
+        await assert.rejects(packNar(src.realPathOf(path), "zstd", dir, wrong), (e: unknown) => (e as { code?: string }).code === "FERRY_STORE_CORRUPT");
+      }
+      const after = await packNar(src.realPathOf(path), "zstd", dir, info.narSize);
+      assert.equal(printHash(after.fileHash, "nix32"), printHash(packs[0]!.fileHash, "nix32"));
+      if (after.file) fs.rmSync(after.file);
+    }
+    assert.ok(src.requirePathInfo(closure.mid).narSize <= 64 << 10 && src.requirePathInfo(closure.top).narSize > 64 << 10, "one small and one large NAR");
   });
 
   test("an untrusted or missing signature is refused, naming the keys; nothing is registered", async () => {
@@ -324,8 +335,8 @@ describe("binary cache client", () => {
       const packed = await packNar(src.realPathOf(closure.top), "none", dir);
       const key = narKey(printHash(packed.fileHash, "nix32"), "none");
       assert.ok(packed.fileSize > 100_000);
-      const body = fs.readFileSync(packed.file);
-      fs.rmSync(packed.file);
+      const body = fs.readFileSync(packed.file!);
+      fs.rmSync(packed.file!);
       // a first attempt that died after 60,000 bytes
       const u = new URL(server.url);
       const req = http.request({ host: u.hostname, port: u.port, method: "PUT", path: `/${key}`, headers: { authorization: "Bearer tok", "content-length": body.length, "content-range": `bytes 0-${body.length - 1}/${body.length}` } });

@@ -34,6 +34,7 @@ export interface CopyToOptions {
   readonly compression?: Compression;
   /** Signs each narinfo (besides the signatures the local store has). */
   readonly secretKey?: SecretKey | undefined;
+  /** Uploads at once (default 8, or the number of cores if more). */
   readonly jobs?: number;
   readonly events?: UploadEmitter;
   readonly tmpDir?: string;
@@ -128,7 +129,8 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
   };
 
   try {
-    await mapLimit(toUpload, opts.jobs ?? Math.max(2, os.availableParallelism()), uploadOne);
+    // Uploads mostly wait (on the disk or the network): more at once than there are cores.
+    await mapLimit(toUpload, opts.jobs ?? Math.max(8, os.availableParallelism()), uploadOne);
   } finally {
     fs.rmSync(tmpDir, { recursive: true, force: true });
   }

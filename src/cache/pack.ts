@@ -54,23 +54,20 @@ export async function packNar(realPath: string, compression: Compression, tmpDir
         };
         const zstd = compression === "zstd" ? new SyncZstdCompressor(toFile, expectedNarSize !== undefined ? { pledgedSize: expectedNarSize } : {}) : undefined;
         let dumped = 0;
-        try {
-          dumpPath(realPath, (c) => {
-            dumped += c.length;
-            narHasher.update(c);
-            if (zstd) zstd.push(c);
-            else toFile(c);
+        // Read errors (a path removed meanwhile, permissions) stay what they are; a NAR of another size is corruption.
+        const changed = () =>
+          new FerryError("FERRY_STORE_CORRUPT", `'${realPath}' changed on disk: its NAR is ${dumped > expectedNarSize! ? "larger" : "smaller"} than the ${expectedNarSize} bytes the store recorded`, {
+            hint: "run `ferry store verify` to find every damaged path",
           });
-          zstd?.end();
-        } catch (e) {
-          if (expectedNarSize !== undefined && dumped !== expectedNarSize) {
-            // (A tree that grew past the pledge fails inside the compressor, before `dumped` reaches its size.)
-            throw new FerryError("FERRY_STORE_CORRUPT", `'${realPath}' changed on disk: its NAR is ${dumped > expectedNarSize ? "larger" : "smaller"} than the ${expectedNarSize} bytes the store recorded`, {
-              hint: "run `ferry store verify` to find every damaged path",
-            });
-          }
-          throw e;
-        }
+        dumpPath(realPath, (c) => {
+          dumped += c.length;
+          if (expectedNarSize !== undefined && dumped > expectedNarSize) throw changed();
+          narHasher.update(c);
+          if (zstd) zstd.push(c);
+          else toFile(c);
+        });
+        if (expectedNarSize !== undefined && dumped !== expectedNarSize) throw changed();
+        zstd?.end();
         const packed = { compression, fileHash: makeHash("sha256", fileHasher.digest()), fileSize, narHash: makeHash("sha256", narHasher.digest()), narSize: dumped };
         return fd === undefined ? { ...packed, file: undefined, bytes: Buffer.concat(chunks) } : { ...packed, file, bytes: undefined };
       } finally {

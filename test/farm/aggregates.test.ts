@@ -9,12 +9,13 @@ import { join } from "node:path";
 import { sql, type Kysely } from "kysely";
 import { migrateFarmDatabase, type FarmSchema } from "../../src/farm/db/index.js";
 import { aggregateStatus, settleAggregates } from "../../src/farm/db/builds.js";
+import { settleBuilds } from "../../src/farm/db/steps.js";
 import { evaluateJobset } from "../../src/farm/evaluator.js";
 import { LocalStore } from "../../src/store/local-store.js";
 import { resolveStoreLocation } from "../../src/store/config.js";
 import { useFarmEngines } from "../helpers/farm-db.js";
 import { gitRepo } from "../helpers/git-repo.js";
-import { finishSteps, freshDatabase, seedEvaluation } from "../helpers/farm-api.js";
+import { drv, finishSteps, freshDatabase, seedEvaluation } from "../helpers/farm-api.js";
 
 const SET = `
 import { derivation, aggregate } from "ferry";
@@ -85,6 +86,25 @@ describe("farm aggregates", () => {
         await settle(await buildIds(db, "loose", "m1", "m2"));
         assert.equal((await statuses(db, "loose")).gate, "succeeded");
         assert.deepEqual(await settle(await buildIds(db, "loose", "m1", "m2", "gate")), [], "settling again changes nothing");
+
+        // As the dispatcher settles finished steps (settleBuilds): a failed aggregate whose
+        // member is restarted and then succeeds, with its other member, succeeds too.
+        await seedEvaluation(db, "demo", "revive", [{ job: "r1" }, { job: "r2" }, { job: "rgate", members: ["r1", "r2"] }]);
+        const stepEnds = async (status: string, ...jobs: string[]) => {
+          const ids = await sql<{ id: string }>`update steps set status = ${status}, finished_at = now() where drv_path = any(${jobs.map(drv)}::text[]) returning id::text as id`.execute(db);
+          return db.transaction().execute((tx) => settleBuilds(tx, ids.rows.map((r) => r.id)));
+        };
+        await stepEnds("succeeded", "rgate");
+        await stepEnds("failed", "r1");
+        assert.deepEqual(await statuses(db, "revive"), { r1: "failed", r2: "queued", rgate: "failed" });
+        // The restart (as the leader's requeue does): the step and its build queued again.
+        await sql`update steps set status = 'queued', finished_at = null where drv_path = ${drv("r1")}`.execute(db);
+        await sql`update builds set status = 'queued', finished_at = null where drv_path = ${drv("r1")}`.execute(db);
+        await stepEnds("succeeded", "r1");
+        assert.equal((await statuses(db, "revive")).rgate, "queued", "no longer failed: r2 is still to come");
+        const last = await stepEnds("succeeded", "r2");
+        assert.deepEqual(last.map((b) => b.job), ["r2"]);
+        assert.deepEqual(await statuses(db, "revive"), { r1: "succeeded", r2: "succeeded", rgate: "succeeded" });
       } finally {
         await fdb.close();
       }

@@ -78,7 +78,7 @@ export async function call(f: ClientFlags, method: string, path: string, body?: 
     const to = res.status === 307 ? res.headers.get("location") : null;
     if (to === null || hop >= 3) break;
     await res.body?.cancel();
-    url = new URL(to, url).toString();
+    url = redirectTarget(url, to);
   }
   return { status: res.status, json: await jsonOf(res, `${method} ${url}`) };
 }
@@ -157,6 +157,17 @@ export async function readStepLog(f: ClientFlags, stepId: string, o: LogOptions)
   }
 }
 
+/** Where a redirect sends the request (and its token): never from https down to plain http. */
+function redirectTarget(from: string, location: string): string {
+  const to = new URL(location, from);
+  if (new URL(from).protocol === "https:" && to.protocol !== "https:") {
+    throw new FerryError("FERRY_FARM_INSECURE_REDIRECT", `the farm at ${new URL(from).origin} redirected to ${to.origin}, which is not https: the token is not sent there`, {
+      hint: "give the coordinators https public URLs (--public-url), or call the leader directly",
+    });
+  }
+  return to.href;
+}
+
 /** GET with the token, following redirects (to the scheduling leader) with the token too. */
 function getFollowingRedirects(f: ClientFlags, url: string, hops = 0): Promise<http.IncomingMessage> {
   return new Promise((resolve, reject) => {
@@ -164,7 +175,11 @@ function getFollowingRedirects(f: ClientFlags, url: string, hops = 0): Promise<h
       const location = res.headers.location;
       if (!location || ![301, 302, 303, 307, 308].includes(res.statusCode ?? 0) || hops === 5) return resolve(res);
       res.resume();
-      resolve(getFollowingRedirects(f, new URL(location, url).href, hops + 1));
+      try {
+        resolve(getFollowingRedirects(f, redirectTarget(url, location), hops + 1));
+      } catch (e) {
+        reject(e);
+      }
     });
     // A followed log may be silent for long: keep the connection known to be alive.
     req.on("socket", (s) => s.setKeepAlive(true, 30_000));

@@ -130,6 +130,15 @@ export async function claimAssigned(db: Kysely<FarmSchema>, claims: readonly Cla
   return r.rows.map((x) => ({ id: String(x.id), drvPath: x.drv_path, attempts: x.attempts }));
 }
 
+/** Queues claimed steps again, each only while its claim's owner still holds it (a newer leader may have claimed it since). */
+export async function giveBackClaims(db: Kysely<FarmSchema>, claims: readonly Claim[]): Promise<void> {
+  if (claims.length === 0) return;
+  await sql`
+    update steps set status = 'queued', lease_owner = null, lease_expires_at = null, machine = null, started_at = null
+    from unnest(${sql.val(claims.map((c) => c.stepId))}::bigint[], ${sql.val(claims.map((c) => c.owner))}::text[]) as c(id, owner)
+    where steps.id = c.id and steps.status = 'running' and steps.lease_owner = c.owner`.execute(db);
+}
+
 /** Extends `owner`'s leases on the named steps (those it still holds). */
 export async function renewStepLeases(db: Kysely<FarmSchema>, owner: string, stepIds: readonly string[], leaseMs: number): Promise<string[]> {
   if (stepIds.length === 0) return [];
@@ -262,13 +271,13 @@ export async function settleBuilds(tx: Kysely<FarmSchema>, stepIds: readonly str
       select a.id from builds a join build_steps bs on bs.build_id = a.id
       where bs.step_id = any(${steps}::bigint[]) and a.is_aggregate and a.status = 'queued'
       union
-      select am.aggregate_id from aggregate_members am join builds a on a.id = am.aggregate_id
-      where am.member_id in (select id from settled) and a.status = 'queued'
+      -- Whatever their status: a failed aggregate whose restarted members now succeed succeeds.
+      select am.aggregate_id from aggregate_members am where am.member_id in (select id from settled)
     )
-    select b.id::text as id, b.jobset_id, b.job, b.drv_path, b.status, null::text[] as aggregates from settled b
+    select b.id::text as id, b.id as n, b.jobset_id, b.job, b.drv_path, b.status, null::text[] as aggregates from settled b
     union all
-    select null, null, null, null, null, array(select id::text from concerned order by id)
-    order by id nulls last`.execute(tx);
+    select null, null, null, null, null, null, array(select id::text from concerned order by id)
+    order by n nulls last`.execute(tx);
   const builds: FinishedBuild[] = [];
   let aggregates: string[] = [];
   for (const b of r.rows) {

@@ -31,6 +31,7 @@ import { Scheduler, type SchedulerOptions, type StepSpec, type StepOutcome } fro
 import type { FarmDatabase } from "../db/index.js";
 import {
   claimAssigned,
+  giveBackClaims,
   loadDurations,
   loadShares,
   loadLiveSteps,
@@ -54,6 +55,7 @@ import {
   type Result,
 } from "../protocol.js";
 import { startLeadership, type Leadership } from "./leader.js";
+import { settleAggregates } from "../db/builds.js";
 
 export type Role = "admin" | "worker" | "read-only" | "none" | "wrong";
 
@@ -451,8 +453,11 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
       await sql`delete from failed_paths where drv_path in (select drv_path from steps where id = any(${sql.val([...ids])}::bigint[]))`.execute(tx);
       await sql`update steps set status = 'queued', attempts = 0, finished_at = null, error = null, not_before = null, lease_owner = null, lease_expires_at = null
         where id = any(${sql.val([...ids])}::bigint[])`.execute(tx);
-      await sql`update builds set status = 'queued', finished_at = null
-        where status in ('failed', 'dependency-failed', 'cancelled') and id in (select build_id from build_steps where step_id = any(${sql.val([...ids])}::bigint[]))`.execute(tx);
+      const builds = await sql<{ id: string }>`update builds set status = 'queued', finished_at = null
+        where status in ('failed', 'dependency-failed', 'cancelled') and id in (select build_id from build_steps where step_id = any(${sql.val([...ids])}::bigint[]))
+        returning id::text as id`.execute(tx);
+      // Aggregates made of them are no longer failed: queued again until their members settle.
+      await settleAggregates(tx, builds.rows.map((b) => b.id));
     });
   };
 
@@ -610,7 +615,7 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
         }
         const n = (session.missing.get(id) ?? 0) + 1;
         session.missing.set(id, n);
-        if (n >= 2) lost.push({ session, id });
+        if (n === 2) lost.push({ session, id });
       }
     }
     if (lost.length === 0) return;
@@ -666,15 +671,11 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
     }
     decisions += assignments.length;
     if (assignments.length === 0) return;
-    const now = Date.now();
-    for (const a of assignments) {
-      const v = s.step(a.stepId);
-      recordWait(v.system, Math.max(0, now - (v.runnableSince ?? now)) / 1000);
-    }
+    const decidedAt = Date.now();
     const claimed = await claimAssigned(db, assignments.map((a) => ({ stepId: a.stepId, owner: a.machineId })), leaseMs);
     if (!leadership.isLeader()) {
-      // The lock went while claiming: give the claims back rather than send work as a follower.
-      await requeueSteps(db, claimed.map((c) => c.id));
+      // The lock went while claiming: give the claims back (those still ours) rather than send work as a follower.
+      await giveBackClaims(db, assignments.map((a) => ({ stepId: a.stepId, owner: a.machineId })));
       return;
     }
     const got = new Map(claimed.map((c) => [c.id, c]));
@@ -686,6 +687,8 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
       const c = got.get(a.stepId);
       if (!c) continue;
       dispatched++;
+      const v = s.step(a.stepId);
+      recordWait(v.system, Math.max(0, decidedAt - (v.runnableSince ?? decidedAt)) / 1000);
       writeLog(c.drvPath, (path) => fs.promises.writeFile(path, ""));
       const to = sessions.get(a.machineId);
       to?.sent.set(a.stepId, Date.now());

@@ -801,7 +801,7 @@ export class Scheduler {
     if (known !== undefined) return known;
     if (this.#defaultEstimate !== undefined) return this.#defaultEstimate;
     if (this.#durations.size === 0) return 1;
-    if (this.#unknownEstimate === undefined || this.#durationChanges > Math.max(16, this.#durations.size / 100)) {
+    if (this.#unknownEstimate === undefined || this.#durationChanges > this.#durations.size / 100) {
       const all = Float64Array.from(this.#durations.values()).sort();
       this.#unknownEstimate = all[Math.round(this.#unknownQuantile * (all.length - 1))]!;
       this.#durationChanges = 0;

@@ -44,62 +44,102 @@ export async function freeDiskBytes(store: LocalStore): Promise<number> {
   }
 }
 
+/** How long a path fetched from or uploaded to the farm cache is taken to be there without asking (the cache may be collected). */
+const PRESENT_TTL_MS = 10 * 60_000;
+
+/** One opening of the farm cache, shared by the steps that use it, with what it is known to hold. */
+export interface FarmCacheSession {
+  readonly substituter: CacheSubstituter;
+  /** Whether the cache is known to hold `path` (fetched from it or uploaded to it, lately). */
+  holds(path: string): boolean;
+  remember(paths: Iterable<string>): void;
+  /** The step is done with it. */
+  release(): void;
+}
+
+interface Opening {
+  readonly config: string;
+  readonly substituter: Promise<CacheSubstituter>;
+  readonly present: Map<string, number>;
+  users: number;
+  retired: boolean;
+}
+
 /**
  * The farm cache as a substituter (signatures by `publicKey` required when one is given) and an
- * upload target, opened once and kept for the worker's steps while the welcome names the same
+ * upload target, opened once and shared by the worker's steps while the welcome names the same
  * cache: steps share its connections, and it remembers which paths the cache holds (those this
- * worker fetched from it or uploaded to it), so an upload asks only about the others.
+ * worker fetched from it or uploaded to it, for ten minutes), so an upload asks only about the
+ * others. A welcome naming another cache retires the opening: it closes when its last step is done.
  */
 export class FarmCacheClient {
-  #config = "";
-  #opening: Promise<CacheSubstituter> | undefined;
-  readonly #present = new Set<string>();
+  #current: Opening | undefined;
 
-  /** The substituter for `cache`; a different cache than last time closes the old client. */
-  async open(store: LocalStore, cache: Welcome["cache"]): Promise<CacheSubstituter> {
+  /** A session on `cache`; the caller releases it. */
+  async open(store: LocalStore, cache: Welcome["cache"]): Promise<FarmCacheSession> {
     const config = JSON.stringify([cache.url, cache.token ?? "", cache.publicKey ?? ""]);
-    if (config !== this.#config || !this.#opening) {
-      const old = this.#opening;
-      this.#config = config;
-      this.#present.clear();
-      this.#opening = (async () => {
+    let o = this.#current;
+    if (!o || o.config !== config) {
+      if (o) this.#retire(o);
+      const substituter = (async () => {
         // Misses are not remembered: an input another worker has just uploaded must be found.
         const bc = await BinaryCache.open(cache.url, { storeDir: store.storeDir, token: cache.token, negativeTtlMs: 0 });
         const trustedKeys = cache.publicKey ? [parsePublicKey(cache.publicKey)] : [];
         return new CacheSubstituter(store, [bc], { trustedKeys, requireSigs: cache.publicKey !== undefined });
       })();
-      // A failed opening is tried again by the next step.
-      this.#opening.catch(() => {
-        if (this.#config === config) this.#opening = undefined;
-      });
-      void old?.then((s) => s.close()).catch(() => undefined);
+      o = { config, substituter, present: new Map(), users: 0, retired: false };
+      this.#current = o;
     }
-    return this.#opening;
+    const opening = o;
+    opening.users++;
+    let released = false;
+    const release = () => {
+      if (released) return;
+      released = true;
+      opening.users--;
+      if (opening.retired && opening.users === 0) void opening.substituter.then((x) => x.close()).catch(() => undefined);
+    };
+    let substituter: CacheSubstituter;
+    try {
+      substituter = await opening.substituter;
+    } catch (e) {
+      // A failed opening is tried again by the next step.
+      if (this.#current === opening) this.#current = undefined;
+      release();
+      throw e;
+    }
+    return {
+      substituter,
+      holds: (path) => {
+        const at = opening.present.get(path);
+        return at !== undefined && Date.now() - at < PRESENT_TTL_MS;
+      },
+      remember: (paths) => {
+        const now = Date.now();
+        for (const p of paths) opening.present.set(p, now);
+      },
+      release,
+    };
   }
 
-  /** Whether the cache is known to hold `path`. */
-  holds(path: string): boolean {
-    return this.#present.has(path);
-  }
-
-  remember(paths: Iterable<string>): void {
-    for (const p of paths) this.#present.add(p);
+  #retire(o: Opening): void {
+    o.retired = true;
+    if (o.users === 0) void o.substituter.then((x) => x.close()).catch(() => undefined);
   }
 
   async close(): Promise<void> {
-    const s = this.#opening;
-    this.#opening = undefined;
-    this.#config = "";
-    await s?.then((x) => x.close()).catch(() => undefined);
+    const o = this.#current;
+    this.#current = undefined;
+    if (o) this.#retire(o);
   }
 }
 
 /** Makes the closures of `paths` valid from the farm cache; throws FERRY_WORKER_INPUT_UNAVAILABLE. */
-async function fetchClosures(store: LocalStore, substituter: CacheSubstituter, farmCache: FarmCacheClient, paths: readonly string[]): Promise<void> {
+async function fetchClosures(store: LocalStore, cache: FarmCacheSession, paths: readonly string[]): Promise<void> {
   const missing = paths.filter((p) => !store.isValid(p));
   if (missing.length === 0) return;
-  const outcomes = await substituter.substituteClosure(missing);
-  farmCache.remember(outcomes.flatMap((o) => (o.status === "ok" ? [o.path] : [])));
+  const outcomes = await cache.substituter.substituteClosure(missing);
+  cache.remember(outcomes.flatMap((o) => (o.status === "ok" && o.value.fetched ? [o.path] : [])));
   const errors = outcomes.flatMap((o) => (o.status === "error" ? [o.error.message] : []));
   const absent = missing.filter((p) => !store.isValid(p));
   if (errors.length > 0 || absent.length > 0) {
@@ -126,12 +166,13 @@ export async function runStep(req: BuildRequest, ctx: StepContext): Promise<Step
     return { status: "failed", transient, error: `${err.code}: ${err.message}`, durationMs: Date.now() - t0 };
   };
   const cancelled = () => failure(new FerryError("FERRY_BUILD_CANCELLED", "the step was aborted"), true);
-  let substituter: CacheSubstituter;
+  let cache: FarmCacheSession;
   try {
-    substituter = await ctx.farmCache.open(store, ctx.cache);
+    cache = await ctx.farmCache.open(store, ctx.cache);
   } catch (e) {
     return failure(e, true);
   }
+  const substituter = cache.substituter;
   try {
     let drvPath: string;
     try {
@@ -140,8 +181,8 @@ export async function runStep(req: BuildRequest, ctx: StepContext): Promise<Step
       return failure(e, false);
     }
     try {
-      await fetchClosures(store, substituter, ctx.farmCache, [drvPath]);
-      await fetchClosures(store, substituter, ctx.farmCache, inputPaths(store, drvPath));
+      await fetchClosures(store, cache, [drvPath]);
+      await fetchClosures(store, cache, inputPaths(store, drvPath));
     } catch (e) {
       return failure(e, true);
     }
@@ -163,8 +204,8 @@ export async function runStep(req: BuildRequest, ctx: StepContext): Promise<Step
       return failure(outcome.error, isTransientFailure(outcome.error.code, await freeDiskBytes(store)));
     }
 
-    const uploads = await copyToCache(store, substituter.caches[0]!.backend, Object.values(outcome.outputs), { knownPresent: (p) => ctx.farmCache.holds(p) });
-    ctx.farmCache.remember(uploads.flatMap((u) => (u.status === "ok" ? [u.path] : [])));
+    const uploads = await copyToCache(store, substituter.caches[0]!.backend, Object.values(outcome.outputs), { knownPresent: (p) => cache.holds(p) });
+    cache.remember(uploads.flatMap((u) => (u.status === "ok" ? [u.path] : [])));
     const bad = uploads.flatMap((u) => (u.status === "error" ? [`${u.path}: ${u.error.message}`] : []));
     if (bad.length > 0) {
       return failure(new FerryError("FERRY_WORKER_UPLOAD_FAILED", `the outputs were built but not all could be uploaded to the farm cache: ${bad.join("; ")}`), true);
@@ -173,5 +214,7 @@ export async function runStep(req: BuildRequest, ctx: StepContext): Promise<Step
   } catch (e) {
     // Whatever else went wrong (the store, the disk, the cache) is this machine's trouble.
     return failure(e, true);
+  } finally {
+    cache.release();
   }
 }

@@ -17,6 +17,9 @@ import { tempDir } from "../helpers/fs-trees.js";
 import { ferry, ferryBin, ferryOk } from "../helpers/cli.js";
 import { spawnCacheServer } from "../helpers/cache.js";
 import { ScriptedCoordinator, type PeerConnection } from "../helpers/worker-peer.js";
+import { FarmCacheClient } from "../../src/farm/worker/step.js";
+import { LocalStore } from "../../src/store/local-store.js";
+import { resolveStoreLocation } from "../../src/store/config.js";
 
 const STORE_DIR = "/ferry/store";
 const storeFlags = (root: string) => ["--store-dir", STORE_DIR, "--state-dir", "/ferry/var", "--root", root];
@@ -337,5 +340,46 @@ describe("ferry worker", () => {
     bad(["--farm", "http://x", "--id", "no spaces"], "FERRY_WORKER_BAD_SETTING");
     const noToken = ferry(["worker", "--farm", "http://x", ...storeFlags(join(dir, "bad"))], { env: { FERRY_WORKER_TOKEN: "" } });
     assert.match(noToken.stderr, /FERRY_WORKER_NO_TOKEN/);
+  });
+});
+
+describe("the worker's farm cache client", () => {
+  test("an opening is shared by steps; what it knows the cache holds does not carry over to another cache", async () => {
+    const dir = tempDir("ferry-farm-cache-client-");
+    const store = LocalStore.open(resolveStoreLocation({ storeDir: "/ferry/store", stateDir: "/ferry/var", root: join(dir, "store") }));
+    try {
+      const client = new FarmCacheClient();
+      const a = { url: `file://${join(dir, "a")}` };
+      fs.mkdirSync(join(dir, "a"));
+      fs.writeFileSync(join(dir, "a", "nix-cache-info"), "StoreDir: /ferry/store\n");
+      const s1 = await client.open(store, a);
+      const s2 = await client.open(store, a);
+      assert.equal(s1.substituter, s2.substituter, "one opening for both steps");
+      s1.remember(["/ferry/store/00000000000000000000000000000000-x"]);
+      assert.ok(s2.holds("/ferry/store/00000000000000000000000000000000-x"));
+      assert.ok(!s2.holds("/ferry/store/11111111111111111111111111111111-y"));
+      // The welcome names another cache: a new opening, knowing nothing yet; late news about the old one stays with it.
+      const b = { url: `file://${join(dir, "b")}` };
+      fs.mkdirSync(join(dir, "b"));
+      fs.writeFileSync(join(dir, "b", "nix-cache-info"), "StoreDir: /ferry/store\n");
+      const s3 = await client.open(store, b);
+      assert.notEqual(s3.substituter, s1.substituter);
+      s1.remember(["/ferry/store/22222222222222222222222222222222-z"]);
+      assert.ok(!s3.holds("/ferry/store/00000000000000000000000000000000-x"));
+      assert.ok(!s3.holds("/ferry/store/22222222222222222222222222222222-z"));
+      for (const s of [s1, s2, s3]) s.release();
+      // A cache that cannot be opened (here: for another store dir) fails the step, and the next step tries again.
+      const c = { url: `file://${join(dir, "c")}` };
+      fs.mkdirSync(join(dir, "c"));
+      fs.writeFileSync(join(dir, "c", "nix-cache-info"), "StoreDir: /nix/store\n");
+      await assert.rejects(client.open(store, c), (e: unknown) => (e as { code?: string }).code === "FERRY_CACHE_STORE_DIR_MISMATCH");
+      fs.writeFileSync(join(dir, "c", "nix-cache-info"), "StoreDir: /ferry/store\n");
+      const s4 = await client.open(store, c);
+      s4.release();
+      await client.close();
+    } finally {
+      store.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

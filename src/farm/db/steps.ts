@@ -13,10 +13,13 @@ import { sql, type Kysely } from "kysely";
 import type { FarmSchema } from "./index.js";
 import { settleAggregates } from "./builds.js";
 
+/** A running step back in the queue, leaseless: the columns every requeue sets. */
+const BACK_IN_QUEUE = sql`status = 'queued', lease_owner = null, lease_expires_at = null, machine = null`;
+
 /** Queues again every running step whose lease expired; returns their ids. */
 export async function requeueExpired(db: Kysely<FarmSchema>): Promise<string[]> {
   const r = await sql<{ id: string }>`
-    update steps set status = 'queued', lease_owner = null, lease_expires_at = null, machine = null, attempts = attempts + 1
+    update steps set ${BACK_IN_QUEUE}, attempts = attempts + 1
     where status = 'running' and lease_expires_at < now()
     returning id`.execute(db);
   return r.rows.map((x) => String(x.id));
@@ -134,7 +137,7 @@ export async function claimAssigned(db: Kysely<FarmSchema>, claims: readonly Cla
 export async function giveBackClaims(db: Kysely<FarmSchema>, claims: readonly Claim[]): Promise<void> {
   if (claims.length === 0) return;
   await sql`
-    update steps set status = 'queued', lease_owner = null, lease_expires_at = null, machine = null, started_at = null
+    update steps set ${BACK_IN_QUEUE}, started_at = null
     from unnest(${sql.val(claims.map((c) => c.stepId))}::bigint[], ${sql.val(claims.map((c) => c.owner))}::text[]) as c(id, owner)
     where steps.id = c.id and steps.status = 'running' and steps.lease_owner = c.owner`.execute(db);
 }
@@ -153,7 +156,7 @@ export async function renewStepLeases(db: Kysely<FarmSchema>, owner: string, ste
 export async function requeueSteps(db: Kysely<FarmSchema>, ids: readonly string[]): Promise<void> {
   if (ids.length === 0) return;
   await sql`
-    update steps set status = 'queued', lease_owner = null, lease_expires_at = null, machine = null, started_at = null
+    update steps set ${BACK_IN_QUEUE}, started_at = null
     where id = any(${sql.val([...ids])}::bigint[]) and status = 'running'`.execute(db);
 }
 

@@ -27,7 +27,7 @@ import { randomUUID } from "node:crypto";
 import { WebSocketServer, type WebSocket } from "ws";
 import { sql } from "kysely";
 import { FerryError, asFerryError } from "../../core/errors.js";
-import { Scheduler, type SchedulerOptions, type StepSpec, type StepOutcome } from "../scheduler/index.js";
+import { Scheduler, topoOrder, type SchedulerOptions, type StepSpec, type StepOutcome } from "../scheduler/index.js";
 import type { FarmDatabase } from "../db/index.js";
 import {
   claimAssigned,
@@ -959,31 +959,9 @@ function quantiles(samples: Float64Array): [string, number][] {
   return (["0.5", "0.9", "0.99"] as const).map((q) => [q, sorted[Math.min(sorted.length - 1, Math.floor(Number(q) * sorted.length))]!]);
 }
 
-/** Kahn's order of `ids` by `deps` (dependencies first); ids on a cycle come last, in input order. */
+/** `ids` with dependencies first; ids on a cycle come last, in input order. */
 function topo(ids: readonly string[], deps: ReadonlyMap<string, readonly string[]>): string[] {
-  const inBatch = new Set(ids);
-  const indeg = new Map<string, number>();
-  const rev = new Map<string, string[]>();
-  for (const id of ids) {
-    let n = 0;
-    for (const d of deps.get(id) ?? []) {
-      if (!inBatch.has(d)) continue;
-      n++;
-      let l = rev.get(d);
-      if (!l) rev.set(d, (l = []));
-      l.push(id);
-    }
-    indeg.set(id, n);
-  }
-  const out: string[] = [];
-  for (const id of ids) if (indeg.get(id) === 0) out.push(id);
-  for (let i = 0; i < out.length; i++) {
-    for (const r of rev.get(out[i]!) ?? []) {
-      const n = indeg.get(r)! - 1;
-      indeg.set(r, n);
-      if (n === 0) out.push(r);
-    }
-  }
+  const out = topoOrder(ids, (id) => deps.get(id));
   if (out.length < ids.length) {
     const seen = new Set(out);
     for (const id of ids) if (!seen.has(id)) out.push(id);

@@ -3,6 +3,7 @@
  * decisions are values. See Scheduler for the contracts.
  */
 export { Scheduler } from "./scheduler.js";
+export { topoOrder } from "./graph.js";
 export type {
   Assignment,
   CancelValue,

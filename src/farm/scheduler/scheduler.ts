@@ -1,5 +1,6 @@
 import { FerryError } from "../../core/errors.js";
 import { IndexedHeap, type HeapItem } from "./heap.js";
+import { topoOrder } from "./graph.js";
 import type {
   Assignment,
   CancelValue,
@@ -262,35 +263,18 @@ export class Scheduler {
       batch.set(s.id, s);
       firstIndex.set(s.id, i);
     });
-    // Kahn's algorithm over the batch: what is never sorted sits on or behind a cycle.
-    const indeg = new Map<string, number>();
-    const within = new Map<string, string[]>();
     for (const [id, s] of batch) {
-      let n = 0;
-      for (const d of new Set(s.deps ?? [])) {
-        if (batch.has(d)) {
-          n++;
-          let l = within.get(d);
-          if (!l) within.set(d, (l = []));
-          l.push(id);
-        } else if (!this.#steps.has(d)) {
+      for (const d of s.deps ?? []) {
+        if (!batch.has(d) && !this.#steps.has(d)) {
           errors.set(id, new FerryError("FERRY_FARM_UNKNOWN_STEP", `step '${id}' depends on unknown step '${d}'`, {
             hint: "add dependencies in the same batch or before the steps that need them",
             details: { id, dependency: d },
           }));
         }
       }
-      indeg.set(id, n);
     }
-    const order: string[] = [];
-    for (const [id, n] of indeg) if (n === 0) order.push(id);
-    for (let i = 0; i < order.length; i++) {
-      for (const r of within.get(order[i]!) ?? []) {
-        const n = indeg.get(r)! - 1;
-        indeg.set(r, n);
-        if (n === 0) order.push(r);
-      }
-    }
+    // What is never sorted sits on or behind a cycle.
+    const order = topoOrder(batch.keys(), (id) => batch.get(id)!.deps);
     if (order.length < batch.size) {
       const sorted = new Set(order);
       for (const id of batch.keys()) {

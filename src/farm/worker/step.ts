@@ -65,6 +65,10 @@ interface Opening {
   retired: boolean;
 }
 
+function closeOpening(o: Opening): void {
+  void o.substituter.then((x) => x.close()).catch(() => undefined);
+}
+
 /**
  * The farm cache as a substituter (signatures by `publicKey` required when one is given) and an
  * upload target, opened once and shared by the worker's steps while the welcome names the same
@@ -97,7 +101,7 @@ export class FarmCacheClient {
       if (released) return;
       released = true;
       opening.users--;
-      if (opening.retired && opening.users === 0) void opening.substituter.then((x) => x.close()).catch(() => undefined);
+      if (opening.retired && opening.users === 0) closeOpening(opening);
     };
     let substituter: CacheSubstituter;
     try {
@@ -124,7 +128,7 @@ export class FarmCacheClient {
 
   #retire(o: Opening): void {
     o.retired = true;
-    if (o.users === 0) void o.substituter.then((x) => x.close()).catch(() => undefined);
+    if (o.users === 0) closeOpening(o);
   }
 
   async close(): Promise<void> {

@@ -7,19 +7,19 @@
  * (the size that keeps both the read and the hash in cache), so the hash sees large batches.
  *
  * Large trees are walked by two threads. This thread starts the walk alone; once it has met a
- * few hundred files it starts a walker worker (kept, asleep, for later walks of this thread)
- * and, when the worker is up, hands it the rest of the walk from where it stands. The worker
- * then does the metadata syscalls: it lists and sorts directories, reads symlinks, opens and
- * stats each regular file, and sends this thread a stream of records (names, targets, and an
- * open descriptor with mode and size per file) through a shared ring. This thread reads the
- * contents through those descriptors, frames and hashes; the worker closes the descriptors
- * behind it. When this thread is about to run out of records, the worker leaves the next files
- * for it to open itself, so neither thread idles for long. File contents never cross threads:
- * hashing bytes another core just wrote is slower than reading them from the page cache.
+ * few hundred files it starts a walker worker (kept, asleep, for later walks of this thread;
+ * `prestartWalker` starts it earlier) and, when the worker is up, hands it the rest of the walk
+ * from where it stands. The worker then makes the syscalls: it lists and sorts directories,
+ * reads symlinks, opens, stats, reads and closes each regular file, and sends this thread a
+ * stream of records (names, targets, modes, sizes and file contents, in pieces of at most
+ * 128 KiB) through a shared ring. This thread copies the contents out, frames and hashes: it
+ * makes no syscall of its own while the worker keeps up. When this thread is about to run out
+ * of records, the worker leaves the next files for it to open and read itself, so neither
+ * thread idles for long.
  *
- * Memory is bounded whatever the size of the tree: a 1 MiB record ring, at most 512 descriptors
- * in flight, the open directories' listings (as in any recursive walk), the writer's batch
- * buffer, one 256 KiB read buffer, and the worker's own small heap.
+ * Memory is bounded whatever the size of the tree: a 1 MiB record ring, the open directories'
+ * listings (as in any recursive walk), the writer's batch buffer, one 256 KiB read buffer, and
+ * the worker's own small heap.
  */
 import * as fs from "node:fs";
 import { availableParallelism } from "node:os";
@@ -57,11 +57,11 @@ export interface DumpOptions {
 const C = {
   online: 0, // worker: 1 once it waits for jobs
   job: 16, // this thread: id of the last job handed over
-  doneJob: 32, // worker: id of the last job finished (all its descriptors closed)
+  doneJob: 32, // worker: id of the last job finished (its descriptors closed)
   cancel: 48, // this thread: 1 asks the worker to abandon the job
   head: 64, // worker: ring bytes written
   tail: 80, // this thread: ring bytes consumed
-  filesDone: 96, // this thread: FILE records whose descriptor it no longer needs
+  wakeTail: 96, // worker, before it sleeps: this thread's flushes wake it once the tail reaches this
   mainEvents: 112, // this thread bumps it to wake the worker
   workerEvents: 128, // the worker bumps it to wake this thread
   mainWaiting: 144,
@@ -74,16 +74,17 @@ const C = {
 } as const;
 const CONTROL_WORDS = 256;
 /** Record kinds. */
-const R = { wrap: 0, dir: 1, end: 2, file: 3, symlink: 4, fileByName: 5, fail: 6, done: 7 } as const;
+const R = { wrap: 0, dir: 1, end: 2, file: 3, symlink: 4, fileByName: 5, fail: 6, done: 7, piece: 8 } as const;
 /** Operations a FAIL record names (this thread redoes them to report the error). */
-const OP = { readdir: 1, readlink: 2, lstat: 3, unsupported: 4, resume: 5 } as const;
+const OP = { readdir: 1, readlink: 2, lstat: 3, unsupported: 4, resume: 5, read: 6, shrank: 7 } as const;
 const RING_BYTES = 1 << 20;
 /** A large root file is streamed by the worker in chunks of this size through a data ring of DATA_CHUNKS of them. */
 const CHUNK = 2 << 20;
 const DATA_CHUNKS = 4;
 const STREAM_MIN = 32 << 20;
 const JOB_BYTES = 64 << 10;
-const MAX_FDS = 512;
+/** File contents travel in records of at most this many bytes (two fit in the ring at once, and more). */
+const PIECE = 128 << 10;
 /** With fewer records than this waiting for this thread, the worker leaves the next file for it to open. */
 const BY_NAME_BELOW = 24;
 /** Start the worker after this many files, hand over after this many (small trees stay here). */
@@ -95,19 +96,83 @@ interface WalkerData {
   readonly ring: SharedArrayBuffer;
   readonly job: SharedArrayBuffer;
   readonly data: SharedArrayBuffer;
-  readonly layout: { C: typeof C; R: typeof R; OP: typeof OP; MAX_FDS: number; BY_NAME_BELOW: number; CHUNK: number; openFlags: number };
+  readonly layout: { C: typeof C; R: typeof R; OP: typeof OP; PIECE: number; BY_NAME_BELOW: number; CHUNK: number; openFlags: number };
 }
+
+/** The per-file calls of the walk. `stat` gives an array with the mode at [1] and the size at [8]. */
+interface FileIo {
+  open(path: string | Buffer, flags: number): number;
+  stat(fd: number): ArrayLike<number>;
+  read(fd: number, buf: Uint8Array, off: number, len: number, pos: number): number;
+  close(fd: number): void;
+}
+
+/**
+ * The per-file calls as cheap as Node allows: its fs binding directly (no argument checks, no
+ * Stats object with four Dates per file) when the binding behaves as this code expects, which is
+ * checked once (results equal the public API's, errors are thrown); the public API otherwise.
+ * Self-contained: the worker runs it from its source text too.
+ */
+function fileIo(fsm: typeof fs): FileIo {
+  const pub: FileIo = {
+    open: (p, flags) => fsm.openSync(p, flags),
+    stat: (fd) => {
+      const st = fsm.fstatSync(fd);
+      return [0, st.mode, 0, 0, 0, 0, 0, 0, st.size];
+    },
+    read: (fd, buf, off, len, pos) => fsm.readSync(fd, buf, off, len, pos),
+    close: (fd) => fsm.closeSync(fd),
+  };
+  if (process.execArgv.includes("--pending-deprecation") || process.env.NODE_PENDING_DEPRECATION === "1") return pub;
+  try {
+    type Fn = (...args: unknown[]) => unknown;
+    const b = (process as unknown as { binding(name: string): Record<string, Fn> }).binding("fs");
+    const raw: FileIo = {
+      open: (p, flags) => b.open!(p, flags, 0o666) as number,
+      stat: (fd) => b.fstat!(fd, false, undefined, false) as Float64Array,
+      read: (fd, buf, off, len, pos) => b.read!(fd, buf, off, len, pos) as number,
+      close: (fd) => void b.close!(fd),
+    };
+    const throws = (f: () => unknown): boolean => {
+      try {
+        f();
+        return false;
+      } catch {
+        return true;
+      }
+    };
+    const fd = raw.open(process.execPath, fsm.constants.O_RDONLY);
+    try {
+      const st = raw.stat(fd);
+      const want = fsm.fstatSync(fd);
+      const got = Buffer.alloc(64);
+      const n = raw.read(fd, got, 0, 64, 0);
+      const wantBytes = Buffer.alloc(64);
+      const m = fsm.readSync(fd, wantBytes, 0, 64, 0);
+      if (st[1] !== want.mode || st[8] !== want.size || n !== m || n <= 0) return pub;
+    } finally {
+      raw.close(fd);
+    }
+    if (!throws(() => raw.open("/nonexistent/ferry-probe", fsm.constants.O_RDONLY)) || !throws(() => raw.stat(-1))) return pub;
+    return raw;
+  } catch {
+    return pub;
+  }
+}
+
+/** This thread's per-file calls. */
+const io = fileIo(fs);
 
 /**
  * The worker. It runs in its own isolate from this function's source text, so it refers to
  * nothing but its parameters and globals. Per job: rebuild the stack of open directories from
  * the hand-over message (re-listing them and skipping the entries already written), walk the
- * rest in NAR order emitting records, emit DONE, then close every descriptor once this thread
- * is done with it. A filesystem error becomes a record (this thread redoes the operation to
- * report it); an unexpected exception marks the worker dead so this thread stops waiting.
+ * rest in NAR order emitting records, then emit DONE. A filesystem error becomes a record (this
+ * thread redoes the operation to report it); an unexpected exception marks the worker dead so
+ * this thread stops waiting.
  */
-function walkerMain(fsm: typeof fs, d: WalkerData): void {
-  const { C, R, OP, MAX_FDS, BY_NAME_BELOW, CHUNK, openFlags } = d.layout;
+function walkerMain(io: FileIo, fsm: typeof fs, d: WalkerData): void {
+  const { C, R, OP, PIECE, BY_NAME_BELOW, CHUNK, openFlags } = d.layout;
   const ctl = new Int32Array(d.control);
   const ring = new Int32Array(d.ring);
   const ringBuf = Buffer.from(d.ring);
@@ -122,8 +187,12 @@ function walkerMain(fsm: typeof fs, d: WalkerData): void {
       Atomics.notify(ctl, C.workerEvents);
     }
   };
-  /** Sleeps until this thread signals, unless `word` already moved on from `seen`. */
-  const sleep = (word: number, seen: number): void => {
+  /**
+   * Sleeps until this thread signals, unless `word` already moved on from `seen`. This thread's
+   * routine flushes wake it only once its tail reaches `wakeTail` (by default they do not).
+   */
+  const sleep = (word: number, seen: number, wakeTail = (Atomics.load(ctl, C.tail) + 0x7fffffff) | 0): void => {
+    Atomics.store(ctl, C.wakeTail, wakeTail);
     Atomics.store(ctl, C.workerWaiting, 1);
     const events = Atomics.load(ctl, C.mainEvents);
     if (Atomics.load(ctl, word) === seen && !cancelled()) Atomics.wait(ctl, C.mainEvents, events);
@@ -189,15 +258,6 @@ function walkerMain(fsm: typeof fs, d: WalkerData): void {
   const runJob = (): void => {
     let head = 0;
     let produced = 0; // records written
-    const fds = new Int32Array(MAX_FDS);
-    let emitted = 0; // FILE records sent (descriptors opened)
-    let closed = 0;
-    /** Closes the descriptors that thread is done with; returns the count it had published. */
-    const reap = (): number => {
-      const done = Atomics.load(ctl, C.filesDone);
-      while (((done - closed) | 0) > 0) fsm.closeSync(fds[closed++ % MAX_FDS]!);
-      return done;
-    };
     /** Waits for `n` contiguous bytes of ring space; returns the virtual position of the record. */
     const reserve = (n: number): number => {
       if (n > RING / 4) throw new Error(`walker: a record of ${n} bytes`);
@@ -209,7 +269,7 @@ function walkerMain(fsm: typeof fs, d: WalkerData): void {
         if (cancelled()) throw CANCELLED;
         const tail = Atomics.load(ctl, C.tail);
         if (((end - tail) >>> 0) <= RING) break;
-        sleep(C.tail, tail);
+        sleep(C.tail, tail, (end - RING) | 0);
       }
       if (start !== head) ring[phys >> 2] = R.wrap;
       return start;
@@ -254,28 +314,59 @@ function walkerMain(fsm: typeof fs, d: WalkerData): void {
         return;
       }
       let fd = -1;
-      let st: fs.Stats;
+      let mode: number;
+      let size: number;
       try {
-        fd = fsm.openSync(osPath(f.path + "/" + name, f.ascii && nameAscii), openFlags);
-        st = fsm.fstatSync(fd);
+        fd = io.open(osPath(f.path + "/" + name, f.ascii && nameAscii), openFlags);
+        const st = io.stat(fd);
+        mode = st[1]!;
+        size = st[8]!;
       } catch {
-        if (fd >= 0) fsm.closeSync(fd);
+        if (fd >= 0) io.close(fd);
         put(R.fileByName, 0, 0, 0, 0, 0, name, null);
         return;
       }
-      // Too many descriptors in flight: close the ones that thread is done with, or wait for some.
-      while (emitted - closed >= MAX_FDS) {
-        const done = reap();
-        if (emitted - closed < MAX_FDS) break;
-        if (cancelled()) {
-          fsm.closeSync(fd);
-          throw CANCELLED;
-        }
-        sleep(C.filesDone, done); // sleeps only if nothing was published since `done`
+      try {
+        // FILE [mode, size low, size high, name length] name + the first piece of the contents,
+        // then PIECE records [length] bytes until `size` bytes are sent. Contents are read
+        // straight into the ring.
+        let pos = 0;
+        let first = true;
+        do {
+          const len = Math.min(size - pos, PIECE);
+          const ints = first ? 4 : 0;
+          const payload = first ? name.length + len : len;
+          const n = (4 * (2 + ints) + payload + 3) & ~3;
+          const start = reserve(n);
+          const w = (start % RING) >> 2;
+          let off = (w + 2 + ints) << 2;
+          if (first) {
+            ring[w] = R.file;
+            ring[w + 2] = mode;
+            ring[w + 3] = size % 0x100000000 | 0;
+            ring[w + 4] = Math.floor(size / 0x100000000);
+            ring[w + 5] = name.length;
+            ringBuf.write(name, off, name.length, "latin1");
+            off += name.length;
+          } else ring[w] = R.piece;
+          ring[w + 1] = payload;
+          for (let got = 0; got < len; ) {
+            let r: number;
+            try {
+              r = io.read(fd, ringBuf, off + got, len - got, pos + got);
+            } catch {
+              fail(OP.read, name);
+            }
+            if (r! === 0) fail(OP.shrank, name);
+            got += r!;
+          }
+          commit(start, n);
+          pos += len;
+          first = false;
+        } while (pos < size);
+      } finally {
+        io.close(fd);
       }
-      fds[emitted++ % MAX_FDS] = fd;
-      const size = st.size;
-      put(R.file, 4, fd, st.mode, size % 0x100000000 | 0, Math.floor(size / 0x100000000), name, null);
     };
     const directory = (f: Frame, name: string, nameAscii: boolean): void => {
       const path = f.path + "/" + name;
@@ -353,18 +444,10 @@ function walkerMain(fsm: typeof fs, d: WalkerData): void {
           else if (st!.isSymbolicLink()) symlink(f, name, nameAscii);
           else fail(OP.unsupported, name);
         }
-        if (emitted !== closed && (emitted & 31) === 0) reap();
       }
       put(R.done, 0, 0, 0, 0, 0, null, null);
-      for (;;) {
-        const seen = Atomics.load(ctl, C.filesDone);
-        if (seen === emitted || cancelled()) break;
-        sleep(C.filesDone, seen);
-      }
     } catch (e) {
       if (e !== CANCELLED) throw e;
-    } finally {
-      while (closed !== emitted) fsm.closeSync(fds[closed++ % MAX_FDS]!);
     }
   };
 
@@ -408,8 +491,9 @@ class Walker {
   jobId = 0;
   /** Ring read position of the current job. */
   pos = 0;
-  filesDone = 0;
   #records = 0;
+  /** `pos` at the last flush. */
+  #flushed = 0;
 
   start(): void {
     if (this.worker || this.disabled) return;
@@ -418,11 +502,11 @@ class Walker {
       ring: this.ringBuf,
       job: this.jobBuf,
       data: this.dataBuf,
-      layout: { C, R, OP, MAX_FDS, BY_NAME_BELOW, CHUNK, openFlags: O_RDONLY | O_NOFOLLOW },
+      layout: { C, R, OP, PIECE, BY_NAME_BELOW, CHUNK, openFlags: O_RDONLY | O_NOFOLLOW },
     };
     try {
-      const src = `(${walkerMain.toString()})(require("node:fs"), require("node:worker_threads").workerData);`;
-      // Descriptors the worker opens are handed to this thread: they must not be tracked as its own.
+      const src = `const fs = require("node:fs"); (${walkerMain.toString()})((${fileIo.toString()})(fs), fs, require("node:worker_threads").workerData);`;
+      // The stream job hands the worker a descriptor this thread opened: it must not be tracked as the worker's own.
       this.worker = new Worker(src, { eval: true, workerData: data, name: "ferry-nar-walker", trackUnmanagedFds: false, stdin: false });
       this.worker.unref();
       // Faults surface through the dead flag; an 'error' event must not crash the process.
@@ -486,11 +570,10 @@ class Walker {
     }
     Atomics.store(this.ctl, C.head, 0);
     Atomics.store(this.ctl, C.tail, 0);
-    Atomics.store(this.ctl, C.filesDone, 0);
     Atomics.store(this.ctl, C.recordsDone, 0);
     this.#records = 0;
     this.pos = 0;
-    this.filesDone = 0;
+    this.#flushed = 0;
     this.#startJob();
     return true;
   }
@@ -549,19 +632,18 @@ class Walker {
   /** Frees the record at word `w`, which has `ints` ints after its payload length. */
   consumed(w: number, ints: number): void {
     this.pos = (this.pos + ((4 * (2 + ints) + this.ring[w + 1]! + 3) & ~3)) >>> 0;
-    if ((++this.#records & 7) === 0) this.flush();
+    if ((++this.#records & 7) === 0 || ((this.pos - this.#flushed) >>> 0) >= RING_BYTES / 8) this.flush();
   }
 
-  fileDone(): void {
-    this.filesDone = (this.filesDone + 1) | 0;
-  }
-
-  /** Publishes the ring space and descriptors this thread is done with. */
+  /** Publishes the ring space this thread is done with; wakes the worker once it has the room it waits for. */
   flush(): void {
+    this.#flushed = this.pos;
     Atomics.store(this.ctl, C.recordsDone, this.#records);
     Atomics.store(this.ctl, C.tail, this.pos | 0);
-    Atomics.store(this.ctl, C.filesDone, this.filesDone);
-    this.wakeWorker();
+    if (Atomics.load(this.ctl, C.workerWaiting) !== 0 && ((this.pos - Atomics.load(this.ctl, C.wakeTail)) | 0) >= 0) {
+      Atomics.add(this.ctl, C.mainEvents, 1);
+      Atomics.notify(this.ctl, C.mainEvents);
+    }
   }
 
   /** Ends the current job: tells the worker to stop if `cancel`, and waits until it has closed everything. */
@@ -701,15 +783,16 @@ class Dumper {
           this.#leaveDirectory();
           break;
         case R.file: {
-          const fd = ring[w + 2]!;
-          const mode = ring[w + 3]!;
-          const size = (ring[w + 4]! >>> 0) + ring[w + 5]! * 0x100000000;
-          const name = copyOut(bytes, (w + 6) << 2, len);
-          walker.consumed(w, 4);
+          const mode = ring[w + 2]!;
+          const size = (ring[w + 3]! >>> 0) + ring[w + 4]! * 0x100000000;
+          const nameLen = ring[w + 5]!;
+          const off = (w + 6) << 2;
+          const name = copyOut(bytes, off, nameLen);
+          const contents = new RingContents(walker, w, off + nameLen, len - nameLen, (op) => this.#redo(op, name));
           this.#w.openEntry(name);
-          this.#contents(fd, mode, size, name);
+          this.#contents(contents, mode, size, name);
+          contents.end();
           this.#w.closeEntry();
-          walker.fileDone();
           break;
         }
         case R.symlink: {
@@ -752,6 +835,8 @@ class Dumper {
     if (op === OP.readdir) fs.readdirSync(path);
     if (op === OP.readlink) fs.readlinkSync(path);
     if (op === OP.lstat) fs.lstatSync(path);
+    if (op === OP.shrank) throw shrank(path);
+    if (op === OP.read) fs.readFileSync(path);
     throw new FerryError("FERRY_PATH_CHANGED", `'${path.toString()}' changed while it was being read`, {
       hint: "something is modifying the tree; try again once it is stable",
     });
@@ -799,23 +884,29 @@ class Dumper {
     }
   }
 
-  /** The regular file at `path`, opened here. */
+  /** The regular file at `path`, opened and read here. */
   #fileAt(name: Buffer | null, path: Buffer): void {
     this.#files++;
-    const fd = fs.openSync(path, O_RDONLY | O_NOFOLLOW);
+    const fd = io.open(path, O_RDONLY | O_NOFOLLOW);
     try {
-      const st = fs.fstatSync(fd);
+      const st = io.stat(fd);
+      const mode = st[1]!;
+      const size = st[8]!;
       if (name) this.#w.openEntry(name);
-      if (name === null && this.#walker && !this.#walker.disabled && st.size >= STREAM_MIN) this.#streamed(fd, st.mode, st.size);
-      else this.#contents(fd, st.mode, st.size, name);
+      if (name === null && this.#walker && !this.#walker.disabled && size >= STREAM_MIN) this.#streamed(fd, mode, size);
+      else this.#contents(fd, mode, size, name);
       if (name) this.#w.closeEntry();
     } finally {
-      fs.closeSync(fd);
+      io.close(fd);
     }
   }
 
-  /** Writes a regular file node from the open descriptor `fd` (left open), copying it if asked. */
-  #contents(fd: number, mode: number, size: number, name: Buffer | null): void {
+  /**
+   * Writes a regular file node of `size` bytes, copying it if asked. The contents come from the
+   * open descriptor `src` (left open; read straight into the writer's buffer) or from the
+   * worker's ring (handed on in place).
+   */
+  #contents(src: number | RingContents, mode: number, size: number, name: Buffer | null): void {
     const w = this.#w;
     const executable = !this.#opts.stripExecutable && (mode & 0o100) !== 0;
     w.openRegular(executable, size);
@@ -826,15 +917,21 @@ class Dumper {
         out = fs.openSync(copy, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
       }
       let left = size;
-      while (left > 0) {
+      while (left > 0 && typeof src !== "number") {
+        const view = src.take(left);
+        if (out !== undefined) writeFully(out, view);
+        w.writeContents(view);
+        left -= view.length;
+      }
+      while (left > 0 && typeof src === "number") {
         let n: number;
         if (left <= SMALL_READ) {
           const view = w.reserve(left);
-          n = fs.readSync(fd, view, 0, view.length, size - left);
+          n = io.read(src, view, 0, view.length, size - left);
           if (n > 0 && out !== undefined) writeFully(out, view.subarray(0, n));
           if (n > 0) w.commit(n);
         } else {
-          n = fs.readSync(fd, this.#big, 0, Math.min(BIG_READ, left), size - left);
+          n = io.read(src, this.#big, 0, Math.min(BIG_READ, left), size - left);
           if (n > 0) {
             const chunk = this.#big.subarray(0, n);
             if (out !== undefined) writeFully(out, chunk);
@@ -907,6 +1004,58 @@ class Dumper {
   }
 }
 
+/**
+ * The contents of a file the worker read: the rest of its FILE record, then PIECE records.
+ * Each record is freed when the next is taken (`end` frees the last one).
+ */
+class RingContents {
+  readonly #walker: Walker;
+  readonly #bytes: Uint8Array;
+  readonly #failed: (op: number) => never;
+  #w: number;
+  #ints = 4;
+  #off: number;
+  #left: number;
+
+  constructor(walker: Walker, w: number, off: number, len: number, failed: (op: number) => never) {
+    this.#walker = walker;
+    this.#bytes = walker.ringBytes;
+    this.#failed = failed;
+    this.#w = w;
+    this.#off = off;
+    this.#left = len;
+  }
+
+  /** The next bytes, at most `max`: a view of the ring, valid until the next call. */
+  take(max: number): Uint8Array {
+    const walker = this.#walker;
+    while (this.#left === 0) {
+      walker.consumed(this.#w, this.#ints);
+      const w = walker.next();
+      const kind = walker.ring[w]!;
+      if (kind === R.fail) {
+        const op = walker.ring[w + 2]!;
+        walker.consumed(w, 1);
+        this.#failed(op);
+      }
+      if (kind !== R.piece) throw new Error(`NAR walker: record kind ${kind} where file contents were due`);
+      this.#w = w;
+      this.#ints = 0;
+      this.#off = (w + 2) << 2;
+      this.#left = walker.ring[w + 1]!;
+    }
+    const n = Math.min(max, this.#left);
+    const view = this.#bytes.subarray(this.#off, this.#off + n);
+    this.#off += n;
+    this.#left -= n;
+    return view;
+  }
+
+  end(): void {
+    this.#walker.consumed(this.#w, this.#ints);
+  }
+}
+
 /** A copy of `len` bytes at `off` (names are short: a loop beats a native call). */
 function copyOut(bytes: Uint8Array, off: number, len: number): Buffer {
   const b = Buffer.allocUnsafe(len);
@@ -949,6 +1098,26 @@ function unsupported(path: Buffer): never {
 function writeFully(fd: number, data: Uint8Array): void {
   let off = 0;
   while (off < data.length) off += fs.writeSync(fd, data, off, data.length - off);
+}
+
+/**
+ * Starts this thread's walker worker now (when the machine has two CPUs or more), for a caller
+ * that knows a walk is coming: it takes tens of milliseconds to boot, and a walk that finds it
+ * up hands it the tree from the start.
+ */
+export function prestartWalker(): void {
+  (shared ??= new Walker()).start();
+}
+
+/** Starts the walker worker and waits until it is up; false if there is none (one CPU, or it failed). */
+export async function walkerReady(timeoutMs = 10_000): Promise<boolean> {
+  prestartWalker();
+  const walker = shared!;
+  const deadline = Date.now() + timeoutMs;
+  while (!walker.disabled && Atomics.load(walker.ctl, C.online) !== 1 && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 2));
+  }
+  return !walker.disabled && Atomics.load(walker.ctl, C.online) === 1;
 }
 
 /** Streams the NAR of `path` into `sink`; returns the NAR size. */

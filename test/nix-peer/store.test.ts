@@ -9,7 +9,9 @@ import { join } from "node:path";
 import { spawnSync } from "node:child_process";
 import { ferryBin, ferryOk, nixStoreFlags } from "../helpers/cli.js";
 import { nix, nixChroot, haveNix, nixEnv } from "../helpers/nix.js";
-import { tempDir, writeRandomTree } from "../helpers/fs-trees.js";
+import { prng, tempDir, writeRandomTree } from "../helpers/fs-trees.js";
+import { dumpPath, hashPath, walkerReady } from "../../src/store/nar-dump.js";
+import { FerryError } from "../../src/core/errors.js";
 import { nixVectorsDir } from "../helpers/paths.js";
 import { LocalStore } from "../../src/store/local-store.js";
 import { exportEnd, exportEntryStart, exportEntryTrailer } from "../../src/core/export-stream.js";
@@ -36,6 +38,46 @@ describe("Nix 2.8 as a peer", { skip: haveNix() ? false : "nix-bin is not instal
       assert.equal(ferryOk(["hash", "path", "--base16", src]).trim(), nix("nix-hash", ["--type", "sha256", src]).toString().trim(), `seed ${seed}`);
       assert.equal(ferryOk(["hash", "path", "--base32", "--type", "sha512", src]).trim(), nix("nix-hash", ["--type", "sha512", "--base32", src]).toString().trim());
     }
+  });
+
+  test("a tree walked by the walker thread: NAR bytes, hashes and store copies equal Nix's", async () => {
+    // Thousands of files, so the walk is handed to the (already running) walker thread after the
+    // first few dozen; contents cross its ring in pieces of 128 KiB, so sizes straddle them.
+    const src = join(dir, "walked");
+    writeWideTree(src, 11);
+    assert.equal(await walkerReady(), true, "the walker thread starts on this two-CPU machine");
+    const chunks: Buffer[] = [];
+    const size = dumpPath(src, (c) => chunks.push(Buffer.from(c)));
+    const theirs = spawnDump(src);
+    assert.equal(size, theirs.length);
+    assert.ok(Buffer.concat(chunks).equals(theirs), "NAR bytes differ from nix-store --dump");
+    assert.equal(ferryOk(["hash", "path", "--base16", src]).trim(), nix("nix-hash", ["--type", "sha256", src]).toString().trim());
+    assert.ok(ferryDump(src).equals(theirs), "ferry nar dump differs from nix-store --dump");
+    // The store's one-pass copy-and-hash through the walker: path and NAR hash as Nix has them.
+    const nixRoot = nixChroot(dir);
+    const expected = nix("nix-store", ["--store", nixRoot, "--add", src]).toString().trim();
+    const store = LocalStore.open(resolveStoreLocation({ storeDir: "/nix/store", stateDir: "/nix/var", root: join(dir, "ferry-root-walked") }, {}));
+    try {
+      const added = store.addPath(src);
+      assert.equal(added.path, expected);
+      assert.deepEqual(hashPath(store.realPathOf(added.path)).hash.digest, hashPath(src).hash.digest);
+    } finally {
+      store.close();
+    }
+  });
+
+  test("a FIFO deep in a walked tree is refused, and the walker thread stays usable", async () => {
+    const src = join(dir, "walked-fifo");
+    writeWideTree(src, 12);
+    const fifo = join(src, "zz", "zz-fifo");
+    assert.equal(spawnSync("mkfifo", [fifo]).status, 0);
+    assert.equal(await walkerReady(), true);
+    assert.throws(() => hashPath(src), (e: unknown) => e instanceof FerryError && e.code === "FERRY_NAR_UNSUPPORTED_FILE" && e.message.includes("zz-fifo"));
+    fs.rmSync(fifo);
+    // The walker thread is usable again, and walks the repaired tree like Nix.
+    assert.equal(ferryOk(["hash", "path", "--base16", src]).trim(), nix("nix-hash", ["--type", "sha256", src]).toString().trim());
+    assert.deepEqual(hashPath(src).hash, hashPath(src).hash);
+    assert.ok(Buffer.concat(collect(src)).equals(spawnDump(src)));
   });
 
   test("ferry store add gives the path nix-store --add gives, for trees, files and symlinks", () => {
@@ -144,6 +186,46 @@ describe("Nix 2.8 as a peer", { skip: haveNix() ? false : "nix-bin is not instal
   });
 });
 
+
+/**
+ * A wide tree for the walker thread: 40 directories of 60 entries (files of varied sizes, some
+ * executable, some with names that are not UTF-8, symlinks), then `zz` with files whose sizes
+ * straddle the walker's 128 KiB content pieces.
+ */
+function writeWideTree(root: string, seed: number): void {
+  const rnd = prng(seed);
+  for (let d = 0; d < 40; d++) {
+    const sub = join(root, `d${String(d).padStart(3, "0")}`);
+    fs.mkdirSync(sub, { recursive: true });
+    for (let f = 0; f < 60; f++) {
+      const r = rnd();
+      if (r < 0.08) {
+        fs.symlinkSync(r < 0.04 ? "../d000/f000" : `missing-${f}`, join(sub, `l${f}`));
+        continue;
+      }
+      const size = r < 0.15 ? 0 : r < 0.97 ? Math.floor(rnd() * 6000) : Math.floor(rnd() * 400_000);
+      const data = Buffer.alloc(size);
+      for (let i = 0; i < size; i += 1024) data[i] = Math.floor(rnd() * 256);
+      const name = f % 17 === 5 ? Buffer.concat([Buffer.from(sub + "/f"), Buffer.from([0xff, 0xfe, 0x80 + (f % 64)])]) : join(sub, `f${String(f).padStart(3, "0")}`);
+      fs.writeFileSync(name, data);
+      if (rnd() < 0.1) fs.chmodSync(name, 0o755);
+    }
+  }
+  const zz = join(root, "zz");
+  fs.mkdirSync(zz);
+  const PIECE = 128 << 10;
+  for (const size of [0, 1, PIECE - 1, PIECE, PIECE + 1, 3 * PIECE + 5, (1 << 20) + 3]) {
+    const data = Buffer.alloc(size);
+    for (let i = 0; i < size; i += 4093) data[i] = (i >> 12) & 0xff;
+    fs.writeFileSync(join(zz, `size-${size}`), data, { mode: size % 2 ? 0o755 : 0o644 });
+  }
+}
+
+function collect(src: string): Buffer[] {
+  const chunks: Buffer[] = [];
+  dumpPath(src, (c) => chunks.push(Buffer.from(c)));
+  return chunks;
+}
 
 function spawnDump(src: string): Buffer {
   const r = spawnSync("nix-store", ["--dump", src], { env: nixEnv(), maxBuffer: 1 << 30 });

@@ -53,7 +53,7 @@ export class FrameWriter {
     this.#finish(start, FRAME_TEXT, encodeTextRecord(this.#buf, start + FRAME_HEADER, t));
   }
 
-  json(msg: { t: string }): void {
+  json(msg: { t: string } & Record<string, unknown>): void {
     const s = JSON.stringify(msg);
     this.#reserve(FRAME_HEADER + 3 * s.length);
     const start = this.#pos;

@@ -22,7 +22,7 @@ const PROTOCOL_FD = 3;
 
 /** Frames go out in writes of about 256 KiB. */
 const frames = new FrameWriter((bytes) => writeAllSync(PROTOCOL_FD, bytes));
-const send = (msg: { t: string } & Record<string, unknown>): void => frames.json(msg);
+const send = (msg: Parameters<FrameWriter["json"]>[0]): void => frames.json(msg);
 const flushMessages = (): void => frames.flush();
 
 /** Walks exported values, yielding every package with its attribute path. */

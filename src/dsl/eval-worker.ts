@@ -1,7 +1,7 @@
 /**
  * The evaluation subprocess: loads a package set (TypeScript or JavaScript), evaluates the
- * requested attributes, and streams what it found to the parent over file descriptor 3 as
- * newline-delimited JSON. It never writes to the store; the parent does, from this plan.
+ * requested attributes, and streams what it found to the parent over file descriptor 3 in the
+ * frames of eval-protocol. It never writes to the store; the parent does, from this plan.
  * Anything the package code prints goes to stderr.
  *
  * argv: FILE ATTR|"" STORE_DIR HOST_SYSTEM
@@ -16,26 +16,14 @@ import { EvalContext, setEvalContext } from "./context.js";
 import { Package } from "./values.js";
 import { isLazySet, forceAttr } from "./package-set.js";
 import { isOwnFrame } from "./derivation.js";
+import { FrameWriter } from "./eval-protocol.js";
 
 const PROTOCOL_FD = 3;
 
-let pending: string[] = [];
-let pendingBytes = 0;
-
-/** Queues a message; messages go out in batches of about 256 KiB (one write each). */
-function send(msg: unknown): void {
-  const line = JSON.stringify(msg) + "\n";
-  pending.push(line);
-  pendingBytes += line.length;
-  if (pendingBytes >= 256 * 1024) flushMessages();
-}
-
-function flushMessages(): void {
-  if (!pending.length) return;
-  writeAllSync(PROTOCOL_FD, Buffer.from(pending.join("")));
-  pending = [];
-  pendingBytes = 0;
-}
+/** Frames go out in writes of about 256 KiB. */
+const frames = new FrameWriter((bytes) => writeAllSync(PROTOCOL_FD, bytes));
+const send = (msg: Parameters<FrameWriter["json"]>[0]): void => frames.json(msg);
+const flushMessages = (): void => frames.flush();
 
 /** Walks exported values, yielding every package with its attribute path. */
 function* jobsOf(value: unknown, path: string[], seen: Set<unknown>): Generator<[string, Package]> {
@@ -77,7 +65,7 @@ async function main(): Promise<void> {
   const abs = resolve(file);
   const ctx = new EvalContext({ storeDir, hostSystem, baseDir: dirname(abs) }, { hashSource: (p) => hashPath(p) }, {
     onSource: (s) => send({ t: "source", ...s }),
-    onText: (t) => send({ t: "text", ...t }),
+    onText: (t) => frames.text(t),
   });
   setEvalContext(ctx);
   let mod: Record<string, unknown>;

@@ -4,13 +4,15 @@
  * are written to the store through a narrow port, in the order they were made.
  */
 import { spawn } from "node:child_process";
-import { createInterface } from "node:readline";
+import type { Readable } from "node:stream";
 import { fileURLToPath } from "node:url";
 import { existsSync } from "node:fs";
 import { resolve } from "node:path";
 import { FerryError } from "../core/errors.js";
 import type { PlannedSource, PlannedText } from "./context.js";
 import { bwrapPath, sandboxAvailable } from "../build/sandbox.js";
+import { decodeTextRecords, textRecordFault } from "../store/text-records.js";
+import { FRAME_TEXT, FrameReader, protocolError } from "./eval-protocol.js";
 
 /** How evaluation results reach a store. */
 export interface EvalStorePort {
@@ -18,6 +20,11 @@ export interface EvalStorePort {
   addSource(s: PlannedSource): void;
   /** Adds text objects (in order); each must produce its `storePath`. */
   addTexts(ts: readonly PlannedText[]): void;
+  /**
+   * Like `addTexts` for a batch in the text-record encoding (store/text-records); the port may
+   * take over `batch`'s buffer. Without it, batches are decoded and given to `addTexts`.
+   */
+  addTextRecords?(batch: Uint8Array): void;
   /** For ports that write in the background: resolves once everything is written. */
   finish?(): Promise<void>;
   abort?(): Promise<void>;
@@ -92,55 +99,77 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
   let sources = 0;
   let failure: FerryError | undefined;
   let finished = false;
-  const batch: PlannedText[] = [];
-  const flush = () => {
-    if (batch.length && opts.store) opts.store.addTexts(batch.splice(0));
-    batch.length = 0;
+  const store = opts.store;
+  const batch = new TextBatch(opts.textBatch ?? 5000, store);
+  const onFrame = (kind: number, payload: Buffer) => {
+    if (kind === FRAME_TEXT) {
+      const fault = textRecordFault(payload, 0, payload.length);
+      if (fault) throw protocolError(fault);
+      texts++;
+      batch.add(payload);
+      return;
+    }
+    let m: { t: string } & Record<string, unknown>;
+    try {
+      m = JSON.parse(payload.toString("utf8")) as { t: string } & Record<string, unknown>;
+    } catch {
+      throw protocolError("a message that is not JSON");
+    }
+    switch (m.t) {
+      case "source":
+        batch.flush();
+        sources++;
+        store?.addSource(m as unknown as PlannedSource);
+        break;
+      case "job": {
+        const job = m as unknown as EvalJob;
+        jobs.push(job);
+        opts.onJob?.(job);
+        break;
+      }
+      case "done":
+        batch.flush();
+        finished = true;
+        break;
+      case "error":
+        failure = new FerryError(String(m.code), String(m.message), {
+          ...(m.hint ? { hint: String(m.hint) } : { hint: "fix the package set; the message says where" }),
+          details: m.stack ? { stack: m.stack } : {},
+        });
+        break;
+      default:
+        throw protocolError(`a message of unknown kind '${String(m.t)}'`);
+    }
+  };
+  const fail = (e: unknown) => {
+    failure = e instanceof FerryError ? e : new FerryError("FERRY_EVAL_STORE", `could not record the evaluation: ${(e as Error).message}`);
+    child.kill("SIGKILL");
   };
   try {
-    const lines = createInterface({ input: child.stdio[3] as NodeJS.ReadableStream, crlfDelay: Infinity });
-    for await (const line of lines) {
-      if (failure) continue;
-      try {
-        let m: { t: string } & Record<string, unknown>;
+    const reader = new FrameReader(onFrame);
+    const input = child.stdio[3] as Readable;
+    await new Promise<void>((resolve) => {
+      input.on("data", (chunk: Buffer) => {
+        if (failure) return;
         try {
-          m = JSON.parse(line) as { t: string } & Record<string, unknown>;
-        } catch {
-          throw new FerryError("FERRY_EVAL_PROTOCOL", "the evaluator sent something that is not part of its protocol", { hint: "package code must not write to file descriptor 3" });
+          reader.push(chunk);
+        } catch (e) {
+          fail(e);
         }
-        switch (m.t) {
-          case "source":
-            flush();
-            sources++;
-            opts.store?.addSource(m as unknown as PlannedSource);
-            break;
-          case "text":
-            texts++;
-            batch.push(m as unknown as PlannedText);
-            if (batch.length >= (opts.textBatch ?? 5000)) flush();
-            break;
-          case "job": {
-            const job = m as unknown as EvalJob;
-            jobs.push(job);
-            opts.onJob?.(job);
-            break;
-          }
-          case "done":
-            flush();
-            finished = true;
-            break;
-          case "error":
-            failure = new FerryError(String(m.code), String(m.message), {
-              ...(m.hint ? { hint: String(m.hint) } : { hint: "fix the package set; the message says where" }),
-              details: m.stack ? { stack: m.stack } : {},
-            });
-            break;
+      });
+      input.on("error", (e) => {
+        if (!failure) fail(e);
+        resolve();
+      });
+      input.on("end", () => {
+        try {
+          if (!failure) reader.end();
+        } catch (e) {
+          fail(e);
         }
-      } catch (e) {
-        failure = e instanceof FerryError ? e : new FerryError("FERRY_EVAL_STORE", `could not record the evaluation: ${(e as Error).message}`);
-        child.kill("SIGKILL");
-      }
-    }
+        resolve();
+      });
+    });
   } finally {
     clearTimeout(timer);
     if (failure && child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
@@ -164,3 +193,46 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
   }
   return { jobs, texts, sources };
 }
+
+/**
+ * Text records collected into batches for the store port: each record is copied once into the
+ * current batch, whose buffer goes to the port whole (a writer thread takes it over).
+ */
+class TextBatch {
+  #buf: Uint8Array;
+  #used = 0;
+  #count = 0;
+  readonly #limit: number;
+  readonly #store: EvalStorePort | undefined;
+
+  constructor(limit: number, store: EvalStorePort | undefined) {
+    this.#limit = limit;
+    this.#store = store;
+    this.#buf = store ? new Uint8Array(TEXT_BATCH_BYTES) : new Uint8Array(0);
+  }
+
+  add(record: Uint8Array): void {
+    if (!this.#store) return;
+    if (this.#used + record.length > this.#buf.length) {
+      this.flush();
+      if (record.length > this.#buf.length) this.#buf = new Uint8Array(record.length);
+    }
+    this.#buf.set(record, this.#used);
+    this.#used += record.length;
+    if (++this.#count >= this.#limit) this.flush();
+  }
+
+  flush(): void {
+    const store = this.#store;
+    if (!store || this.#count === 0) return;
+    const records = this.#buf.subarray(0, this.#used);
+    this.#buf = new Uint8Array(TEXT_BATCH_BYTES);
+    this.#used = 0;
+    this.#count = 0;
+    if (store.addTextRecords) store.addTextRecords(records);
+    else store.addTexts(decodeTextRecords(records).map((r) => ({ storePath: r.expectedPath, name: r.name, references: r.references, text: utf8.decode(r.bytes) })));
+  }
+}
+
+const TEXT_BATCH_BYTES = 8 * 1024 * 1024;
+const utf8 = new TextDecoder();

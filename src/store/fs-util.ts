@@ -1,6 +1,6 @@
 /** Small filesystem helpers the store relies on: tree removal, fsync, canonical permissions. */
 import * as fs from "node:fs";
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { FerryError } from "../core/errors.js";
 import { join } from "node:path";
 
@@ -82,7 +82,22 @@ export const randomSuffix = (): string => `${process.pid}-${Math.random().toStri
  */
 export function syncFilesystem(dir: string): void {
   const r = spawnSync("sync", ["-f", dir]);
-  if (r.status !== 0) throw new FerryError("FERRY_STORE_SYNC", `could not sync the file system of ${dir}: ${r.stderr?.toString() || r.error?.message}`);
+  if (r.status !== 0) throw syncError(dir, r.stderr?.toString() || r.error?.message || `exit code ${r.status}`);
+}
+
+/** Like `syncFilesystem`, without blocking the thread while the sync runs. */
+export function syncFilesystemAsync(dir: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const child = spawn("sync", ["-f", dir], { stdio: ["ignore", "ignore", "pipe"] });
+    let stderr = "";
+    child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+    child.on("error", (e) => reject(syncError(dir, e.message)));
+    child.on("close", (code) => (code === 0 ? resolve() : reject(syncError(dir, stderr || `exit code ${code}`))));
+  });
+}
+
+function syncError(dir: string, why: string): FerryError {
+  return new FerryError("FERRY_STORE_SYNC", `could not sync the file system of ${dir}: ${why}`);
 }
 
 /** True when something (a dangling symlink included) is at `p`; never follows a link. */

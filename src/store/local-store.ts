@@ -20,12 +20,11 @@ import {
 } from "../core/store-path.js";
 import { exportEnd, exportEntryStart, exportEntryTrailer, ExportReader } from "../core/export-stream.js";
 import { fingerprintPath, signMessage, type SecretKey } from "../core/signing.js";
-import { NarWriter } from "../core/nar/writer.js";
 import { MIGRATIONS, SQL } from "./schema.js";
 import { realPath, type StoreLocation } from "./config.js";
 import { dumpPath, hashFile, hashPath } from "./nar-dump.js";
 import { NarRestorer } from "./nar-restore.js";
-import { fsyncPath, isSymlink, pathExists, processAlive, randomSuffix, removeTree, syncFilesystem } from "./fs-util.js";
+import { fsyncPath, isSymlink, pathExists, processAlive, randomSuffix, removeTree, syncFilesystem, syncFilesystemAsync } from "./fs-util.js";
 
 export interface PathInfo {
   readonly path: string;
@@ -90,6 +89,32 @@ interface Row {
   ultimate: number | null;
   sigs: string | null;
   ca: string | null;
+}
+
+/** A text object to add, as bytes. */
+export interface TextToAdd {
+  readonly name: string;
+  readonly bytes: Uint8Array;
+  readonly references: readonly string[];
+  readonly expectedPath?: string | undefined;
+}
+
+/**
+ * Text objects prepared for registration (see `prepareTexts`): plain data, so a batch can be
+ * prepared on one thread and committed on another.
+ */
+export interface PreparedTexts {
+  readonly results: readonly Omit<AddResult, "added">[];
+  /** One per distinct path, in order: written under `tmpReal`, or found valid (then `bytes`, in case a GC takes it before the commit). */
+  readonly entries: PreparedText[];
+  /** True once every file written is durable. */
+  synced: boolean;
+}
+
+export interface PreparedText {
+  readonly obj: NewObject;
+  tmpReal?: string;
+  readonly bytes?: Uint8Array;
 }
 
 const TMP_PREFIX = ".ferry-tmp-";
@@ -164,6 +189,8 @@ export class LocalStore {
       }
     }
     db.pragma("synchronous = FULL");
+    // Batches of thousands of rows touch pages all over the path index: keep them in memory.
+    db.pragma("cache_size = -65536");
     db.pragma("foreign_keys = ON");
     migrate(db);
     return new LocalStore(loc, db);
@@ -264,15 +291,21 @@ export class LocalStore {
     this.addTempRoots([path]);
   }
 
-  /** Like `addTempRoot` for many paths, in one transaction. */
+  /** Like `addTempRoot` for many paths: one row, one transaction. */
   addTempRoots(paths: readonly string[]): void {
-    if (paths.length === 0) return;
+    if (paths.length) this.#db.transaction(() => this.#insertTempRoots(paths)).immediate();
+  }
+
+  /** Inserts the temp-root row for `paths`; the caller holds the write lock. */
+  #insertTempRoots(paths: readonly string[]): void {
     this.#tempRootOwner ??= randomSuffix();
-    const owner = this.#tempRootOwner;
-    const insert = this.#stmt(SQL.insertTempRoot);
-    this.#db.transaction(() => {
-      for (const p of paths) insert.run(owner, p);
-    }).immediate();
+    if (paths.length) this.#stmt(SQL.insertTempRoots).run(this.#tempRootOwner, paths.join("\n"));
+  }
+
+  /** Row ids of those of `paths` that are valid now. */
+  #validIds(paths: readonly string[]): Map<string, number> {
+    const rows = paths.length ? (this.#stmt(SQL.validAmong).all(JSON.stringify(paths)) as { path: string; id: number }[]) : [];
+    return new Map(rows.map((r) => [r.path, r.id]));
   }
 
   /**
@@ -317,6 +350,13 @@ export class LocalStore {
         this.#idMemo.clear();
         this.#memoGeneration = generation;
       }
+      // One query for every path and reference not known yet; single lookups only for stragglers.
+      const unknown = new Set<string>();
+      for (const { obj, path } of prepared) {
+        if (!this.#idMemo.has(path)) unknown.add(path);
+        for (const r of obj.references) if (!this.#idMemo.has(r)) unknown.add(r);
+      }
+      for (const [p, id] of this.#validIds([...unknown])) this.#idMemo.set(p, id);
       const idOf = (p: string): number | undefined => {
         let id = this.#idMemo.get(p);
         if (id === undefined) {
@@ -333,8 +373,7 @@ export class LocalStore {
           }
         }
         if (tmpReal !== undefined) {
-          if (pathExists(finalReal)) this.#moveToTrash(finalReal);
-          fs.renameSync(tmpReal, finalReal);
+          this.#moveIntoPlace(tmpReal, finalReal);
           moved.push({ tmpReal, finalReal });
         } else if (!pathExists(finalReal)) {
           throw storeError("FERRY_STORE_CONTENT_MISSING", `cannot register '${path}': its content is not at ${finalReal}`, "something removed it meanwhile; build or add it again");
@@ -388,6 +427,22 @@ export class LocalStore {
     } catch (e) {
       removeTree(tmpReal);
       throw e;
+    }
+  }
+
+  /**
+   * Renames a new object onto its final name, under the write lock. An unregistered file
+   * already there is replaced atomically by the rename; anything rename cannot replace (a
+   * directory) goes to the trash first.
+   */
+  #moveIntoPlace(tmpReal: string, finalReal: string): void {
+    try {
+      fs.renameSync(tmpReal, finalReal);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code !== "EISDIR" && code !== "ENOTDIR" && code !== "ENOTEMPTY" && code !== "EEXIST") throw e;
+      this.#moveToTrash(finalReal);
+      fs.renameSync(tmpReal, finalReal);
     }
   }
 
@@ -472,37 +527,94 @@ export class LocalStore {
    * must come after the ones it references. If `expectedPath` is given it must match.
    */
   addTexts(items: readonly { name: string; text: string; references: readonly string[]; expectedPath?: string }[]): AddResult[] {
-    // First the paths (pure), then temp roots for all of them, then validity and writes.
+    return this.commitTexts(this.prepareTexts(items.map((it) => ({ ...it, bytes: Buffer.from(it.text) }))));
+  }
+
+  /**
+   * First half of adding text objects: computes and checks every path, and writes those not
+   * valid yet under temporary names (small batches fsync each file; larger ones are left for
+   * one file-system sync: `syncPrepared`, or `commitTexts` does it). Nothing is registered or
+   * rooted here and nothing takes the write lock, so another thread or process may commit
+   * meanwhile. `abortTexts` removes the files of a batch that is not committed.
+   */
+  prepareTexts(items: readonly TextToAdd[]): PreparedTexts {
     const planned = items.map((it) => {
-      const bytes = new TextEncoder().encode(it.text);
-      const hash = makeHash("sha256", sha256(bytes));
+      const hash = makeHash("sha256", sha256(it.bytes));
       const path = printStorePath(makeTextPath(this.storeDir, checkNewName(it.name), hash, it.references));
       if (it.expectedPath !== undefined && it.expectedPath !== path) {
         throw storeError("FERRY_STORE_PATH_MISMATCH", `text object '${it.name}' hashes to ${path}, not the expected ${it.expectedPath}`);
       }
-      return { it, bytes, hash, path, nar: narHashOfBytes(bytes) };
+      return { it, hash, path, nar: narHashOfBytes(it.bytes) };
     });
-    this.addTempRoots([...new Set(planned.map((p) => p.path))]);
-    const pending: { tmpReal: string; obj: NewObject }[] = [];
+    const valid = this.#validIds(planned.map((p) => p.path));
+    const fsyncEach = planned.length <= SYNC_BATCH_MIN;
+    const entries: PreparedText[] = [];
     const seen = new Set<string>();
     try {
-      for (const { it, bytes, hash, path, nar } of planned) {
+      for (const { it, hash, path, nar } of planned) {
         if (seen.has(path)) continue;
         seen.add(path);
-        if (this.isValid(path)) continue;
-        const tmpReal = this.newTempPath();
-        writeReadOnlyFile(tmpReal, bytes, planned.length <= SYNC_BATCH_MIN);
-        pending.push({ tmpReal, obj: { path, narHash: nar.hash, narSize: nar.size, references: it.references, ultimate: true, ca: { kind: "text", hash } } });
+        const obj: NewObject = { path, narHash: nar.hash, narSize: nar.size, references: it.references, ultimate: true, ca: { kind: "text", hash } };
+        if (valid.has(path)) {
+          entries.push({ obj, bytes: it.bytes.slice() });
+        } else {
+          const tmpReal = this.newTempPath();
+          writeReadOnlyFile(tmpReal, it.bytes, fsyncEach);
+          entries.push({ obj, tmpReal });
+        }
       }
-      // A large batch is made durable with one filesystem sync instead of an fsync per file.
-      if (planned.length > SYNC_BATCH_MIN && pending.length) syncFilesystem(this.realStoreDir);
     } catch (e) {
-      for (const p of pending) removeTree(p.tmpReal);
+      this.abortTexts({ entries });
       throw e;
     }
-    const added = this.registerObjects(pending);
-    const byPath = new Map(pending.map((p, k) => [p.obj.path, added[k]!]));
-    return planned.map((p) => ({ path: p.path, added: byPath.get(p.path) ?? false, narHash: p.nar.hash, narSize: p.nar.size }));
+    return { results: planned.map((p) => ({ path: p.path, narHash: p.nar.hash, narSize: p.nar.size })), entries, synced: fsyncEach || entries.every((e) => !e.tmpReal) };
+  }
+
+  /** Makes the files of `p` durable with one file-system sync that runs in another process. */
+  async syncPrepared(p: PreparedTexts): Promise<void> {
+    if (p.synced) return;
+    await syncFilesystemAsync(this.realStoreDir);
+    p.synced = true;
+  }
+
+  /**
+   * Second half: syncs the files if that is not done yet, then in one write transaction roots
+   * every path of the batch (one temp-root row), writes any path found valid while preparing
+   * that a GC has removed since, and registers the new ones. Removes the batch's files on failure.
+   */
+  commitTexts(p: PreparedTexts): AddResult[] {
+    let added: boolean[];
+    try {
+      if (!p.synced) {
+        syncFilesystem(this.realStoreDir);
+        p.synced = true;
+      }
+      added = this.#db.transaction(() => {
+        this.#insertTempRoots(p.entries.map((e) => e.obj.path));
+        const stillValid = this.#validIds(p.entries.filter((e) => !e.tmpReal).map((e) => e.obj.path));
+        const toRegister: { tmpReal: string; obj: NewObject }[] = [];
+        for (const e of p.entries) {
+          if (!e.tmpReal && !stillValid.has(e.obj.path)) {
+            e.tmpReal = this.newTempPath();
+            writeReadOnlyFile(e.tmpReal, e.bytes!, true);
+          }
+          if (e.tmpReal) toRegister.push({ tmpReal: e.tmpReal, obj: e.obj });
+        }
+        return this.registerObjects(toRegister);
+      }).immediate();
+    } catch (e) {
+      this.abortTexts(p);
+      throw e;
+    }
+    const byPath = new Map<string, boolean>();
+    let k = 0;
+    for (const e of p.entries) byPath.set(e.obj.path, e.tmpReal ? added[k++]! : false);
+    return p.results.map((r) => ({ ...r, added: byPath.get(r.path) ?? false }));
+  }
+
+  /** Removes the temporary files of texts prepared but not committed. */
+  abortTexts(p: Pick<PreparedTexts, "entries">): void {
+    for (const e of p.entries) if (e.tmpReal) removeTree(e.tmpReal);
   }
 
   /** A text object (`builtins.toFile`, `.drv` files) with declared references. */
@@ -717,13 +829,13 @@ export class LocalStore {
 
   /** Temp roots of live handles (read under GC's write lock); rows of dead processes are dropped. */
   #tempRoots(): string[] {
-    const rows = this.#stmt(SQL.allTempRoots).all() as { owner: string; path: string }[];
+    const rows = this.#stmt(SQL.allTempRoots).all() as { owner: string; paths: string }[];
     const out: string[] = [];
     const dead = new Set<string>();
     for (const r of rows) {
       const pid = Number(r.owner.split("-")[0]);
       if (!Number.isInteger(pid) || (pid !== process.pid && !processAlive(pid))) dead.add(r.owner);
-      else out.push(r.path);
+      else out.push(...r.paths.split("\n"));
     }
     for (const o of dead) this.#stmt(SQL.deleteTempRoots).run(o);
     return out;
@@ -866,12 +978,14 @@ function basenameOf(p: string): string {
   return trimmed.slice(trimmed.lastIndexOf("/") + 1);
 }
 
+const CREATE_NEW = fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL;
+
 /** Writes a new canonical (0444, mtime 1) file, fsync'ed unless the caller syncs a batch; removes it again on failure. */
 function writeReadOnlyFile(path: string, bytes: Uint8Array, fsync = true): void {
-  const fd = fs.openSync(path, "wx", 0o444);
+  const fd = fs.openSync(path, CREATE_NEW, 0o444);
   try {
     try {
-      fs.writeSync(fd, bytes);
+      for (let off = 0; off < bytes.length; ) off += fs.writeSync(fd, bytes, off);
       fs.futimesSync(fd, 1, 1);
       if (fsync) fs.fsyncSync(fd);
     } finally {
@@ -883,13 +997,36 @@ function writeReadOnlyFile(path: string, bytes: Uint8Array, fsync = true): void 
   }
 }
 
+/** NAR framing of a single non-executable regular file: this prefix, u64 size, the bytes, padding, this suffix. */
+const NAR_FILE_PREFIX = narStrings(["nix-archive-1", "(", "type", "regular", "contents"]);
+const NAR_FILE_SUFFIX = narStrings([")"]);
+
+function narStrings(strs: readonly string[]): Buffer {
+  return Buffer.concat(strs.map((x) => {
+    const b = Buffer.alloc(8 + Math.ceil(x.length / 8) * 8);
+    b.writeUInt32LE(x.length, 0);
+    b.write(x, 8, "latin1");
+    return b;
+  }));
+}
+
+let narScratch = Buffer.alloc(64 * 1024);
+
 /** The NAR hash and size of a single non-executable regular file holding `bytes`. */
 function narHashOfBytes(bytes: Uint8Array): { hash: Hash; size: number } {
-  const h = createHasher("sha256");
-  const w = new NarWriter((c) => h.update(c), 256);
-  w.regular(false, bytes);
-  const size = w.end();
-  return { hash: makeHash("sha256", h.digest()), size };
+  const padded = Math.ceil(bytes.length / 8) * 8;
+  const size = NAR_FILE_PREFIX.length + 8 + padded + NAR_FILE_SUFFIX.length;
+  if (size > narScratch.length) narScratch = Buffer.alloc(size);
+  const b = narScratch;
+  NAR_FILE_PREFIX.copy(b, 0);
+  let off = NAR_FILE_PREFIX.length;
+  b.writeUInt32LE(bytes.length >>> 0, off);
+  b.writeUInt32LE(Math.floor(bytes.length / 0x100000000), off + 4);
+  b.set(bytes, off + 8);
+  off += 8 + bytes.length;
+  b.fill(0, off, off + padded - bytes.length);
+  NAR_FILE_SUFFIX.copy(b, off + padded - bytes.length);
+  return { hash: makeHash("sha256", sha256(b.subarray(0, size))), size };
 }
 
 export { asFerryError } from "../core/errors.js";

@@ -36,6 +36,10 @@ export const MIGRATIONS: readonly string[] = [
   CREATE TABLE TempRoots (owner TEXT NOT NULL, path TEXT NOT NULL);
   CREATE INDEX IndexTempRootsOwner ON TempRoots(owner);
   `,
+  // 4: a temp-root row holds a whole batch of paths (newline-separated), one insert per batch
+  `
+  ALTER TABLE TempRoots RENAME COLUMN path TO paths;
+  `,
 ];
 
 export const SQL = {
@@ -50,9 +54,11 @@ export const SQL = {
   setSigs: `UPDATE ValidPaths SET sigs = ? WHERE id = ?`,
   deleteRefsFrom: `DELETE FROM Refs WHERE referrer = ?`,
   deletePath: `DELETE FROM ValidPaths WHERE id = ?`,
-  insertTempRoot: `INSERT INTO TempRoots (owner, path) VALUES (?, ?)`,
+  insertTempRoots: `INSERT INTO TempRoots (owner, paths) VALUES (?, ?)`,
   deleteTempRoots: `DELETE FROM TempRoots WHERE owner = ?`,
-  allTempRoots: `SELECT owner, path FROM TempRoots`,
+  allTempRoots: `SELECT owner, paths FROM TempRoots`,
+  /** Ids of those of a JSON array of paths that are valid. */
+  validAmong: `SELECT v.path, v.id FROM json_each(?) j JOIN ValidPaths v ON v.path = j.value`,
   gcGeneration: `SELECT generation FROM GcGeneration WHERE id = 0`,
   bumpGcGeneration: `UPDATE GcGeneration SET generation = generation + 1 WHERE id = 0`,
 } as const;

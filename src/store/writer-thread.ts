@@ -1,13 +1,15 @@
 /**
- * Writes an evaluation's plan (sources and .drv files) into a store from a worker thread, so
+ * Writes an evaluation's plan (sources and .drv files) into a store from worker threads, so
  * the thread that reads the evaluator's output is never blocked by file system work and the
- * evaluator never waits on a full pipe: evaluation and writing overlap on two cores.
+ * evaluator never waits on a full pipe: evaluation and writing overlap.
  * Messages are handled in order; the first error stops the writer and is reported by `finish`.
- */
-import { Worker, isMainThread, parentPort, workerData } from "node:worker_threads";
+ * Text batches arrive as transferred buffers of text records, so the sending thread copies and
+ * decodes nothing. */
+import { MessageChannel, Worker, isMainThread, parentPort, workerData, type MessagePort } from "node:worker_threads";
 import { FerryError } from "../core/errors.js";
 import type { StoreLocation } from "./config.js";
-import { LocalStore } from "./local-store.js";
+import { LocalStore, type PreparedTexts } from "./local-store.js";
+import { decodeTextRecords } from "./text-records.js";
 
 export interface PlannedSourceMsg {
   readonly storePath: string;
@@ -35,79 +37,167 @@ export function writePlannedTexts(store: LocalStore, ts: readonly PlannedTextMsg
   store.addTexts(ts.map((t) => ({ name: t.name, text: t.text, references: t.references, expectedPath: t.storePath })));
 }
 
-/**
- * An evaluation's plan written into `store` on this thread, each path checked against the
- * plan (the shape of dsl's EvalStorePort; the store does not depend on the DSL).
- */
-export function storePort(store: LocalStore): { addSource(s: PlannedSourceMsg): void; addTexts(ts: readonly PlannedTextMsg[]): void } {
+/** Like `writePlannedTexts` for a batch in the text-record encoding (store/text-records). */
+export function writeTextRecords(store: LocalStore, batch: Uint8Array): void {
+  store.commitTexts(store.prepareTexts(decodeTextRecords(batch)));
+}
+
+/** What an evaluation's plan needs from a store (the shape of dsl's EvalStorePort; the store does not depend on the DSL). */
+export interface PlanWriter {
+  addSource(s: PlannedSourceMsg): void;
+  addTexts(ts: readonly PlannedTextMsg[]): void;
+  /** Adds a batch of text records; the writer may take `batch`'s buffer (transfer it). */
+  addTextRecords(batch: Uint8Array): void;
+}
+
+/** An evaluation's plan written into `store` on this thread, each path checked against the plan. */
+export function storePort(store: LocalStore): PlanWriter {
   return {
     addSource: (src) => writePlannedSource(store, src),
     addTexts: (ts) => writePlannedTexts(store, ts),
+    addTextRecords: (batch) => writeTextRecords(store, batch),
   };
 }
 
-type Msg = { t: "source"; s: PlannedSourceMsg } | { t: "texts"; ts: readonly PlannedTextMsg[] } | { t: "end" };
+type Msg = { t: "source"; s: PlannedSourceMsg } | { t: "texts"; ts: readonly PlannedTextMsg[] } | { t: "records"; batch: Uint8Array } | { t: "end" };
+type Prepared = { t: "prepared"; p: PreparedTexts } | { t: "end" };
 type Reply = { t: "done" } | { t: "error"; code: string; message: string; hint?: string };
+type Role = { loc: StoreLocation; role: "prepare" | "commit"; port: MessagePort };
 
-export class StoreWriterThread {
-  readonly #worker: Worker;
+/**
+ * Writes a plan on two threads: one hashes, checks and writes files under temporary names
+ * (and adds sources), the other syncs and commits those batches in order, so file creation,
+ * the file-system sync and the registration of earlier batches overlap.
+ */
+export class StoreWriterThread implements PlanWriter {
+  readonly #preparer: Worker;
+  readonly #committer: Worker;
   readonly #result: Promise<void>;
 
   constructor(loc: StoreLocation) {
-    this.#worker = new Worker(new URL(import.meta.url), { workerData: loc });
+    const { port1, port2 } = new MessageChannel();
+    this.#preparer = new Worker(new URL(import.meta.url), { workerData: { loc, role: "prepare", port: port1 } satisfies Role, transferList: [port1] });
+    this.#committer = new Worker(new URL(import.meta.url), { workerData: { loc, role: "commit", port: port2 } satisfies Role, transferList: [port2] });
     this.#result = new Promise((resolve, reject) => {
-      this.#worker.on("message", (r: Reply) => {
-        if (r.t === "done") resolve();
-        else reject(new FerryError(r.code, r.message, r.hint ? { hint: r.hint } : {}));
-      });
-      this.#worker.on("error", reject);
-      this.#worker.on("exit", (code) => code !== 0 && reject(new Error(`the store writer thread stopped with code ${code}`)));
+      for (const w of [this.#preparer, this.#committer]) {
+        w.on("message", (r: Reply) => {
+          if (r.t === "done") resolve();
+          else reject(new FerryError(r.code, r.message, r.hint ? { hint: r.hint } : {}));
+        });
+        w.on("error", reject);
+        w.on("exit", (code) => code !== 0 && reject(new Error(`the store writer thread stopped with code ${code}`)));
+      }
     });
     // A rejection is reported by finish(); until then it must not count as unhandled.
     this.#result.catch(() => undefined);
   }
 
   addSource(s: PlannedSourceMsg): void {
-    this.#worker.postMessage({ t: "source", s } satisfies Msg);
+    this.#preparer.postMessage({ t: "source", s } satisfies Msg);
   }
 
   addTexts(ts: readonly PlannedTextMsg[]): void {
-    this.#worker.postMessage({ t: "texts", ts } satisfies Msg);
+    this.#preparer.postMessage({ t: "texts", ts } satisfies Msg);
+  }
+
+  /** Moves `batch`'s whole buffer to the writer thread (it is detached here afterwards). */
+  addTextRecords(batch: Uint8Array): void {
+    this.#preparer.postMessage({ t: "records", batch } satisfies Msg, [batch.buffer as ArrayBuffer]);
   }
 
   /** Waits until everything sent is written (or throws the first error). */
   async finish(): Promise<void> {
-    this.#worker.postMessage({ t: "end" } satisfies Msg);
+    this.#preparer.postMessage({ t: "end" } satisfies Msg);
     try {
       await this.#result;
     } finally {
-      await this.#worker.terminate();
+      await this.abort();
     }
   }
 
   /** Stops without waiting (after a failed evaluation). */
   async abort(): Promise<void> {
-    await this.#worker.terminate();
+    await Promise.all([this.#preparer.terminate(), this.#committer.terminate()]);
   }
 }
 
-if (!isMainThread && parentPort && (workerData as StoreLocation | undefined)?.storeDir) {
-  const port = parentPort;
-  const store = LocalStore.open(workerData as StoreLocation);
+function replyError(port: NonNullable<typeof parentPort>, e: unknown): void {
+  const fe = e instanceof FerryError ? e : new FerryError("FERRY_EVAL_STORE", `could not record the evaluation: ${(e as Error).message}`);
+  port.postMessage({ t: "error", code: fe.code, message: fe.message, ...(fe.hint ? { hint: fe.hint } : {}) } satisfies Reply);
+}
+
+/** The preparing thread: handles the plan in order and hands prepared text batches on. */
+function runPreparer(store: LocalStore, parent: NonNullable<typeof parentPort>, committer: MessagePort): void {
   let failed = false;
-  port.on("message", (m: Msg) => {
+  parent.on("message", (m: Msg) => {
     if (failed) return;
     try {
-      if (m.t === "source") writePlannedSource(store, m.s);
-      else if (m.t === "texts") writePlannedTexts(store, m.ts);
-      else {
+      if (m.t === "records" || m.t === "texts") {
+        const items = m.t === "records" ? decodeTextRecords(m.batch) : m.ts.map((t) => ({ name: t.name, bytes: Buffer.from(t.text), references: t.references, expectedPath: t.storePath }));
+        committer.postMessage({ t: "prepared", p: store.prepareTexts(items) } satisfies Prepared);
+      } else if (m.t === "source") {
+        writePlannedSource(store, m.s);
+      } else {
         store.close();
-        port.postMessage({ t: "done" } satisfies Reply);
+        committer.postMessage({ t: "end" } satisfies Prepared);
       }
     } catch (e) {
       failed = true;
-      const fe = e instanceof FerryError ? e : new FerryError("FERRY_EVAL_STORE", `could not record the evaluation: ${(e as Error).message}`);
-      port.postMessage({ t: "error", code: fe.code, message: fe.message, ...(fe.hint ? { hint: fe.hint } : {}) } satisfies Reply);
+      replyError(parent, e);
     }
   });
+}
+
+/**
+ * The committing thread: starts each batch's file-system sync (another process) as soon as it
+ * arrives and commits batches in order once their sync is done, so files are always durable
+ * before their rows commit.
+ */
+function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>, preparer: MessagePort): void {
+  const queue: { p: PreparedTexts; synced: Promise<void> }[] = [];
+  let ended = false;
+  let running = false;
+  let failed = false;
+  const drain = async () => {
+    running = true;
+    try {
+      while (queue.length && !failed) {
+        const head = queue[0]!;
+        try {
+          await head.synced;
+        } catch (e) {
+          store.abortTexts(head.p);
+          throw e;
+        }
+        queue.shift();
+        store.commitTexts(head.p);
+      }
+      if (ended && !failed) {
+        store.close();
+        parent.postMessage({ t: "done" } satisfies Reply);
+      }
+    } catch (e) {
+      failed = true;
+      for (const q of queue) store.abortTexts(q.p);
+      replyError(parent, e);
+    } finally {
+      running = false;
+    }
+  };
+  preparer.on("message", (m: Prepared) => {
+    if (failed) return;
+    if (m.t === "prepared") {
+      const synced = store.syncPrepared(m.p);
+      synced.catch(() => undefined); // reported when the batch's turn comes
+      queue.push({ p: m.p, synced });
+    } else ended = true;
+    if (!running) void drain();
+  });
+}
+
+const role = workerData as Role | undefined;
+if (!isMainThread && parentPort && role?.loc?.storeDir) {
+  const store = LocalStore.open(role.loc);
+  if (role.role === "prepare") runPreparer(store, parentPort, role.port);
+  else runCommitter(store, parentPort, role.port);
 }

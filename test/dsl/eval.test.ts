@@ -6,6 +6,9 @@ import { join } from "node:path";
 import { ferry, ferryOk } from "../helpers/cli.js";
 import { tempDir } from "../helpers/fs-trees.js";
 import { drvVectors, writeVectorPackageSet } from "../helpers/vector-fixture.js";
+import { FRAME_JSON, FRAME_TEXT, FrameReader, FrameWriter } from "../../src/dsl/eval-protocol.js";
+import { decodeTextRecords } from "../../src/store/text-records.js";
+import { isFerryError } from "../../src/core/errors.js";
 
 describe("ferry eval", () => {
   let dir: string;
@@ -135,5 +138,84 @@ describe("ferry eval", () => {
     const text = fs.readFileSync(join(dir, "env-root", jobs[0]!.drvPath), "utf8");
     assert.match(text, /\("seen","none"\)/);
     assert.doesNotMatch(text, /hunter2/);
+  });
+
+  test("bytes on the protocol descriptor that are not frames, or a forged text, stop the evaluation with a code", () => {
+    const garbage = write("garbage.ts", `import { writeSync } from "node:fs";\nwriteSync(3, "hello from package code\\n");\nexport {};\n`);
+    const r = ferry(["eval", "--dry-run", garbage]);
+    assert.equal(r.status, 1);
+    assert.match(r.stderr, /FERRY_EVAL_PROTOCOL/);
+    // A well-formed text frame whose planned path does not belong to its content.
+    const forged = write("forged.ts", `import { writeSync } from "node:fs";
+      import { derivation } from "ferry";
+      const header = Buffer.from("/nix/store/00000000000000000000000000000000-x.drv\\nx.drv");
+      const text = Buffer.from("forged");
+      const rec = Buffer.alloc(8); rec.writeUInt32LE(header.length, 0); rec.writeUInt32LE(text.length, 4);
+      const frame = Buffer.alloc(5); frame.writeUInt32LE(8 + header.length + text.length, 0); frame[4] = 0x54;
+      writeSync(3, Buffer.concat([frame, rec, header, text]));
+      export const ok = derivation({ name: "ok", system: "x86_64-linux", builder: "/bin/sh" });`);
+    const root = join(dir, "r-forged");
+    const f = ferry(["eval", "--root", root, "--store-dir", "/nix/store", "--state-dir", "/nix/var", forged]);
+    assert.equal(f.status, 1);
+    assert.match(f.stderr, /FERRY_STORE_PATH_MISMATCH/);
+    assert.ok(!fs.existsSync(join(root, "nix/store/00000000000000000000000000000000-x.drv")));
+    const left = fs.existsSync(join(root, "nix/store")) ? fs.readdirSync(join(root, "nix/store")) : [];
+    assert.deepEqual(left.filter((n) => n.startsWith(".ferry-tmp-")), [], "no temporary files are left behind");
+  });
+});
+
+describe("eval protocol frames", () => {
+  const sample = () => {
+    const chunks: Buffer[] = [];
+    const w = new FrameWriter((b) => chunks.push(Buffer.from(b)), 64);
+    w.json({ t: "source", storePath: "/nix/store/a-src", from: "/x", name: "src" });
+    w.text({ storePath: "/nix/store/b-x.drv", name: "x.drv", references: ["/nix/store/a-src"], text: `Derive([("out","é\\"q")])` });
+    w.text({ storePath: "/nix/store/c-y.drv", name: "y.drv", references: [], text: "y".repeat(300) });
+    w.json({ t: "done", jobs: 0 });
+    w.flush();
+    return Buffer.concat(chunks);
+  };
+  const read = (parts: Buffer[]) => {
+    const seen: string[] = [];
+    const r = new FrameReader((kind, payload) => {
+      if (kind === FRAME_JSON) seen.push(JSON.parse(payload.toString()).t);
+      else {
+        assert.equal(kind, FRAME_TEXT);
+        const [rec] = decodeTextRecords(payload);
+        seen.push(`${rec!.name}:${rec!.references.join(",")}:${Buffer.from(rec!.bytes).toString()}`);
+      }
+    });
+    for (const p of parts) r.push(p);
+    r.end();
+    return seen;
+  };
+
+  test("frames survive any split of the stream into chunks", () => {
+    const bytes = sample();
+    const whole = read([bytes]);
+    assert.deepEqual(whole, ["source", `x.drv:/nix/store/a-src:Derive([("out","é\\"q")])`, `y.drv::${"y".repeat(300)}`, "done"]);
+    for (let a = 0; a <= bytes.length; a++) {
+      for (const b of [a, Math.min(bytes.length, a + 1), Math.min(bytes.length, a + 7)]) {
+        assert.deepEqual(read([bytes.subarray(0, a), bytes.subarray(a, b), bytes.subarray(b)]), whole, `split at ${a}/${b}`);
+      }
+    }
+    assert.deepEqual(read([...bytes].map((x) => Buffer.from([x]))), whole);
+  });
+
+  test("a truncated stream or a bad frame header is a protocol error", () => {
+    const bytes = sample();
+    const code = (f: () => void) => {
+      try {
+        f();
+      } catch (e) {
+        return isFerryError(e) ? e.code : String(e);
+      }
+      return "none";
+    };
+    assert.equal(code(() => read([bytes.subarray(0, bytes.length - 1)])), "FERRY_EVAL_PROTOCOL");
+    assert.equal(code(() => read([Buffer.from("hello\n")])), "FERRY_EVAL_PROTOCOL");
+    const badKind = Buffer.from(bytes);
+    badKind[4] = 0x21;
+    assert.equal(code(() => read([badKind])), "FERRY_EVAL_PROTOCOL");
   });
 });

@@ -117,4 +117,39 @@ describe("crash safety and concurrency of store add", () => {
     assert.deepEqual(v.map((x) => x.path).sort(), [...added].sort(), "every added path survived, intact");
     assert.ok(v.every((x) => x.status === "ok"));
   });
+
+  /** A package set of `n` derivations, each depending on earlier ones. */
+  const writeChainSet = (file: string, n: number) =>
+    fs.writeFileSync(file, `import { derivation, type Package } from "ferry";
+      const pkgs: Package[] = [];
+      for (let i = 0; i < ${n}; i++) pkgs.push(derivation({ name: "c" + i, system: "x86_64-linux", builder: "/bin/sh", deps: [i ? pkgs[i - 1]! : "", i > 7 ? pkgs[i >> 1]! : ""] }));
+      export default Object.fromEntries(pkgs.map((p, i) => ["c" + i, p]));
+    `);
+
+  test("kill -9 during an evaluation leaves only complete files, and evaluations writing the same .drv files at once both succeed", async () => {
+    const set = join(dir, "chain.ts");
+    writeChainSet(set, 6000);
+    const root = join(dir, "eval-crash-root");
+    const flags = ["--root", root];
+    const rnd = prng(7);
+    for (let i = 0; i < 3; i++) {
+      const p = spawnFerry(["eval", ...flags, set]);
+      const done = waitExit(p);
+      await new Promise((r) => setTimeout(r, 500 + Math.floor(rnd() * 2500)));
+      p.kill("SIGKILL");
+      await done;
+      const v = ferry(["store", "verify", "--json", ...flags]);
+      assert.equal(v.status, 0, `verify after kill ${i}: ${v.stderr}`);
+      assert.ok((JSON.parse(v.stdout.toString()) as { status: string }[]).every((x) => x.status === "ok"));
+    }
+    const runs = await Promise.all([0, 1].map(() => waitExit(spawnFerry(["eval", ...flags, set]))));
+    for (const r of runs) assert.equal(r.code, 0, r.stderr);
+    assert.equal(runs[0]!.stdout, runs[1]!.stdout);
+    const v = JSON.parse(ferryOk(["store", "verify", "--json", ...flags])) as { path: string; status: string }[];
+    assert.equal(v.length, 6000, "every .drv is registered once");
+    assert.ok(v.every((x) => x.status === "ok"));
+    // Every name in the store is registered and complete; leftovers are only temporary names.
+    const valid = new Set(v.map((x) => x.path.slice("/ferry/store/".length)));
+    for (const n of fs.readdirSync(join(root, "ferry", "store"))) assert.ok(valid.has(n) || n.startsWith(".ferry-"), n);
+  });
 });

@@ -259,4 +259,50 @@ describe("local store", () => {
       s2.close();
     }
   });
+
+  test("a text found valid while preparing but collected before the commit is written again", () => {
+    const root = join(dir, "root-prepare-race");
+    const s = openStore(root);
+    const gcer = openStore(root);
+    try {
+      const bytes = (t: string) => Buffer.from(t);
+      const first = s.addText("base.txt", "base");
+      s.close();
+      const s2 = openStore(root);
+      try {
+        const prepared = s2.prepareTexts([
+          { name: "base.txt", bytes: bytes("base"), references: [] },
+          { name: "top.txt", bytes: bytes("top"), references: [first.path] },
+        ]);
+        assert.ok(prepared.entries.some((e) => e.obj.path === first.path && !e.tmpReal), "base was valid and not written again");
+        // Nothing roots base now: a GC between preparing and committing takes it.
+        assert.deepEqual(gcer.gc().deleted, [first.path]);
+        const added = s2.commitTexts(prepared);
+        assert.deepEqual(added.map((a) => a.added), [true, true]);
+        assert.ok(s2.isValid(first.path));
+        assert.equal(fs.readFileSync(s2.realPathOf(first.path), "utf8"), "base");
+        assert.deepEqual(s2.queryPathInfo(added[1]!.path)!.references, [first.path]);
+        // Committed paths are temp roots of the committing handle.
+        assert.deepEqual(gcer.gc().deleted, []);
+      } finally {
+        s2.close();
+      }
+    } finally {
+      gcer.close();
+    }
+  });
+
+  test("an unregistered file under a final name is replaced by the add", () => {
+    const s = openStore(join(dir, "root-replace"));
+    try {
+      const prepared = s.prepareTexts([{ name: "r.txt", bytes: Buffer.from("right"), references: [] }]);
+      const real = s.realPathOf(prepared.results[0]!.path);
+      fs.writeFileSync(real, "wrong leftover");
+      s.commitTexts(prepared);
+      assert.equal(fs.readFileSync(real, "utf8"), "right");
+      assert.equal(fs.statSync(real).mode & 0o777, 0o444);
+    } finally {
+      s.close();
+    }
+  });
 });

@@ -1,8 +1,11 @@
 /** Small filesystem helpers the store relies on: tree removal, fsync, canonical permissions. */
 import * as fs from "node:fs";
-import { spawn, spawnSync } from "node:child_process";
+import { createRequire } from "node:module";
 import { FerryError } from "../core/errors.js";
 import { join } from "node:path";
+
+/** node:child_process, loaded when a sync first needs it (commands that never sync do not pay for it). */
+const childProcess = (): typeof import("node:child_process") => createRequire(import.meta.url)("node:child_process") as typeof import("node:child_process");
 
 /** Removes a tree even where Ferry made its directories read-only. Missing paths are fine. */
 export function removeTree(path: string): void {
@@ -81,14 +84,14 @@ export const randomSuffix = (): string => `${process.pid}-${Math.random().toStri
  * coreutils' `sync -f`): one call for a batch of files.
  */
 export function syncFilesystem(dir: string): void {
-  const r = spawnSync("sync", ["-f", dir]);
+  const r = childProcess().spawnSync("sync", ["-f", dir]);
   if (r.status !== 0) throw syncError(dir, r.stderr?.toString() || r.error?.message || `exit code ${r.status}`);
 }
 
 /** Like `syncFilesystem`, without blocking the thread while the sync runs. */
 export function syncFilesystemAsync(dir: string): Promise<void> {
   return new Promise((resolve, reject) => {
-    const child = spawn("sync", ["-f", dir], { stdio: ["ignore", "ignore", "pipe"] });
+    const child = childProcess().spawn("sync", ["-f", dir], { stdio: ["ignore", "ignore", "pipe"] });
     let stderr = "";
     child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
     child.on("error", (e) => reject(syncError(dir, e.message)));

@@ -58,6 +58,7 @@ describe("ferry CLI", () => {
       [["hash", "convert", "--to", "base16", "sha256:not-a-hash"], "FERRY_HASH_BAD_LENGTH"],
       [["hash", "convert", "--to", "base16", "deadbeef"], "FERRY_HASH_NO_ALGO"],
       [["hash", "path", join(dir, "does-not-exist")], "FERRY_PATH_UNREADABLE"],
+      [["hash", "path", "--base16", "--base32", "/etc/hostname"], "FERRY_CLI_CONFLICT"],
       [["store", "path-info", "--root", join(dir, "r-err"), "/tmp/not-a-store-path"], "FERRY_STORE_BAD_PATH"],
       [["store", "path-info", "--root", join(dir, "r-err"), "/ferry/store/00000000000000000000000000000000-x"], "FERRY_STORE_NOT_VALID"],
       [["store", "add", "--root", join(dir, "r-err"), "--name", "has space", "/etc/hostname"], "FERRY_STORE_BAD_NAME"],
@@ -71,8 +72,14 @@ describe("ferry CLI", () => {
       assert.match(r.stderr, /\n {2}hint: /, `${args.join(" ")} has a hint`);
       assert.doesNotMatch(r.stderr, /at .*\.js:\d+/, "no stack trace");
     }
-    const usage = ferry(["store", "add"]);
-    assert.equal(usage.status, 2, "usage errors exit 2");
+    // Usage errors exit 2 with commander's message, also for `hash path`, which plain arguments
+    // take past the full parser.
+    for (const args of [["store", "add"], ["hash", "path"], ["hash", "path", "--bogus", "/etc/hostname"], ["hash", "path", "/etc/hostname", "/etc/hosts"], ["hash", "path", "--type"]]) {
+      const usage = ferry(args);
+      assert.equal(usage.status, 2, `${args.join(" ")}: usage errors exit 2`);
+      assert.match(usage.stderr, /^error: /, args.join(" "));
+    }
+    assert.equal(ferryOk(["hash", "path", "--type=sha1", "--base16", "/etc/hostname"]).trim(), ferryOk(["hash", "path", "--base16", "/etc/hostname", "--type", "sha1"]).trim());
   });
 
   test("store options come from flags or environment variables", () => {

@@ -1,22 +1,9 @@
 /** `ferry hash path|file|convert`: NAR and flat hashes, and conversions between encodings. */
 import { Command, Option } from "commander";
 import { parseHash, parseHashAlgo, printHash, type HashEncoding } from "../../core/hash.js";
-import { FerryError } from "../../core/errors.js";
-import { hashFile, hashPath } from "../../store/nar-dump.js";
+import { hashFile } from "../../store/nar-dump.js";
 import { out } from "../output.js";
-
-interface EncFlags {
-  type: string;
-  base16?: boolean;
-  base32?: boolean;
-  sri?: boolean;
-}
-
-function encodingOf(f: EncFlags): HashEncoding {
-  const chosen = [f.base16 && "base16", f.base32 && "nix32", f.sri && "sri"].filter(Boolean) as HashEncoding[];
-  if (chosen.length > 1) throw new FerryError("FERRY_CLI_CONFLICT", "choose one of --base16, --base32 and --sri");
-  return chosen[0] ?? "sri";
-}
+import { encodingOf, hashPathLine, type EncFlags } from "./hash-path.js";
 
 function withEncodingOptions(cmd: Command): Command {
   return cmd
@@ -32,7 +19,7 @@ export function hashCommand(): Command {
     withEncodingOptions(new Command("path"))
       .description("hash the NAR serialisation of PATH (what `nix-hash` and `nix hash path` print)")
       .argument("<path>")
-      .action((path: string, f: EncFlags) => out(printHash(hashPath(path, parseHashAlgo(f.type)).hash, encodingOf(f)))),
+      .action((path: string, f: EncFlags) => out(hashPathLine(path, f))),
   );
   cmd.addCommand(
     withEncodingOptions(new Command("file"))

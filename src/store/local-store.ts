@@ -20,6 +20,7 @@ import {
 } from "../core/store-path.js";
 import { exportEnd, exportEntryStart, exportEntryTrailer, ExportReader } from "../core/export-stream.js";
 import { fingerprintPath, signMessage, type SecretKey } from "../core/signing.js";
+import { narOfRegularFile } from "../core/nar/writer.js";
 import { MIGRATIONS, SQL } from "./schema.js";
 import { realPath, type StoreLocation } from "./config.js";
 import { dumpPath, hashFile, hashPath } from "./nar-dump.js";
@@ -997,36 +998,13 @@ function writeReadOnlyFile(path: string, bytes: Uint8Array, fsync = true): void 
   }
 }
 
-/** NAR framing of a single non-executable regular file: this prefix, u64 size, the bytes, padding, this suffix. */
-const NAR_FILE_PREFIX = narStrings(["nix-archive-1", "(", "type", "regular", "contents"]);
-const NAR_FILE_SUFFIX = narStrings([")"]);
-
-function narStrings(strs: readonly string[]): Buffer {
-  return Buffer.concat(strs.map((x) => {
-    const b = Buffer.alloc(8 + Math.ceil(x.length / 8) * 8);
-    b.writeUInt32LE(x.length, 0);
-    b.write(x, 8, "latin1");
-    return b;
-  }));
-}
-
-let narScratch = Buffer.alloc(64 * 1024);
+let narScratch = new Uint8Array(64 * 1024);
 
 /** The NAR hash and size of a single non-executable regular file holding `bytes`. */
 function narHashOfBytes(bytes: Uint8Array): { hash: Hash; size: number } {
-  const padded = Math.ceil(bytes.length / 8) * 8;
-  const size = NAR_FILE_PREFIX.length + 8 + padded + NAR_FILE_SUFFIX.length;
-  if (size > narScratch.length) narScratch = Buffer.alloc(size);
-  const b = narScratch;
-  NAR_FILE_PREFIX.copy(b, 0);
-  let off = NAR_FILE_PREFIX.length;
-  b.writeUInt32LE(bytes.length >>> 0, off);
-  b.writeUInt32LE(Math.floor(bytes.length / 0x100000000), off + 4);
-  b.set(bytes, off + 8);
-  off += 8 + bytes.length;
-  b.fill(0, off, off + padded - bytes.length);
-  NAR_FILE_SUFFIX.copy(b, off + padded - bytes.length);
-  return { hash: makeHash("sha256", sha256(b.subarray(0, size))), size };
+  const nar = narOfRegularFile(bytes, narScratch);
+  if (nar.buffer !== narScratch.buffer) narScratch = new Uint8Array(nar.length);
+  return { hash: makeHash("sha256", sha256(nar)), size: nar.length };
 }
 
 export { asFerryError } from "../core/errors.js";

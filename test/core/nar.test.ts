@@ -4,7 +4,7 @@ import { sha256 } from "../../src/core/digest.js";
 import { toBase16, toNix32, makeHash, printHash } from "../../src/core/hash.js";
 import { NarParser, parseNarBytes, type NarEvent } from "../../src/core/nar/parser.js";
 import { narOfTree, treeOfEvents, writeTree, type NarTree } from "../../src/core/nar/tree.js";
-import { NarWriter } from "../../src/core/nar/writer.js";
+import { NarWriter, narOfRegularFile } from "../../src/core/nar/writer.js";
 import { sortUtf8 } from "../../src/core/nar/names.js";
 import { fromBase64, loadVectors, narTreeOf, type VectorTree } from "../helpers/vectors.js";
 
@@ -134,6 +134,22 @@ describe("nar.json vectors", () => {
       x.closeRegular();
     }, /missing/);
     plain(() => new NarWriter(() => {}, 4), /length prefix/);
+  });
+
+  test("narOfRegularFile gives a writer's bytes for one file, in scratch space or not", () => {
+    const scratch = new Uint8Array(4096);
+    for (const size of [0, 1, 7, 8, 9, 15, 16, 17, 1000, 4000, 4100, 70_000]) {
+      const contents = new Uint8Array(size).map((_, i) => (i * 31 + size) & 0xff);
+      const parts: Uint8Array[] = [];
+      const w = new NarWriter((c) => parts.push(c.slice()));
+      w.regular(false, contents);
+      w.end();
+      const want = Buffer.concat(parts);
+      assert.ok(Buffer.from(narOfRegularFile(contents)).equals(want), `size ${size}`);
+      const inScratch = narOfRegularFile(contents, scratch);
+      assert.ok(Buffer.from(inScratch).equals(want), `size ${size} in scratch`);
+      assert.equal(inScratch.buffer === scratch.buffer, want.length <= scratch.length);
+    }
   });
 
   test("reserve/commit writes contents in place", () => {

@@ -204,3 +204,41 @@ export class NarWriter {
     return this.#written;
   }
 }
+
+/** The NAR of an empty non-executable regular file, split around where its size and contents go. */
+const EMPTY_REGULAR = (() => {
+  const parts: Uint8Array[] = [];
+  const w = new NarWriter((c) => parts.push(c.slice()));
+  w.regular(false, new Uint8Array(0));
+  w.end();
+  const all = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let off = 0;
+  for (const p of parts) {
+    all.set(p, off);
+    off += p.length;
+  }
+  // ... "contents" | u64 size | contents, padding | ")" (a length and one padded byte: 16 bytes)
+  return { head: all.subarray(0, all.length - 24), tail: all.subarray(all.length - 16) };
+})();
+
+/**
+ * The whole NAR of a single non-executable regular file holding `contents`, built in `scratch`
+ * when it fits (the result is then a view of it, valid until the next call) or in a new buffer.
+ * The same bytes as a NarWriter's, without a writer per object: for many small objects such as
+ * .drv files.
+ */
+export function narOfRegularFile(contents: Uint8Array, scratch?: Uint8Array): Uint8Array {
+  const { head, tail } = EMPTY_REGULAR;
+  const padded = Math.ceil(contents.length / 8) * 8;
+  const size = head.length + 8 + padded + tail.length;
+  const b = scratch && scratch.length >= size ? scratch.subarray(0, size) : new Uint8Array(size);
+  b.set(head, 0);
+  const view = new DataView(b.buffer, b.byteOffset, size);
+  view.setUint32(head.length, contents.length >>> 0, true);
+  view.setUint32(head.length + 4, Math.floor(contents.length / 0x100000000), true);
+  const at = head.length + 8;
+  b.set(contents, at);
+  b.fill(0, at + contents.length, at + padded);
+  b.set(tail, at + padded);
+  return b;
+}

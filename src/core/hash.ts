@@ -198,3 +198,10 @@ export function compressHash(digest: Uint8Array, size: number): Uint8Array {
   for (let i = 0; i < digest.length; i++) out[i % size]! ^= digest[i]!;
   return out;
 }
+
+/** `compressHash` for a digest held as a binary string (one character U+0000–U+00FF per byte). */
+export function compressBinaryHash(digest: string, size: number): Uint8Array {
+  const out = new Uint8Array(size);
+  for (let i = 0; i < digest.length; i++) out[i % size]! ^= digest.charCodeAt(i);
+  return out;
+}

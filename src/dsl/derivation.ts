@@ -92,11 +92,11 @@ export function coerce(v: AttrValue, attr: string, onContext: (e: ContextEntry) 
   throw evalError("FERRY_EVAL_BAD_VALUE", `attribute '${attr}' has a value of type ${typeof v} that cannot go into a derivation`, "use strings, numbers, booleans, lists, packages or sources");
 }
 
-function addEntry(e: ContextEntry, inputDrvs: Map<string, Set<string>>, inputSrcs: Set<string>): void {
+function addEntry(e: ContextEntry, inputDrvs: Map<string, string[]>, inputSrcs: Set<string>): void {
   if (e.kind === "output") {
-    let outs = inputDrvs.get(e.drvPath);
-    if (!outs) inputDrvs.set(e.drvPath, (outs = new Set()));
-    outs.add(e.output);
+    const outs = inputDrvs.get(e.drvPath);
+    if (!outs) inputDrvs.set(e.drvPath, [e.output]);
+    else if (!outs.includes(e.output)) outs.push(e.output);
   } else {
     inputSrcs.add(e.path);
   }
@@ -120,7 +120,7 @@ export function derivation(attrs: DerivationAttrs, meta: Record<string, unknown>
   for (const o of outputNames) {
     if (!/^[A-Za-z0-9+\-._?=]+$/.test(o) || o === "drv") throw evalError("FERRY_EVAL_BAD_VALUE", `'${o}' cannot be an output name`);
   }
-  const inputDrvs = new Map<string, Set<string>>();
+  const inputDrvs = new Map<string, string[]>();
   const inputSrcs = new Set<string>();
   const env = new Map<string, string>();
   const onContext = (e: ContextEntry) => addEntry(e, inputDrvs, inputSrcs);
@@ -154,7 +154,7 @@ export function derivation(attrs: DerivationAttrs, meta: Record<string, unknown>
     env,
     outputNames,
     inputDrvs,
-    inputSrcs,
+    inputSrcs: [...inputSrcs],
     fixed,
   };
   const done = finalizeDraft(ctx, draft);

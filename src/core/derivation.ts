@@ -93,15 +93,38 @@ function isSortedUnique(xs: readonly string[]): boolean {
   return true;
 }
 
+/**
+ * Sorts `xs` in place, stably. Insertion sort for the few entries a derivation's lists have (no
+ * allocation, few comparisons on the usual nearly sorted input); the built-in sort beyond that.
+ */
+function sortInPlace<T>(xs: T[], cmp: (a: T, b: T) => number): T[] {
+  if (xs.length > 16) return xs.sort(cmp);
+  for (let i = 1; i < xs.length; i++) {
+    const x = xs[i]!;
+    let j = i - 1;
+    for (; j >= 0 && cmp(xs[j]!, x) > 0; j--) xs[j + 1] = xs[j]!;
+    xs[j + 1] = x;
+  }
+  return xs;
+}
+
+/** JavaScript's default sort order (UTF-16 code units). */
+function compareUtf16(a: string, b: string): number {
+  return a < b ? -1 : a > b ? 1 : 0;
+}
+
 /** `xs` sorted bytewise without duplicates; an array already so is returned as it is. */
 function sortedUnique(xs: Iterable<string>): readonly string[] {
   if (Array.isArray(xs) && isSortedUnique(xs)) return xs as readonly string[];
-  const sorted = [...xs].sort(compareUtf8);
-  return sorted.filter((x, i) => i === 0 || x !== sorted[i - 1]);
+  const sorted = sortInPlace([...xs], compareUtf8);
+  let n = 0;
+  for (const x of sorted) if (n === 0 || x !== sorted[n - 1]) sorted[n++] = x;
+  sorted.length = n;
+  return sorted;
 }
 
 function sortedMap<V>(entries: [string, V][]): Map<string, V> {
-  return new Map(entries.sort((x, y) => compareUtf8(x[0], y[0])));
+  return new Map(sortInPlace(entries, (x, y) => compareUtf8(x[0], y[0])));
 }
 
 function freezeOutput(o: Partial<DerivationOutput>): DerivationOutput {
@@ -245,7 +268,8 @@ function escaped(s: string, what: string): string {
 
 /** The keys of `m` sorted bytewise (insertion order when that is already sorted). */
 function sortedKeys(m: ReadonlyMap<string, unknown>): readonly string[] {
-  return sortedUnique([...m.keys()]);
+  const keys = [...m.keys()];
+  return isSortedUnique(keys) ? keys : sortInPlace(keys, compareUtf8);
 }
 
 /**
@@ -783,7 +807,7 @@ function moduloInputsText(self: string, drv: Derivation, cache: DrvHashCache): s
     rows.push({ hex: entry.hex, outs });
   }
   // hex digests are ASCII, so JavaScript's order is the bytewise order
-  if (rows.length > 1) rows.sort((a, b) => (a.hex < b.hex ? -1 : a.hex > b.hex ? 1 : 0));
+  sortInPlace(rows, (a, b) => compareUtf16(a.hex, b.hex));
   let s = "";
   for (let i = 0; i < rows.length; ) {
     const hex = rows[i]!.hex;
@@ -832,7 +856,7 @@ function nameOf(drv: Derivation, name: string | undefined): string {
 
 /** The references of a .drv file: its inputSrcs and inputDrvs, in JavaScript's default order. */
 function referencesOf(drv: Derivation): string[] {
-  return [...sortedUnique(drv.inputSrcs), ...drv.inputDrvs.keys()].sort();
+  return sortInPlace([...sortedUnique(drv.inputSrcs), ...drv.inputDrvs.keys()], compareUtf16);
 }
 
 /** The .drv file's own store path (SPEC §5): a text path over its exact text, referring to inputSrcs and inputDrvs. */
@@ -858,12 +882,19 @@ interface ImpliedOutputs {
 /**
  * The output paths `drv`'s contents imply, whatever paths it has written in. For input-addressed
  * outputs, env entries named after outputs are masked (added as "" when missing, as Nix's
- * evaluator always has them).
+ * evaluator always has them). `missing`: the input paths that may not be in `cache` yet.
  */
-function impliedOutputs(drv: Derivation, storeDir: string, name: string, resolveInput: ResolveInput, cache: DrvHashCache): ImpliedOutputs {
+function impliedOutputs(
+  drv: Derivation,
+  storeDir: string,
+  name: string,
+  resolveInput: ResolveInput,
+  cache: DrvHashCache,
+  missing: Iterable<string> = drv.inputDrvs.keys(),
+): ImpliedOutputs {
   checkOutputs(drv);
   if (isFixedOutput(drv)) return { outputs: OUT_ONLY, paths: [fixedOutputPath(drv, storeDir, name)] };
-  hashInputs(drv.inputDrvs.keys(), resolveInput, cache);
+  hashInputs(missing, resolveInput, cache);
   const modulo = moduloInputsText(`'${name}'`, drv, cache);
   const template = templateOf(drv, finalEnvKeys(drv));
   const h = sha256Hex(fillTemplate(template, undefined, modulo, undefined));
@@ -931,13 +962,15 @@ export function finalizeDerivation(draft: Derivation, storeDir: string, resolveI
   checkNewName(`${name}.drv`);
   const cache = opts.cache ?? new Map<string, DrvHashEntry>();
   for (const p of draft.inputSrcs) parseStorePath(storeDir, p);
+  const missing: string[] = [];
   for (const p of draft.inputDrvs.keys()) {
     // a path in the memo is a valid .drv path; only its store dir is left to check
     if (cache.has(p) && p.lastIndexOf("/") === storeDir.length && p.startsWith(storeDir)) continue;
     parseStorePath(storeDir, p);
     splitDrvPath(p);
+    missing.push(p);
   }
-  const implied = impliedOutputs(draft, storeDir, name, resolveInput, cache);
+  const implied = impliedOutputs(draft, storeDir, name, resolveInput, cache, missing);
   const t = implied.input?.template ?? templateOf(draft, finalEnvKeys(draft));
   // a path made here is the store dir and characters that need no escaping
   const plain = !ESCAPE_NEEDED.test(storeDir);
@@ -946,7 +979,8 @@ export function finalizeDerivation(draft: Derivation, storeDir: string, resolveI
   const text = fillTemplate(t, paths, inputDrvsText(draft.inputDrvs), values);
   const references = referencesOf(draft);
   const drvPath = textPathOfHex(storeDir, `${name}.drv`, sha256Hex(text), references);
-  if (opts.cache && !cache.has(drvPath)) {
+  // a path already in the memo has this very entry: the path is a digest of the text
+  if (opts.cache) {
     cache.set(drvPath, hashEntry(implied.input ? fillTemplate(t, paths, implied.input.modulo, values) : fixedPreimage(draft, storeDir, name), t.outputs));
   }
   const outputPaths = new Map<string, string>();

@@ -336,12 +336,18 @@ function fillTemplate(t: AtermTemplate, paths: readonly string[] | undefined, in
   return s;
 }
 
+/** `"a","b",…` for strings known to need no escaping. */
+function quotedList(xs: readonly string[]): string {
+  return xs.length === 0 ? "" : '"' + xs.join('","') + '"';
+}
+
 /** The inputDrvs list of the ATerm, without its brackets. */
 function inputDrvsText(inputDrvs: ReadonlyMap<string, readonly string[]>): string {
   let s = "";
   for (const path of sortedKeys(inputDrvs)) {
-    const outs = sortedUnique(inputDrvs.get(path)!).map((o) => raw(o, "input output name"));
-    s += `${s === "" ? "" : ","}(${raw(path, "input derivation path")},[${outs.join(",")}])`;
+    const outs = sortedUnique(inputDrvs.get(path)!);
+    for (const o of outs) rawBody(o, "input output name");
+    s += `${s === "" ? "" : ","}(${raw(path, "input derivation path")},[${quotedList(outs)}])`;
   }
   return s;
 }
@@ -818,7 +824,7 @@ function moduloInputsText(self: string, drv: Derivation, cache: DrvHashCache): s
       outs = merged;
     }
     // output names an input declares were checked when it was printed or parsed
-    s += `${s === "" ? "" : ","}("${hex}",[${sortedUnique(outs).map((o) => `"${o}"`).join(",")}])`;
+    s += `${s === "" ? "" : ","}("${hex}",[${quotedList(sortedUnique(outs))}])`;
   }
   return s;
 }

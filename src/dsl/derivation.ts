@@ -114,7 +114,7 @@ export function derivation(attrs: DerivationAttrs, meta: Record<string, unknown>
   if (typeof attrs.system !== "string" || attrs.system === "") throw evalError("FERRY_EVAL_BAD_VALUE", `derivation '${attrs.name}' needs a 'system' such as x86_64-linux`);
   if (/["\\]/.test(attrs.system)) throw evalError("FERRY_DRV_BAD_FIELD", `system '${attrs.system}' contains a quote or backslash`);
   const outputNames = attrs.outputs ?? ["out"];
-  if (outputNames.length === 0 || new Set(outputNames).size !== outputNames.length) {
+  if (outputNames.length === 0 || (outputNames.length > 1 && new Set(outputNames).size !== outputNames.length)) {
     throw evalError("FERRY_EVAL_BAD_VALUE", `derivation '${attrs.name}' has an empty or repeated 'outputs' list`);
   }
   for (const o of outputNames) {
@@ -124,7 +124,8 @@ export function derivation(attrs: DerivationAttrs, meta: Record<string, unknown>
   const inputSrcs = new Set<string>();
   const env = new Map<string, string>();
   const onContext = (e: ContextEntry) => addEntry(e, inputDrvs, inputSrcs);
-  for (const [k, v] of Object.entries(attrs)) {
+  for (const k of Object.keys(attrs)) {
+    const v = attrs[k];
     if (k === "args" || v === undefined) continue;
     env.set(k, k === "outputs" ? outputNames.join(" ") : coerce(v as AttrValue, k, onContext, ctx));
   }

@@ -16,6 +16,8 @@ export interface StorePath {
   readonly name: string;
 }
 
+const NAME_BAD = /[^A-Za-z0-9+\-._?=]/u;
+
 /**
  * Why Nix 2.8 refuses `name` as a store path name, or undefined when it accepts it (SPEC §3.1):
  * 1-211 characters from `[A-Za-z0-9+\-._?=]`. This is the rule for reading paths (narinfo,
@@ -25,7 +27,7 @@ export interface StorePath {
 export function invalidNameReason(name: string): string | undefined {
   if (name.length === 0) return "the name is empty";
   if (name.length > MAX_NAME_LENGTH) return `the name is ${name.length} characters long; the limit is ${MAX_NAME_LENGTH}`;
-  const bad = /[^A-Za-z0-9+\-._?=]/u.exec(name);
+  const bad = NAME_BAD.exec(name);
   if (bad) return `the name contains the illegal character ${JSON.stringify(bad[0])}`;
   return undefined;
 }

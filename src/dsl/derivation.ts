@@ -102,6 +102,9 @@ function addEntry(e: ContextEntry, inputDrvs: Map<string, string[]>, inputSrcs: 
   }
 }
 
+const QUOTE_OR_BACKSLASH = /["\\]/;
+const OUTPUT_NAME = /^[A-Za-z0-9+\-._?=]+$/;
+
 /** Creates a derivation; returns the frozen package value with its computed paths. */
 export function derivation(attrs: DerivationAttrs, meta: Record<string, unknown> = {}): Package {
   const ctx = evalContext();
@@ -112,13 +115,13 @@ export function derivation(attrs: DerivationAttrs, meta: Record<string, unknown>
     throw evalError("FERRY_STORE_BAD_NAME", (e as Error).message, (e as FerryError).hint);
   }
   if (typeof attrs.system !== "string" || attrs.system === "") throw evalError("FERRY_EVAL_BAD_VALUE", `derivation '${attrs.name}' needs a 'system' such as x86_64-linux`);
-  if (/["\\]/.test(attrs.system)) throw evalError("FERRY_DRV_BAD_FIELD", `system '${attrs.system}' contains a quote or backslash`);
+  if (QUOTE_OR_BACKSLASH.test(attrs.system)) throw evalError("FERRY_DRV_BAD_FIELD", `system '${attrs.system}' contains a quote or backslash`);
   const outputNames = attrs.outputs ?? ["out"];
   if (outputNames.length === 0 || (outputNames.length > 1 && new Set(outputNames).size !== outputNames.length)) {
     throw evalError("FERRY_EVAL_BAD_VALUE", `derivation '${attrs.name}' has an empty or repeated 'outputs' list`);
   }
   for (const o of outputNames) {
-    if (!/^[A-Za-z0-9+\-._?=]+$/.test(o) || o === "drv") throw evalError("FERRY_EVAL_BAD_VALUE", `'${o}' cannot be an output name`);
+    if (!OUTPUT_NAME.test(o) || o === "drv") throw evalError("FERRY_EVAL_BAD_VALUE", `'${o}' cannot be an output name`);
   }
   const inputDrvs = new Map<string, string[]>();
   const inputSrcs = new Set<string>();

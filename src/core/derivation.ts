@@ -797,12 +797,13 @@ function hashInputs(roots: Iterable<string>, resolveInput: ResolveInput, cache: 
 
 /**
  * The inputDrvs list re-keyed by the hex digest of each input, merged and sorted (SPEC §6.2), as
- * ATerm text. Inputs must be in `cache`.
+ * ATerm text. Inputs must be in `cache`, or in `known` (entries in the order of `drv.inputDrvs`).
  */
-function moduloInputsText(self: string, drv: Derivation, cache: DrvHashCache): string {
+function moduloInputsText(self: string, drv: Derivation, cache: DrvHashCache, known?: readonly (DrvHashEntry | undefined)[]): string {
   const rows: { readonly hex: string; readonly outs: readonly string[] }[] = [];
+  let i = 0;
   for (const [path, outs] of drv.inputDrvs) {
-    const entry = cache.get(path)!;
+    const entry = known?.[i++] ?? cache.get(path)!;
     for (const o of outs) {
       if (!entry.outputs.includes(o)) {
         throw new FerryError("FERRY_DRV_BAD_INPUT", `derivation ${self} uses output '${o}' of '${path}', which has only ${entry.outputs.map((x) => `'${x}'`).join(", ")}`, {
@@ -888,7 +889,8 @@ interface ImpliedOutputs {
 /**
  * The output paths `drv`'s contents imply, whatever paths it has written in. For input-addressed
  * outputs, env entries named after outputs are masked (added as "" when missing, as Nix's
- * evaluator always has them). `missing`: the input paths that may not be in `cache` yet.
+ * evaluator always has them). `inputs`, when the caller has looked them up: the memo entries of
+ * the inputs in the order of `drv.inputDrvs` (undefined where missing), and the missing paths.
  */
 function impliedOutputs(
   drv: Derivation,
@@ -896,12 +898,12 @@ function impliedOutputs(
   name: string,
   resolveInput: ResolveInput,
   cache: DrvHashCache,
-  missing: Iterable<string> = drv.inputDrvs.keys(),
+  inputs: { readonly missing: readonly string[]; readonly known: readonly (DrvHashEntry | undefined)[] } | undefined = undefined,
 ): ImpliedOutputs {
   checkOutputs(drv);
   if (isFixedOutput(drv)) return { outputs: OUT_ONLY, paths: [fixedOutputPath(drv, storeDir, name)] };
-  hashInputs(missing, resolveInput, cache);
-  const modulo = moduloInputsText(`'${name}'`, drv, cache);
+  hashInputs(inputs ? inputs.missing : drv.inputDrvs.keys(), resolveInput, cache);
+  const modulo = moduloInputsText(`'${name}'`, drv, cache, inputs?.known);
   const template = templateOf(drv, finalEnvKeys(drv));
   const h = sha256Hex(fillTemplate(template, undefined, modulo, undefined));
   return { outputs: template.outputs, paths: template.outputs.map((o) => outputPathOfHex(storeDir, o, h, name)), input: { template, modulo } };
@@ -969,14 +971,20 @@ export function finalizeDerivation(draft: Derivation, storeDir: string, resolveI
   const cache = opts.cache ?? new Map<string, DrvHashEntry>();
   for (const p of draft.inputSrcs) parseStorePath(storeDir, p);
   const missing: string[] = [];
+  const known: (DrvHashEntry | undefined)[] = [];
   for (const p of draft.inputDrvs.keys()) {
     // a path in the memo is a valid .drv path; only its store dir is left to check
-    if (cache.has(p) && p.lastIndexOf("/") === storeDir.length && p.startsWith(storeDir)) continue;
+    const entry = cache.get(p);
+    if (entry !== undefined && p.lastIndexOf("/") === storeDir.length && p.startsWith(storeDir)) {
+      known.push(entry);
+      continue;
+    }
     parseStorePath(storeDir, p);
     splitDrvPath(p);
     missing.push(p);
+    known.push(undefined);
   }
-  const implied = impliedOutputs(draft, storeDir, name, resolveInput, cache, missing);
+  const implied = impliedOutputs(draft, storeDir, name, resolveInput, cache, { missing, known });
   const t = implied.input?.template ?? templateOf(draft, finalEnvKeys(draft));
   // a path made here is the store dir and characters that need no escaping
   const plain = !ESCAPE_NEEDED.test(storeDir);

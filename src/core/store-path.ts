@@ -173,15 +173,23 @@ export function makeOutputPath(storeDir: string, output: string, drvHash: Uint8A
   return makeStorePath(storeDir, `output:${output}`, drvHash, outputPathName(drvName, output));
 }
 
+/**
+ * `<storeDir>/<hashPart>-<name>` as one flat string (a join, not a tree of concatenations): a
+ * path is hashed, sliced, compared and copied many times, and its pieces can be collected at once.
+ */
+function flatPath(storeDir: string, hashPart: string, name: string): string {
+  return [storeDir, "/", hashPart, "-", name].join("");
+}
+
 /** `printStorePath(makeOutputPath(…))`, with the masked hashDerivationModulo digest given in hex. */
 export function outputPathOfHex(storeDir: string, output: string, drvHashHex: string, drvName: string): string {
   const name = outputPathName(drvName, output);
-  return `${storeDir}/${hashPartOf(storeDir, `output:${output}`, drvHashHex, name)}-${name}`;
+  return flatPath(storeDir, hashPartOf(storeDir, `output:${output}`, drvHashHex, name), name);
 }
 
 /** `printStorePath(makeTextPath(…))`, with the sha256 of the contents given in hex. */
 export function textPathOfHex(storeDir: string, name: string, contentsHex: string, references: readonly string[] = []): string {
-  return `${storeDir}/${hashPartOf(storeDir, typeWithRefs("text", references, false), contentsHex, name)}-${name}`;
+  return flatPath(storeDir, hashPartOf(storeDir, typeWithRefs("text", references, false), contentsHex, name), name);
 }
 
 // ---- content-address descriptors (SPEC §3.5) ------------------------------------------------

@@ -6,18 +6,18 @@
  * kept in the order the file uses (bytewise by UTF-8), and the printer sorts again anyway, so a
  * hand-built value prints correctly too.
  */
-import { DIGEST_SIZE, sha256 } from "./digest.js";
+import { DIGEST_SIZE, sha256, sha256Hex } from "./digest.js";
 import { FerryError } from "./errors.js";
-import { isHashAlgo, makeHash, fromBase16, toBase16 } from "./hash.js";
+import { isHashAlgo, makeHash, fromBase16 } from "./hash.js";
 import {
   checkName,
   checkNewName,
   checkStoreDir,
   makeFixedOutputPath,
-  makeOutputPath,
-  makeTextPath,
+  outputPathOfHex,
   parseStorePath,
   printStorePath,
+  textPathOfHex,
   type FileIngestionMethod,
 } from "./store-path.js";
 
@@ -87,13 +87,44 @@ function entriesOf<V>(m: MapLike<V> | undefined): [string, V][] {
   return Object.entries(m as Readonly<Record<string, V>>);
 }
 
-function sortedUnique(xs: Iterable<string>): string[] {
-  const sorted = [...xs].sort(compareUtf8);
-  return sorted.filter((x, i) => i === 0 || x !== sorted[i - 1]);
+/** True when `xs` is strictly increasing bytewise (sorted, no duplicates). */
+function isSortedUnique(xs: readonly string[]): boolean {
+  for (let i = 1; i < xs.length; i++) if (compareUtf8(xs[i - 1]!, xs[i]!) >= 0) return false;
+  return true;
+}
+
+/**
+ * Sorts `xs` in place, stably. Insertion sort for the few entries a derivation's lists have (no
+ * allocation, few comparisons on the usual nearly sorted input); the built-in sort beyond that.
+ */
+function sortInPlace<T>(xs: T[], cmp: (a: T, b: T) => number): T[] {
+  if (xs.length > 16) return xs.sort(cmp);
+  for (let i = 1; i < xs.length; i++) {
+    const x = xs[i]!;
+    let j = i - 1;
+    for (; j >= 0 && cmp(xs[j]!, x) > 0; j--) xs[j + 1] = xs[j]!;
+    xs[j + 1] = x;
+  }
+  return xs;
+}
+
+/** JavaScript's default sort order (UTF-16 code units). */
+function compareUtf16(a: string, b: string): number {
+  return a < b ? -1 : a > b ? 1 : 0;
+}
+
+/** `xs` sorted bytewise without duplicates; an array already so is returned as it is. */
+function sortedUnique(xs: Iterable<string>): readonly string[] {
+  if (Array.isArray(xs) && isSortedUnique(xs)) return xs as readonly string[];
+  const sorted = sortInPlace([...xs], compareUtf8);
+  let n = 0;
+  for (const x of sorted) if (n === 0 || x !== sorted[n - 1]) sorted[n++] = x;
+  sorted.length = n;
+  return sorted;
 }
 
 function sortedMap<V>(entries: [string, V][]): Map<string, V> {
-  return new Map(entries.sort((x, y) => compareUtf8(x[0], y[0])));
+  return new Map(sortInPlace(entries, (x, y) => compareUtf8(x[0], y[0])));
 }
 
 function freezeOutput(o: Partial<DerivationOutput>): DerivationOutput {
@@ -107,18 +138,13 @@ function freezeOutput(o: Partial<DerivationOutput>): DerivationOutput {
 export function makeDerivation(init: DerivationInit): Derivation {
   return Object.freeze({
     outputs: sortedMap(entriesOf(init.outputs).map(([k, v]) => [k, freezeOutput(v)])),
-    inputDrvs: sortedMap(entriesOf(init.inputDrvs).map(([k, v]) => [k, Object.freeze(sortedUnique(v))])),
-    inputSrcs: Object.freeze(sortedUnique(init.inputSrcs ?? [])),
+    inputDrvs: sortedMap(entriesOf(init.inputDrvs).map(([k, v]) => [k, Object.freeze([...sortedUnique(v)])])),
+    inputSrcs: Object.freeze([...sortedUnique(init.inputSrcs ?? [])]),
     system: init.system,
     builder: init.builder,
     args: Object.freeze([...(init.args ?? [])]),
     env: sortedMap(entriesOf(init.env)),
   });
-}
-
-/** A copy of `drv` with some fields replaced (maps and lists re-sorted). */
-function withFields(drv: Derivation, fields: Partial<DerivationInit>): Derivation {
-  return makeDerivation({ ...drv, ...fields });
 }
 
 // ---- output kinds -------------------------------------------------------------------------------
@@ -218,20 +244,112 @@ function badField(what: string, value: string, why: string): FerryError {
   });
 }
 
-function raw(s: string, what: string): string {
+/** `s`, checked for a field Nix writes unescaped. */
+function rawBody(s: string, what: string): string {
   const m = RAW_BAD.exec(s);
   if (m) throw badField(what, s, LONE_SURROGATE.test(m[0]) ? "it contains an unpaired surrogate" : `it contains ${JSON.stringify(m[0])}`);
-  return '"' + s + '"';
+  return s;
+}
+
+function raw(s: string, what: string): string {
+  return '"' + rawBody(s, what) + '"';
+}
+
+/** `s` escaped as Nix escapes a string field, without the quotes. */
+function escapedBody(s: string, what: string): string {
+  if (!ESCAPE_NEEDED.test(s)) return s;
+  if (LONE_SURROGATE.test(s)) throw badField(what, s, "it contains an unpaired surrogate");
+  return s.replace(/["\\\n\r\t]/g, (c) => ESCAPES[c]!);
 }
 
 function escaped(s: string, what: string): string {
-  if (!ESCAPE_NEEDED.test(s)) return '"' + s + '"';
-  if (LONE_SURROGATE.test(s)) throw badField(what, s, "it contains an unpaired surrogate");
-  return '"' + s.replace(/["\\\n\r\t]/g, (c) => ESCAPES[c]!) + '"';
+  return '"' + escapedBody(s, what) + '"';
 }
 
-function sortedKeys(m: ReadonlyMap<string, unknown>): string[] {
-  return [...m.keys()].sort(compareUtf8);
+/** The keys of `m` sorted bytewise (insertion order when that is already sorted). */
+function sortedKeys(m: ReadonlyMap<string, unknown>): readonly string[] {
+  const keys = [...m.keys()];
+  return isSortedUnique(keys) ? keys : sortInPlace(keys, compareUtf8);
+}
+
+/**
+ * A derivation's ATerm with holes where its printed forms differ (SPEC §6.2–§6.3): the path in
+ * each output tuple, the inputDrvs list, and the value of each env entry named after an output.
+ * Every other field is checked and written once. The text is
+ * `outPre[0] path₀ outPre[1] … path₋₁ outPre[n] inputDrvs envPre[0] value₀ envPre[1] … envPre[h]`.
+ */
+interface AtermTemplate {
+  /** Output names, sorted. */
+  readonly outputs: readonly string[];
+  readonly outPre: readonly string[];
+  /** The env keys at the holes (output names), in order. */
+  readonly envHoles: readonly string[];
+  readonly envPre: readonly string[];
+}
+
+/**
+ * The template of `drv` with env entries `envKeys` (sorted bytewise): a key named after an
+ * output is a hole, any other takes its value from `drv.env`.
+ */
+function templateOf(drv: Derivation, envKeys: readonly string[]): AtermTemplate {
+  const outputs = sortedKeys(drv.outputs);
+  const outPre: string[] = [];
+  let s = "Derive([";
+  for (let i = 0; i < outputs.length; i++) {
+    const name = outputs[i]!;
+    const o = drv.outputs.get(name)!;
+    s += `${i > 0 ? "," : ""}(${raw(name, "output name")},"`;
+    outPre.push(s);
+    s = `",${raw(o.hashAlgo, "hash algorithm")},${raw(o.hash, "output hash")})`;
+  }
+  outPre.push(s + "],[");
+  s = "],[" + sortedUnique(drv.inputSrcs).map((p) => raw(p, "input source path")).join(",");
+  s += `],${raw(drv.system, "system")},${escaped(drv.builder, "builder")},[`;
+  s += drv.args.map((a) => escaped(a, "argument")).join(",");
+  s += "],[";
+  const envHoles: string[] = [];
+  const envPre: string[] = [];
+  for (let i = 0; i < envKeys.length; i++) {
+    const key = envKeys[i]!;
+    s += `${i > 0 ? "," : ""}(${escaped(key, "environment variable name")},`;
+    if (drv.outputs.has(key)) {
+      envHoles.push(key);
+      envPre.push(s + '"');
+      s = '")';
+    } else {
+      s += escaped(drv.env.get(key)!, `value of environment variable '${key}'`) + ")";
+    }
+  }
+  envPre.push(s + "])");
+  return { outputs, outPre, envHoles, envPre };
+}
+
+/**
+ * The text of `t` with its holes filled: `paths` (checked raw values) per output, `envValues`
+ * (escaped values) per env hole; both undefined for the masked form, whose holes are "".
+ */
+function fillTemplate(t: AtermTemplate, paths: readonly string[] | undefined, inputDrvs: string, envValues: readonly string[] | undefined): string {
+  let s = t.outPre[0]!;
+  for (let i = 0; i < t.outputs.length; i++) s += (paths ? paths[i]! : "") + t.outPre[i + 1]!;
+  s += inputDrvs + t.envPre[0]!;
+  for (let i = 0; i < t.envHoles.length; i++) s += (envValues ? envValues[i]! : "") + t.envPre[i + 1]!;
+  return s;
+}
+
+/** `"a","b",…` for strings known to need no escaping. */
+function quotedList(xs: readonly string[]): string {
+  return xs.length === 0 ? "" : '"' + xs.join('","') + '"';
+}
+
+/** The inputDrvs list of the ATerm, without its brackets. */
+function inputDrvsText(inputDrvs: ReadonlyMap<string, readonly string[]>): string {
+  let s = "";
+  for (const path of sortedKeys(inputDrvs)) {
+    const outs = sortedUnique(inputDrvs.get(path)!);
+    for (const o of outs) rawBody(o, "input output name");
+    s += `${s === "" ? "" : ","}(${raw(path, "input derivation path")},[${quotedList(outs)}])`;
+  }
+  return s;
 }
 
 /**
@@ -240,34 +358,16 @@ function sortedKeys(m: ReadonlyMap<string, unknown>): string[] {
  * field holding `"` or `\` (Nix would write an unreadable file) or any unpaired surrogate.
  */
 export function printDerivation(drv: Derivation, opts: PrintDerivationOptions = {}): string {
-  const mask = opts.maskOutputs === true;
-  let s = "Derive([";
-  let sep = "";
-  for (const name of sortedKeys(drv.outputs)) {
-    const o = drv.outputs.get(name)!;
-    s += `${sep}(${raw(name, "output name")},${raw(mask ? "" : o.path, "output path")},${raw(o.hashAlgo, "hash algorithm")},${raw(o.hash, "output hash")})`;
-    sep = ",";
-  }
-  s += "],[";
-  sep = "";
-  const inputDrvs = opts.inputDrvs ?? drv.inputDrvs;
-  for (const path of sortedKeys(inputDrvs)) {
-    const outs = sortedUnique(inputDrvs.get(path)!).map((o) => raw(o, "input output name"));
-    s += `${sep}(${raw(path, "input derivation path")},[${outs.join(",")}])`;
-    sep = ",";
-  }
-  s += "],[";
-  s += sortedUnique(drv.inputSrcs).map((p) => raw(p, "input source path")).join(",");
-  s += `],${raw(drv.system, "system")},${escaped(drv.builder, "builder")},[`;
-  s += drv.args.map((a) => escaped(a, "argument")).join(",");
-  s += "],[";
-  sep = "";
-  for (const key of sortedKeys(drv.env)) {
-    const value = mask && drv.outputs.has(key) ? "" : drv.env.get(key)!;
-    s += `${sep}(${escaped(key, "environment variable name")},${escaped(value, `value of environment variable '${key}'`)})`;
-    sep = ",";
-  }
-  return s + "])";
+  return printWithInputs(drv, inputDrvsText(opts.inputDrvs ?? drv.inputDrvs), opts.maskOutputs === true);
+}
+
+/** `printDerivation` with the inputDrvs list given as text. */
+function printWithInputs(drv: Derivation, inputs: string, mask: boolean): string {
+  const t = templateOf(drv, sortedKeys(drv.env));
+  if (mask) return fillTemplate(t, undefined, inputs, undefined);
+  const paths = t.outputs.map((o) => rawBody(drv.outputs.get(o)!.path, "output path"));
+  const values = t.envHoles.map((k) => escapedBody(drv.env.get(k)!, `value of environment variable '${k}'`));
+  return fillTemplate(t, paths, inputs, values);
 }
 
 // ---- parsing ------------------------------------------------------------------------------------
@@ -580,14 +680,31 @@ export interface DrvHashEntry {
   readonly outputs: readonly string[];
 }
 
-function hashEntry(preimage: string, drv: Derivation): DrvHashEntry {
-  const hash = sha256(preimage);
-  return Object.freeze({ hash, hex: toBase16(hash), outputs: Object.freeze([...drv.outputs.keys()]) });
+class HashEntry implements DrvHashEntry {
+  constructor(
+    readonly hex: string,
+    readonly outputs: readonly string[],
+  ) {
+    Object.freeze(this);
+  }
+
+  get hash(): Uint8Array {
+    return fromBase16(this.hex);
+  }
+}
+
+const OUT_ONLY: readonly string[] = Object.freeze(["out"]);
+
+/** The digest entry for `preimage`; `outputs` are the derivation's output names, sorted. */
+function hashEntry(preimage: string, outputs: readonly string[]): DrvHashEntry {
+  const names = outputs.length === 1 && outputs[0] === "out" ? OUT_ONLY : Object.freeze([...outputs]);
+  return new HashEntry(sha256Hex(preimage), names);
 }
 
 /**
  * Memo of input digests keyed by .drv path. Share one across calls (a whole evaluation or graph)
- * so every derivation is resolved and hashed once.
+ * so every derivation is resolved and hashed once. Entries are made by this module only: a path
+ * in the memo is a valid .drv store path.
  */
 export type DrvHashCache = Map<string, DrvHashEntry>;
 
@@ -670,19 +787,23 @@ function hashInputs(roots: Iterable<string>, resolveInput: ResolveInput, cache: 
         continue;
       }
       const { storeDir, name } = splitDrvPath(f.path);
-      const pre = isFixedOutput(f.drv) ? fixedPreimage(f.drv, storeDir, name) : printDerivation(f.drv, { inputDrvs: moduloInputs(`'${f.path}'`, f.drv, cache) });
-      cache.set(f.path, hashEntry(pre, f.drv));
+      const pre = isFixedOutput(f.drv) ? fixedPreimage(f.drv, storeDir, name) : printWithInputs(f.drv, moduloInputsText(`'${f.path}'`, f.drv, cache), false);
+      cache.set(f.path, hashEntry(pre, sortedKeys(f.drv.outputs)));
       onStack.delete(f.path);
       stack.pop();
     }
   }
 }
 
-/** inputDrvs re-keyed by the hex digest of each input, merged and sorted (SPEC §6.2). Inputs must be in `cache`. */
-function moduloInputs(self: string, drv: Derivation, cache: DrvHashCache): Map<string, readonly string[]> {
-  const merged = new Map<string, Set<string>>();
+/**
+ * The inputDrvs list re-keyed by the hex digest of each input, merged and sorted (SPEC §6.2), as
+ * ATerm text. Inputs must be in `cache`, or in `known` (entries in the order of `drv.inputDrvs`).
+ */
+function moduloInputsText(self: string, drv: Derivation, cache: DrvHashCache, known?: readonly (DrvHashEntry | undefined)[]): string {
+  const rows: { readonly hex: string; readonly outs: readonly string[] }[] = [];
+  let i = 0;
   for (const [path, outs] of drv.inputDrvs) {
-    const entry = cache.get(path)!;
+    const entry = known?.[i++] ?? cache.get(path)!;
     for (const o of outs) {
       if (!entry.outputs.includes(o)) {
         throw new FerryError("FERRY_DRV_BAD_INPUT", `derivation ${self} uses output '${o}' of '${path}', which has only ${entry.outputs.map((x) => `'${x}'`).join(", ")}`, {
@@ -690,11 +811,23 @@ function moduloInputs(self: string, drv: Derivation, cache: DrvHashCache): Map<s
         });
       }
     }
-    let set = merged.get(entry.hex);
-    if (!set) merged.set(entry.hex, (set = new Set()));
-    for (const o of outs) set.add(o);
+    rows.push({ hex: entry.hex, outs });
   }
-  return new Map([...merged].map(([k, v]) => [k, sortedUnique(v)]));
+  // hex digests are ASCII, so JavaScript's order is the bytewise order
+  sortInPlace(rows, (a, b) => compareUtf16(a.hex, b.hex));
+  let s = "";
+  for (let i = 0; i < rows.length; ) {
+    const hex = rows[i]!.hex;
+    let outs = rows[i++]!.outs;
+    if (i < rows.length && rows[i]!.hex === hex) {
+      const merged = [...outs];
+      while (i < rows.length && rows[i]!.hex === hex) merged.push(...rows[i++]!.outs);
+      outs = merged;
+    }
+    // output names an input declares were checked when it was printed or parsed
+    s += `${s === "" ? "" : ","}("${hex}",[${quotedList(sortedUnique(outs))}])`;
+  }
+  return s;
 }
 
 /**
@@ -706,7 +839,7 @@ export function printDerivationModulo(drv: Derivation, resolveInput: ResolveInpu
   checkOutputs(drv);
   if (isFixedOutput(drv)) return topFixedPreimage(drv, opts);
   hashInputs(drv.inputDrvs.keys(), resolveInput, cache);
-  return printDerivation(drv, { maskOutputs: opts.mask ?? true, inputDrvs: moduloInputs("being hashed", drv, cache) });
+  return printWithInputs(drv, moduloInputsText("being hashed", drv, cache), opts.mask ?? true);
 }
 
 /**
@@ -728,16 +861,36 @@ function nameOf(drv: Derivation, name: string | undefined): string {
   return n;
 }
 
+/** The references of a .drv file: its inputSrcs and inputDrvs, in JavaScript's default order. */
+function referencesOf(drv: Derivation): string[] {
+  return sortInPlace([...sortedUnique(drv.inputSrcs), ...drv.inputDrvs.keys()], compareUtf16);
+}
+
 /** The .drv file's own store path (SPEC §5): a text path over its exact text, referring to inputSrcs and inputDrvs. */
 export function makeDerivationPath(storeDir: string, name: string, drv: Derivation, text: string = printDerivation(drv)): string {
-  const refs = [...drv.inputSrcs, ...drv.inputDrvs.keys()];
-  return printStorePath(makeTextPath(storeDir, `${name}.drv`, makeHash("sha256", sha256(text)), refs));
+  return textPathOfHex(storeDir, `${name}.drv`, sha256Hex(text), referencesOf(drv));
+}
+
+/** The env keys of a final derivation: those of `drv` and its output names, sorted bytewise. */
+function finalEnvKeys(drv: Derivation): readonly string[] {
+  for (const o of drv.outputs.keys()) if (!drv.env.has(o)) return sortedUnique([...drv.env.keys(), ...drv.outputs.keys()]);
+  return sortedKeys(drv.env);
+}
+
+/** What a derivation's contents imply: the output paths, and for an input-addressed one its final template and modulo inputDrvs. */
+interface ImpliedOutputs {
+  /** Output names, sorted. */
+  readonly outputs: readonly string[];
+  /** The path of each output. */
+  readonly paths: readonly string[];
+  readonly input?: { readonly template: AtermTemplate; readonly modulo: string };
 }
 
 /**
  * The output paths `drv`'s contents imply, whatever paths it has written in. For input-addressed
  * outputs, env entries named after outputs are masked (added as "" when missing, as Nix's
- * evaluator always has them).
+ * evaluator always has them). `inputs`, when the caller has looked them up: the memo entries of
+ * the inputs in the order of `drv.inputDrvs` (undefined where missing), and the missing paths.
  */
 function impliedOutputs(
   drv: Derivation,
@@ -745,19 +898,15 @@ function impliedOutputs(
   name: string,
   resolveInput: ResolveInput,
   cache: DrvHashCache,
-): { paths: Map<string, string>; modulo?: Map<string, readonly string[]> } {
+  inputs: { readonly missing: readonly string[]; readonly known: readonly (DrvHashEntry | undefined)[] } | undefined = undefined,
+): ImpliedOutputs {
   checkOutputs(drv);
-  if (isFixedOutput(drv)) return { paths: new Map([["out", fixedOutputPath(drv, storeDir, name)]]) };
-  let masked = drv;
-  if ([...drv.outputs.keys()].some((o) => !drv.env.has(o))) {
-    const env = new Map(drv.env);
-    for (const o of drv.outputs.keys()) if (!env.has(o)) env.set(o, "");
-    masked = withFields(drv, { env });
-  }
-  hashInputs(drv.inputDrvs.keys(), resolveInput, cache);
-  const modulo = moduloInputs(`'${name}'`, drv, cache);
-  const h = sha256(printDerivation(masked, { maskOutputs: true, inputDrvs: modulo }));
-  return { paths: new Map([...drv.outputs.keys()].map((o) => [o, printStorePath(makeOutputPath(storeDir, o, h, name))])), modulo };
+  if (isFixedOutput(drv)) return { outputs: OUT_ONLY, paths: [fixedOutputPath(drv, storeDir, name)] };
+  hashInputs(inputs ? inputs.missing : drv.inputDrvs.keys(), resolveInput, cache);
+  const modulo = moduloInputsText(`'${name}'`, drv, cache, inputs?.known);
+  const template = templateOf(drv, finalEnvKeys(drv));
+  const h = sha256Hex(fillTemplate(template, undefined, modulo, undefined));
+  return { outputs: template.outputs, paths: template.outputs.map((o) => outputPathOfHex(storeDir, o, h, name)), input: { template, modulo } };
 }
 
 export interface FinalizeOptions {
@@ -772,8 +921,39 @@ export interface FinalizedDerivation {
   /** The exact .drv file. */
   readonly text: string;
   readonly drvPath: string;
-  /** Output name → output path. */
+  /** Output name → output path, in output-name order. */
   readonly outputPaths: ReadonlyMap<string, string>;
+  /** The .drv file's references (its inputSrcs and inputDrvs), in JavaScript's default order. */
+  readonly references: readonly string[];
+}
+
+class Finalized implements FinalizedDerivation {
+  readonly #draft: Derivation;
+  #drv: Derivation | undefined;
+
+  constructor(
+    draft: Derivation,
+    readonly text: string,
+    readonly drvPath: string,
+    readonly outputPaths: ReadonlyMap<string, string>,
+    readonly references: readonly string[],
+  ) {
+    this.#draft = draft;
+    Object.freeze(this);
+  }
+
+  /** The final derivation, made when first asked for. */
+  get drv(): Derivation {
+    if (this.#drv) return this.#drv;
+    const env = new Map(this.#draft.env);
+    const outputs = new Map<string, DerivationOutput>();
+    for (const [o, out] of this.#draft.outputs) {
+      const path = this.outputPaths.get(o)!;
+      env.set(o, path);
+      outputs.set(o, { ...out, path });
+    }
+    return (this.#drv = makeDerivation({ ...this.#draft, outputs, env }));
+  }
 }
 
 /**
@@ -781,33 +961,45 @@ export interface FinalizedDerivation {
  * each output's path (fixed-output: from its hash; otherwise from the masked hashDerivationModulo),
  * writes it into the output tuple and into the env entry named after the output (which is added
  * if missing), then prints the .drv and computes its path. Paths already written in the draft
- * are ignored, so finalizing a final derivation returns it unchanged.
+ * are ignored, so finalizing a final derivation returns it unchanged. The draft need not be
+ * sorted (a value `makeDerivation` did not make is fine) and must not change afterwards.
  */
 export function finalizeDerivation(draft: Derivation, storeDir: string, resolveInput: ResolveInput, opts: FinalizeOptions = {}): FinalizedDerivation {
   checkStoreDir(storeDir);
   const name = checkNewName(nameOf(draft, opts.name));
   checkNewName(`${name}.drv`);
+  const cache = opts.cache ?? new Map<string, DrvHashEntry>();
   for (const p of draft.inputSrcs) parseStorePath(storeDir, p);
+  const missing: string[] = [];
+  const known: (DrvHashEntry | undefined)[] = [];
   for (const p of draft.inputDrvs.keys()) {
+    // a path in the memo is a valid .drv path; only its store dir is left to check
+    const entry = cache.get(p);
+    if (entry !== undefined && p.lastIndexOf("/") === storeDir.length && p.startsWith(storeDir)) {
+      known.push(entry);
+      continue;
+    }
     parseStorePath(storeDir, p);
     splitDrvPath(p);
+    missing.push(p);
+    known.push(undefined);
   }
-  const cache = opts.cache ?? new Map<string, DrvHashEntry>();
-  const { paths: outputPaths, modulo } = impliedOutputs(draft, storeDir, name, resolveInput, cache);
-  const env = new Map(draft.env);
-  const outputs = new Map<string, DerivationOutput>();
-  for (const [o, out] of draft.outputs) {
-    const path = outputPaths.get(o)!;
-    env.set(o, path);
-    outputs.set(o, { ...out, path });
+  const implied = impliedOutputs(draft, storeDir, name, resolveInput, cache, { missing, known });
+  const t = implied.input?.template ?? templateOf(draft, finalEnvKeys(draft));
+  // a path made here is the store dir and characters that need no escaping
+  const plain = !ESCAPE_NEEDED.test(storeDir);
+  const paths = plain ? implied.paths : implied.paths.map((p) => rawBody(p, "output path"));
+  const values = plain ? implied.paths : implied.paths.map((p, i) => escapedBody(p, `value of environment variable '${t.outputs[i]!}'`));
+  const text = fillTemplate(t, paths, inputDrvsText(draft.inputDrvs), values);
+  const references = referencesOf(draft);
+  const drvPath = textPathOfHex(storeDir, `${name}.drv`, sha256Hex(text), references);
+  // a path already in the memo has this very entry: the path is a digest of the text
+  if (opts.cache) {
+    cache.set(drvPath, hashEntry(implied.input ? fillTemplate(t, paths, implied.input.modulo, values) : fixedPreimage(draft, storeDir, name), t.outputs));
   }
-  const drv = withFields(draft, { outputs, env });
-  const text = printDerivation(drv);
-  const drvPath = makeDerivationPath(storeDir, name, drv, text);
-  if (opts.cache && !cache.has(drvPath)) {
-    cache.set(drvPath, hashEntry(modulo ? printDerivation(drv, { inputDrvs: modulo }) : fixedPreimage(drv, storeDir, name), drv));
-  }
-  return Object.freeze({ drv, text, drvPath, outputPaths });
+  const outputPaths = new Map<string, string>();
+  for (let i = 0; i < t.outputs.length; i++) outputPaths.set(t.outputs[i]!, implied.paths[i]!);
+  return new Finalized(draft, text, drvPath, outputPaths, references);
 }
 
 export interface CheckOutputsOptions {
@@ -826,9 +1018,11 @@ export function checkDerivationOutputs(drv: Derivation, storeDir: string, resolv
   checkStoreDir(storeDir);
   if (opts.drvPath !== undefined) parseStorePath(storeDir, opts.drvPath);
   const name = checkName(opts.drvPath !== undefined ? splitDrvPath(opts.drvPath).name : nameOf(drv, opts.name));
-  const expected = impliedOutputs(drv, storeDir, name, resolveInput, opts.cache ?? new Map()).paths;
+  const expected = impliedOutputs(drv, storeDir, name, resolveInput, opts.cache ?? new Map());
   const wrong: { field: string; expected: string; found: string }[] = [];
-  for (const [o, path] of expected) {
+  for (let i = 0; i < expected.outputs.length; i++) {
+    const o = expected.outputs[i]!;
+    const path = expected.paths[i]!;
     const written = drv.outputs.get(o)!.path;
     if (written !== path) wrong.push({ field: `output '${o}'`, expected: path, found: written });
     const inEnv = drv.env.get(o);

@@ -39,3 +39,13 @@ export function digestOf(algo: HashAlgo, data: Uint8Array | string): Uint8Array 
 export function sha256(data: Uint8Array | string): Uint8Array {
   return digestOf("sha256", data);
 }
+
+/** The sha256 digest of `data` (a string is hashed as UTF-8) in lowercase hex. */
+export function sha256Hex(data: Uint8Array | string): string {
+  return oneShotHash("sha256", data, "hex");
+}
+
+/** The sha256 digest of `data` as a 32-character string, one character (U+0000–U+00FF) per byte. */
+export function sha256Binary(data: Uint8Array | string): string {
+  return oneShotHash("sha256", data, "binary");
+}

@@ -65,17 +65,20 @@ export function isNix32Char(c: number): boolean {
   return c < 128 && NIX32_VALUE[c]! >= 0;
 }
 
+const NIX32_CODES = Array.from(NIX32_ALPHABET, (c) => c.charCodeAt(0));
+
+/** Writes `bytes` in nix32; the string is made in one piece (not a chain of concatenations). */
 export function toNix32(bytes: Uint8Array): string {
   const len = nix32Length(bytes.length);
-  let s = "";
+  const codes = new Array<number>(len);
   for (let n = len - 1; n >= 0; n--) {
     const b = n * 5;
     const i = b >> 3;
     const j = b & 7;
     const c = ((bytes[i]! >> j) | (i + 1 < bytes.length ? bytes[i + 1]! << (8 - j) : 0)) & 31;
-    s += NIX32_ALPHABET[c];
+    codes[len - 1 - n] = NIX32_CODES[c]!;
   }
-  return s;
+  return String.fromCharCode(...codes);
 }
 
 /** Decodes nix32 into `size` bytes; rejects foreign characters and a non-canonical overhang. */
@@ -196,5 +199,12 @@ export function hashEquals(a: Hash, b: Hash): boolean {
 export function compressHash(digest: Uint8Array, size: number): Uint8Array {
   const out = new Uint8Array(size);
   for (let i = 0; i < digest.length; i++) out[i % size]! ^= digest[i]!;
+  return out;
+}
+
+/** `compressHash` for a digest held as a binary string (one character U+0000–U+00FF per byte). */
+export function compressBinaryHash(digest: string, size: number): Uint8Array {
+  const out = new Uint8Array(size);
+  for (let i = 0; i < digest.length; i++) out[i % size]! ^= digest.charCodeAt(i);
   return out;
 }

@@ -2,9 +2,9 @@
  * Store paths (SPEC §3): `<storeDir>/<32 nix32 chars>-<name>`, computed from a fingerprint that
  * includes the store dir, the kind of object, its content digest and its references.
  */
-import { sha256 } from "./digest.js";
+import { sha256, sha256Binary } from "./digest.js";
 import { FerryError } from "./errors.js";
-import { compressHash, nix32Length, printHash, toBase16, toNix32, isNix32Char, type Hash } from "./hash.js";
+import { compressBinaryHash, nix32Length, printHash, toBase16, toNix32, isNix32Char, type Hash } from "./hash.js";
 
 export const HASH_PART_LENGTH = 32;
 export const MAX_NAME_LENGTH = 211;
@@ -16,6 +16,8 @@ export interface StorePath {
   readonly name: string;
 }
 
+const NAME_BAD = /[^A-Za-z0-9+\-._?=]/u;
+
 /**
  * Why Nix 2.8 refuses `name` as a store path name, or undefined when it accepts it (SPEC §3.1):
  * 1-211 characters from `[A-Za-z0-9+\-._?=]`. This is the rule for reading paths (narinfo,
@@ -25,7 +27,7 @@ export interface StorePath {
 export function invalidNameReason(name: string): string | undefined {
   if (name.length === 0) return "the name is empty";
   if (name.length > MAX_NAME_LENGTH) return `the name is ${name.length} characters long; the limit is ${MAX_NAME_LENGTH}`;
-  const bad = /[^A-Za-z0-9+\-._?=]/u.exec(name);
+  const bad = NAME_BAD.exec(name);
   if (bad) return `the name contains the illegal character ${JSON.stringify(bad[0])}`;
   return undefined;
 }
@@ -102,18 +104,27 @@ export function parseBaseName(storeDir: string, base: string, fail?: (why: strin
   return Object.freeze({ storeDir, hashPart, name });
 }
 
-/** The path for a fingerprint `type:sha256:<hex inner>:<storeDir>:<name>` (SPEC §3.2). */
-export function makeStorePath(storeDir: string, type: string, inner: Uint8Array, name: string): StorePath {
+/** The hash part of the path for a fingerprint `type:sha256:<innerHex>:<storeDir>:<name>` (SPEC §3.2). */
+function hashPartOf(storeDir: string, type: string, innerHex: string, name: string): string {
   checkStoreDir(storeDir);
   checkName(name);
-  const fingerprint = `${type}:sha256:${toBase16(inner)}:${storeDir}:${name}`;
-  const hashPart = toNix32(compressHash(sha256(fingerprint), 20));
-  return Object.freeze({ storeDir, hashPart, name });
+  return toNix32(compressBinaryHash(sha256Binary(`${type}:sha256:${innerHex}:${storeDir}:${name}`), 20));
+}
+
+/** The path for a fingerprint `type:sha256:<hex inner>:<storeDir>:<name>` (SPEC §3.2). */
+export function makeStorePath(storeDir: string, type: string, inner: Uint8Array, name: string): StorePath {
+  return Object.freeze({ storeDir, hashPart: hashPartOf(storeDir, type, toBase16(inner), name), name });
+}
+
+/** True when `xs` is in JavaScript's default sort order. */
+function isSorted(xs: readonly string[]): boolean {
+  for (let i = 1; i < xs.length; i++) if (xs[i - 1]! > xs[i]!) return false;
+  return true;
 }
 
 function typeWithRefs(base: string, references: readonly string[], self: boolean): string {
   let t = base;
-  for (const r of [...references].sort()) t += ":" + r;
+  for (const r of isSorted(references) ? references : [...references].sort()) t += ":" + r;
   if (self) t += ":self";
   return t;
 }
@@ -160,6 +171,25 @@ export function outputPathName(drvName: string, output: string): string {
 /** An input-addressed derivation output, from the masked hashDerivationModulo digest (SPEC §6). */
 export function makeOutputPath(storeDir: string, output: string, drvHash: Uint8Array, drvName: string): StorePath {
   return makeStorePath(storeDir, `output:${output}`, drvHash, outputPathName(drvName, output));
+}
+
+/**
+ * `<storeDir>/<hashPart>-<name>` as one flat string (a join, not a tree of concatenations): a
+ * path is hashed, sliced, compared and copied many times, and its pieces can be collected at once.
+ */
+function flatPath(storeDir: string, hashPart: string, name: string): string {
+  return [storeDir, "/", hashPart, "-", name].join("");
+}
+
+/** `printStorePath(makeOutputPath(…))`, with the masked hashDerivationModulo digest given in hex. */
+export function outputPathOfHex(storeDir: string, output: string, drvHashHex: string, drvName: string): string {
+  const name = outputPathName(drvName, output);
+  return flatPath(storeDir, hashPartOf(storeDir, `output:${output}`, drvHashHex, name), name);
+}
+
+/** `printStorePath(makeTextPath(…))`, with the sha256 of the contents given in hex. */
+export function textPathOfHex(storeDir: string, name: string, contentsHex: string, references: readonly string[] = []): string {
+  return flatPath(storeDir, hashPartOf(storeDir, typeWithRefs("text", references, false), contentsHex, name), name);
 }
 
 // ---- content-address descriptors (SPEC §3.5) ------------------------------------------------

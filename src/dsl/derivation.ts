@@ -92,15 +92,18 @@ export function coerce(v: AttrValue, attr: string, onContext: (e: ContextEntry) 
   throw evalError("FERRY_EVAL_BAD_VALUE", `attribute '${attr}' has a value of type ${typeof v} that cannot go into a derivation`, "use strings, numbers, booleans, lists, packages or sources");
 }
 
-function addEntry(e: ContextEntry, inputDrvs: Map<string, Set<string>>, inputSrcs: Set<string>): void {
+function addEntry(e: ContextEntry, inputDrvs: Map<string, string[]>, inputSrcs: Set<string>): void {
   if (e.kind === "output") {
-    let outs = inputDrvs.get(e.drvPath);
-    if (!outs) inputDrvs.set(e.drvPath, (outs = new Set()));
-    outs.add(e.output);
+    const outs = inputDrvs.get(e.drvPath);
+    if (!outs) inputDrvs.set(e.drvPath, [e.output]);
+    else if (!outs.includes(e.output)) outs.push(e.output);
   } else {
     inputSrcs.add(e.path);
   }
 }
+
+const QUOTE_OR_BACKSLASH = /["\\]/;
+const OUTPUT_NAME = /^[A-Za-z0-9+\-._?=]+$/;
 
 /** Creates a derivation; returns the frozen package value with its computed paths. */
 export function derivation(attrs: DerivationAttrs, meta: Record<string, unknown> = {}): Package {
@@ -112,19 +115,20 @@ export function derivation(attrs: DerivationAttrs, meta: Record<string, unknown>
     throw evalError("FERRY_STORE_BAD_NAME", (e as Error).message, (e as FerryError).hint);
   }
   if (typeof attrs.system !== "string" || attrs.system === "") throw evalError("FERRY_EVAL_BAD_VALUE", `derivation '${attrs.name}' needs a 'system' such as x86_64-linux`);
-  if (/["\\]/.test(attrs.system)) throw evalError("FERRY_DRV_BAD_FIELD", `system '${attrs.system}' contains a quote or backslash`);
+  if (QUOTE_OR_BACKSLASH.test(attrs.system)) throw evalError("FERRY_DRV_BAD_FIELD", `system '${attrs.system}' contains a quote or backslash`);
   const outputNames = attrs.outputs ?? ["out"];
-  if (outputNames.length === 0 || new Set(outputNames).size !== outputNames.length) {
+  if (outputNames.length === 0 || (outputNames.length > 1 && new Set(outputNames).size !== outputNames.length)) {
     throw evalError("FERRY_EVAL_BAD_VALUE", `derivation '${attrs.name}' has an empty or repeated 'outputs' list`);
   }
   for (const o of outputNames) {
-    if (!/^[A-Za-z0-9+\-._?=]+$/.test(o) || o === "drv") throw evalError("FERRY_EVAL_BAD_VALUE", `'${o}' cannot be an output name`);
+    if (!OUTPUT_NAME.test(o) || o === "drv") throw evalError("FERRY_EVAL_BAD_VALUE", `'${o}' cannot be an output name`);
   }
-  const inputDrvs = new Map<string, Set<string>>();
+  const inputDrvs = new Map<string, string[]>();
   const inputSrcs = new Set<string>();
   const env = new Map<string, string>();
   const onContext = (e: ContextEntry) => addEntry(e, inputDrvs, inputSrcs);
-  for (const [k, v] of Object.entries(attrs)) {
+  for (const k of Object.keys(attrs)) {
+    const v = attrs[k];
     if (k === "args" || v === undefined) continue;
     env.set(k, k === "outputs" ? outputNames.join(" ") : coerce(v as AttrValue, k, onContext, ctx));
   }
@@ -154,7 +158,7 @@ export function derivation(attrs: DerivationAttrs, meta: Record<string, unknown>
     env,
     outputNames,
     inputDrvs,
-    inputSrcs,
+    inputSrcs: [...inputSrcs],
     fixed,
   };
   const done = finalizeDraft(ctx, draft);

@@ -422,6 +422,45 @@ describe("parseDerivation errors", () => {
 
 // ---- semantic errors --------------------------------------------------------------------------
 
+describe("finalizeDerivation", () => {
+  test("a draft that makeDerivation did not make (maps unsorted, repeated sources) finalizes as its normal form does", () => {
+    const none = (): Derivation => {
+      throw new Error("no inputs expected");
+    };
+    const cache = new Map<string, DrvHashEntry>();
+    const a = finalizeDerivation(sample({ env: { name: "a" }, outputs: { out: {}, dev: {} } }), "/ferry/store", none, { cache });
+    const b = finalizeDerivation(sample({ env: { name: "b" } }), "/ferry/store", none, { cache });
+    const src = "/ferry/store/94f9f6i31zwzwbf0kclq1naqxxi4c7v9-src";
+    const draft: Derivation = {
+      outputs: new Map([
+        ["out", { path: "", hashAlgo: "", hash: "" }],
+        ["bin", { path: "", hashAlgo: "", hash: "" }],
+      ]),
+      inputDrvs: new Map([
+        [b.drvPath, ["out"]],
+        [a.drvPath, ["out", "dev", "out"]],
+      ]),
+      inputSrcs: [src, src],
+      system: "x86_64-linux",
+      builder: "/bin/sh",
+      args: ["-c", "true"],
+      env: new Map([
+        ["z", "1"],
+        ["name", "c"],
+        ["a", "2"],
+      ]),
+    };
+    const got = finalizeDerivation(draft, "/ferry/store", none, { cache: new Map(cache) });
+    const want = finalizeDerivation(makeDerivation(draft), "/ferry/store", none, { cache: new Map(cache) });
+    assert.equal(got.text, want.text);
+    assert.equal(got.drvPath, want.drvPath);
+    assert.deepEqual([...got.outputPaths], [...want.outputPaths]);
+    assert.deepEqual(got.references, [src, a.drvPath, b.drvPath].sort());
+    assert.deepEqual(got.drv, want.drv);
+    assert.equal(printDerivation(draft), printDerivation(makeDerivation(draft)));
+  });
+});
+
 describe("finalizing and hashing errors", () => {
   const none = (): Derivation => {
     throw new Error("no inputs expected");
@@ -440,6 +479,25 @@ describe("finalizing and hashing errors", () => {
     throwsFerry(() => finalizeDerivation(sample({ inputDrvs: { [inputPath]: ["dev"] } }), "/ferry/store", () => input), "FERRY_DRV_BAD_INPUT", /'dev'/);
     const unfinished = sample({ outputs: { out: {} } });
     throwsFerry(() => finalizeDerivation(sample({ inputDrvs: { [inputPath]: ["out"] } }), "/ferry/store", () => unfinished), "FERRY_DRV_BAD_INPUT", /not final/);
+  });
+
+  test("a store dir that needs escaping: paths raw in output tuples, escaped in env; a quote is refused", () => {
+    const odd = "/fer\nry\tstore";
+    const fin = finalizeDerivation(sample({ outputs: { dev: {}, out: {} } }), odd, none);
+    assert.equal(fin.text, printDerivation(fin.drv));
+    assert.ok(fin.text.includes(`("dev","${fin.outputPaths.get("dev")!}",`), fin.text);
+    assert.ok(fin.text.includes(`("dev","${fin.outputPaths.get("dev")!.replace("\n", "\\n").replace("\t", "\\t")}")`), fin.text);
+    throwsFerry(() => finalizeDerivation(sample(), '/fer"ry', none), "FERRY_DRV_BAD_FIELD", /output path/);
+  });
+
+  test("an input in the shared memo must still be in the store dir", () => {
+    const cache = new Map<string, DrvHashEntry>();
+    const input = finalizeDerivation(sample({ env: { name: "in" } }), "/ferry/store", none, { cache });
+    finalizeDerivation(sample({ inputDrvs: { [input.drvPath]: ["out"] } }), "/ferry/store", none, { cache });
+    const elsewhere = input.drvPath.replace("/ferry/store/", "/ferry/store/sub/");
+    cache.set(elsewhere, cache.get(input.drvPath)!);
+    throwsFerry(() => finalizeDerivation(sample({ inputDrvs: { [elsewhere]: ["out"] } }), "/ferry/store", none, { cache }), "FERRY_STORE_BAD_PATH");
+    throwsFerry(() => finalizeDerivation(sample({ inputDrvs: { [input.drvPath]: ["out"] } }), "/ferry", none, { cache }), "FERRY_STORE_BAD_PATH");
   });
 
   test("a cycle among inputs is reported, not looped on", () => {

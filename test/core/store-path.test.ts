@@ -13,11 +13,13 @@ import {
   makeSourcePath,
   makeStorePath,
   makeTextPath,
+  outputPathOfHex,
   parseBaseName,
   parseContentAddress,
   parseStorePath,
   pathOfContentAddress,
   printContentAddress,
+  textPathOfHex,
   printStorePath,
   type ContentAddress,
   type StorePath,
@@ -209,5 +211,15 @@ describe("content addresses", () => {
     const d = sha256("anything");
     assert.equal(makeOutputPath("/nix/store", "out", d, "pkg").name, "pkg");
     assert.equal(makeOutputPath("/nix/store", "dev", d, "pkg").name, "pkg-dev");
+  });
+
+  test("output and text paths from a hex digest are the paths made from its bytes", () => {
+    const d = sha256("anything");
+    for (const o of ["out", "dev"]) assert.equal(outputPathOfHex("/nix/store", o, toBase16(d), "pkg"), printStorePath(makeOutputPath("/nix/store", o, d, "pkg")));
+    const refs = ["/nix/store/9mj7ij4cc9xajs1p0blxjm859pn9d3pn-b", "/nix/store/0mj7ij4cc9xajs1p0blxjm859pn9d3pn-a"];
+    assert.equal(textPathOfHex("/nix/store", "t.drv", toBase16(d), refs), printStorePath(makeTextPath("/nix/store", "t.drv", makeHash("sha256", d), refs)));
+    assert.equal(textPathOfHex("/nix/store", "t.drv", toBase16(d), [...refs].sort()), textPathOfHex("/nix/store", "t.drv", toBase16(d), refs));
+    throwsFerry(() => outputPathOfHex("/nix/store", "o/", toBase16(d), "pkg"), "FERRY_STORE_BAD_NAME");
+    throwsFerry(() => textPathOfHex("/nix/store/", "t.drv", toBase16(d)), "FERRY_STORE_BAD_DIR");
   });
 });

@@ -28,6 +28,29 @@ const TOK = {
   node: enc.encode("node"),
 };
 
+/** Framed tokens: each a u64 length, the bytes, zero padding to 8. */
+function framed(...tokens: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(tokens.reduce((n, t) => n + 8 + Math.ceil(t.length / 8) * 8, 0));
+  let off = 0;
+  for (const t of tokens) {
+    new DataView(out.buffer).setUint32(off, t.length, true);
+    out.set(t, off + 8);
+    off += 8 + Math.ceil(t.length / 8) * 8;
+  }
+  return out;
+}
+
+/** The fixed token runs of the hot paths, framed once. */
+const RUN = {
+  entryName: framed(TOK.entry, TOK.open, TOK.name),
+  node: framed(TOK.node),
+  regular: framed(TOK.open, TOK.type, TOK.regular, TOK.contents),
+  executable: framed(TOK.open, TOK.type, TOK.regular, TOK.executable, TOK.empty, TOK.contents),
+  close: framed(TOK.close),
+  symlink: framed(TOK.open, TOK.type, TOK.symlink, TOK.target),
+  directory: framed(TOK.open, TOK.type, TOK.directory),
+};
+
 /** Chunks at least this large bypass the batch buffer and go to the sink as they are. */
 const DIRECT_WRITE_MIN = 64 * 1024;
 
@@ -97,14 +120,7 @@ export class NarWriter {
 
   /** Starts a regular file of exactly `size` bytes; follow with contents, then `closeRegular`. */
   openRegular(executable: boolean, size: number): void {
-    this.#str(TOK.open);
-    this.#str(TOK.type);
-    this.#str(TOK.regular);
-    if (executable) {
-      this.#str(TOK.executable);
-      this.#str(TOK.empty);
-    }
-    this.#str(TOK.contents);
+    this.#raw(executable ? RUN.executable : RUN.regular);
     this.#u64(size);
     this.#remaining = size;
     this.#contentSize = size;
@@ -140,7 +156,7 @@ export class NarWriter {
     if (this.#remaining !== 0) throw new Error(`NAR writer: file closed with ${this.#remaining} bytes missing`);
     this.#pad(this.#contentSize);
     this.#remaining = -1;
-    this.#str(TOK.close);
+    this.#raw(RUN.close);
   }
 
   /** A whole regular file whose contents are in memory. */
@@ -151,18 +167,13 @@ export class NarWriter {
   }
 
   symlink(target: Uint8Array): void {
-    this.#str(TOK.open);
-    this.#str(TOK.type);
-    this.#str(TOK.symlink);
-    this.#str(TOK.target);
+    this.#raw(RUN.symlink);
     this.#str(target);
-    this.#str(TOK.close);
+    this.#raw(RUN.close);
   }
 
   openDirectory(): void {
-    this.#str(TOK.open);
-    this.#str(TOK.type);
-    this.#str(TOK.directory);
+    this.#raw(RUN.directory);
     this.#dirs.push(null);
   }
 
@@ -175,20 +186,18 @@ export class NarWriter {
     const prev = this.#dirs[depth];
     if (prev && compareBytes(prev, name) >= 0) throw new Error("NAR writer: entries must be strictly ascending by bytes");
     this.#dirs[depth] = name;
-    this.#str(TOK.entry);
-    this.#str(TOK.open);
-    this.#str(TOK.name);
+    this.#raw(RUN.entryName);
     this.#str(name);
-    this.#str(TOK.node);
+    this.#raw(RUN.node);
   }
 
   closeEntry(): void {
-    this.#str(TOK.close);
+    this.#raw(RUN.close);
   }
 
   closeDirectory(): void {
     this.#dirs.pop();
-    this.#str(TOK.close);
+    this.#raw(RUN.close);
   }
 
   flush(): void {

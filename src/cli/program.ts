@@ -29,7 +29,8 @@ export async function makeProgram(argv: readonly string[] = []): Promise<Command
     .showHelpAfterError("(run with --help for usage)")
     .exitOverride();
   const first = argv[2];
-  const names = first !== undefined && first in COMMANDS ? [first] : Object.keys(COMMANDS);
+  // A command loads only itself; `--version` needs none; help and mistakes see them all.
+  const names = first !== undefined && first in COMMANDS ? [first] : first === "--version" || first === "-V" ? [] : Object.keys(COMMANDS);
   for (const name of names) program.addCommand(await COMMANDS[name]!());
   const strict = (c: Command) => {
     c.exitOverride();

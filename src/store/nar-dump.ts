@@ -86,7 +86,7 @@ const JOB_BYTES = 64 << 10;
 /** File contents travel in records of at most this many bytes (two fit in the ring at once, and more). */
 const PIECE = 128 << 10;
 /** With fewer records than this waiting for this thread, the worker leaves the next file for it to open. */
-const BY_NAME_BELOW = 24;
+const BY_NAME_BELOW = 64;
 /** Start the worker after this many files, hand over after this many (small trees stay here). */
 const SPAWN_AFTER_FILES = 256;
 const HAND_OVER_AFTER_FILES = 64;

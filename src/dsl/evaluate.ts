@@ -102,6 +102,7 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
   const store = opts.store;
   const batch = new TextBatch(opts.textBatch ?? 5000, store);
   const onFrame = (kind: number, payload: Buffer) => {
+    if (finished) throw protocolError("a message after the end of the plan");
     if (kind === FRAME_TEXT) {
       const fault = textRecordFault(payload, 0, payload.length);
       if (fault) throw protocolError(fault);
@@ -115,6 +116,9 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
     } catch {
       throw protocolError("a message that is not JSON");
     }
+    if (m === null || typeof m !== "object" || typeof m.t !== "string") throw protocolError("a message that is not an object with a kind");
+    const fields = FIELDS[m.t];
+    if (fields && !fields.every((f) => typeof m[f] === "string")) throw protocolError(`a '${m.t}' message without ${fields.join(", ")}`);
     switch (m.t) {
       case "source":
         batch.flush();
@@ -225,8 +229,11 @@ class TextBatch {
   flush(): void {
     const store = this.#store;
     if (!store || this.#count === 0) return;
-    const records = this.#buf.subarray(0, this.#used);
-    this.#buf = new Uint8Array(TEXT_BATCH_BYTES);
+    // A batch that filled its buffer hands the buffer over; a small one (cut short by a source)
+    // goes as a copy of its size, and the buffer is kept.
+    const small = this.#used < this.#buf.length / 4;
+    const records = small ? this.#buf.slice(0, this.#used) : this.#buf.subarray(0, this.#used);
+    if (!small) this.#buf = new Uint8Array(TEXT_BATCH_BYTES);
     this.#used = 0;
     this.#count = 0;
     if (store.addTextRecords) store.addTextRecords(records);
@@ -235,4 +242,11 @@ class TextBatch {
 }
 
 const TEXT_BATCH_BYTES = 8 * 1024 * 1024;
+
+/** The string fields each kind of JSON message must have. */
+const FIELDS: Readonly<Record<string, readonly string[]>> = {
+  source: ["storePath", "from", "name"],
+  job: ["attr", "name", "system", "drvPath"],
+  error: ["code", "message"],
+};
 const utf8 = new TextDecoder();

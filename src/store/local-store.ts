@@ -604,6 +604,8 @@ export class LocalStore {
         return this.registerObjects(toRegister);
       }).immediate();
     } catch (e) {
+      // Ids memoised by the registration are gone with the rolled-back transaction.
+      this.#idMemo.clear();
       this.abortTexts(p);
       throw e;
     }
@@ -998,12 +1000,12 @@ function writeReadOnlyFile(path: string, bytes: Uint8Array, fsync = true): void 
   }
 }
 
-let narScratch = new Uint8Array(64 * 1024);
+let narScratch: Uint8Array = new Uint8Array(64 * 1024);
 
 /** The NAR hash and size of a single non-executable regular file holding `bytes`. */
 function narHashOfBytes(bytes: Uint8Array): { hash: Hash; size: number } {
   const nar = narOfRegularFile(bytes, narScratch);
-  if (nar.buffer !== narScratch.buffer) narScratch = new Uint8Array(nar.length);
+  if (nar.buffer !== narScratch.buffer) narScratch = nar; // it did not fit: keep the larger buffer
   return { hash: makeHash("sha256", sha256(nar)), size: nar.length };
 }
 

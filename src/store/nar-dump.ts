@@ -506,7 +506,7 @@ class Walker {
     };
     try {
       const src = `const fs = require("node:fs"); (${walkerMain.toString()})((${fileIo.toString()})(fs), fs, require("node:worker_threads").workerData);`;
-      // The stream job hands the worker a descriptor this thread opened: it must not be tracked as the worker's own.
+      // The worker closes every descriptor it opens; the one a stream job reads belongs to this thread.
       this.worker = new Worker(src, { eval: true, workerData: data, name: "ferry-nar-walker", trackUnmanagedFds: false, stdin: false });
       this.worker.unref();
       // Faults surface through the dead flag; an 'error' event must not crash the process.

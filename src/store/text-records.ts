@@ -72,6 +72,11 @@ export function decodeTextRecords(batch: Uint8Array): TextRecord[] {
     if (end > batch.length) throw new Error("truncated text record batch");
     const fields = buf.toString("latin1", off + TEXT_RECORD_PREFIX, textStart).split("\n");
     if (fields.length < 2) throw new FerryError("FERRY_STORE_BAD_TEXT_RECORD", "a text object to add has no path and name", { hint: "the evaluator sent a malformed plan" });
+    for (let k = 3; k < fields.length; k++) {
+      if (!(fields[k - 1]! < fields[k]!)) {
+        throw new FerryError("FERRY_STORE_BAD_TEXT_RECORD", `the references of text object '${fields[1]}' are not sorted and distinct`, { hint: "the evaluator sent a malformed plan" });
+      }
+    }
     out.push({ expectedPath: fields[0]!, name: fields[1]!, references: fields.slice(2), bytes: batch.subarray(textStart, end) });
     off = end;
   }

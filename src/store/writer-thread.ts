@@ -59,9 +59,12 @@ export function storePort(store: LocalStore): PlanWriter {
   };
 }
 
-type Msg = { t: "source"; s: PlannedSourceMsg } | { t: "texts"; ts: readonly PlannedTextMsg[] } | { t: "records"; batch: Uint8Array } | { t: "end" };
-type Prepared = { t: "prepared"; p: PreparedTexts } | { t: "end" };
-type Reply = { t: "done" } | { t: "error"; code: string; message: string; hint?: string };
+type Msg = { t: "source"; s: PlannedSourceMsg } | { t: "texts"; ts: readonly PlannedTextMsg[] } | { t: "records"; batch: Uint8Array } | { t: "end" } | { t: "close" } | { t: "abort" };
+type Prepared = { t: "prepared"; p: PreparedTexts } | { t: "end" } | { t: "abort" };
+type Reply = { t: "done" } | { t: "closed" } | { t: "aborted" } | { t: "error"; code: string; message: string; hint?: string };
+
+/** How long `finish` and `abort` wait for the threads to close their stores before terminating them. */
+const SHUTDOWN_MS = 10_000;
 type Role = { loc: StoreLocation; role: "prepare" | "commit"; port: MessagePort };
 
 /**
@@ -82,7 +85,7 @@ export class StoreWriterThread implements PlanWriter {
       for (const w of [this.#preparer, this.#committer]) {
         w.on("message", (r: Reply) => {
           if (r.t === "done") resolve();
-          else reject(new FerryError(r.code, r.message, r.hint ? { hint: r.hint } : {}));
+          else if (r.t === "error") reject(new FerryError(r.code, r.message, r.hint ? { hint: r.hint } : {}));
         });
         w.on("error", reject);
         w.on("exit", (code) => code !== 0 && reject(new Error(`the store writer thread stopped with code ${code}`)));
@@ -105,20 +108,57 @@ export class StoreWriterThread implements PlanWriter {
     this.#preparer.postMessage({ t: "records", batch } satisfies Msg, [batch.buffer as ArrayBuffer]);
   }
 
-  /** Waits until everything sent is written (or throws the first error). */
+  /**
+   * Waits until everything sent is written (or throws the first error, after removing what was
+   * not committed). The preparing thread keeps its temp roots (the sources it added) until the
+   * last batch is committed.
+   */
   async finish(): Promise<void> {
     this.#preparer.postMessage({ t: "end" } satisfies Msg);
     try {
       await this.#result;
-    } finally {
+    } catch (e) {
       await this.abort();
+      throw e;
     }
+    const closed = replyFrom(this.#preparer, "closed");
+    this.#preparer.postMessage({ t: "close" } satisfies Msg);
+    await closed;
+    await this.#terminate();
   }
 
-  /** Stops without waiting (after a failed evaluation). */
+  /**
+   * Stops (after a failed evaluation): batches prepared but not committed are removed, then the
+   * threads end. Nothing half-registered is left either way: a batch commits whole or not at all.
+   */
   async abort(): Promise<void> {
+    const aborted = replyFrom(this.#committer, "aborted");
+    this.#preparer.postMessage({ t: "abort" } satisfies Msg);
+    await aborted;
+    await this.#terminate();
+  }
+
+  async #terminate(): Promise<void> {
     await Promise.all([this.#preparer.terminate(), this.#committer.terminate()]);
   }
+}
+
+/** Resolves when `w` replies `t`, exits, or SHUTDOWN_MS pass. */
+function replyFrom(w: Worker, t: Reply["t"]): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      w.off("message", onMessage);
+      w.off("exit", done);
+      resolve();
+    };
+    const onMessage = (r: Reply) => {
+      if (r.t === t) done();
+    };
+    const timer = setTimeout(done, SHUTDOWN_MS);
+    w.on("message", onMessage);
+    w.once("exit", done);
+  });
 }
 
 function replyError(port: NonNullable<typeof parentPort>, e: unknown): void {
@@ -126,10 +166,23 @@ function replyError(port: NonNullable<typeof parentPort>, e: unknown): void {
   port.postMessage({ t: "error", code: fe.code, message: fe.message, ...(fe.hint ? { hint: fe.hint } : {}) } satisfies Reply);
 }
 
-/** The preparing thread: handles the plan in order and hands prepared text batches on. */
+/**
+ * The preparing thread: handles the plan in order and hands prepared text batches on. Its store
+ * stays open (its temp roots protect the sources it added) until `close`, after the commits.
+ */
 function runPreparer(store: LocalStore, parent: NonNullable<typeof parentPort>, committer: MessagePort): void {
   let failed = false;
   parent.on("message", (m: Msg) => {
+    if (m.t === "close") {
+      store.close();
+      parent.postMessage({ t: "closed" } satisfies Reply);
+      return;
+    }
+    if (m.t === "abort") {
+      failed = true;
+      committer.postMessage({ t: "abort" } satisfies Prepared); // after every batch it was sent
+      return;
+    }
     if (failed) return;
     try {
       if (m.t === "records" || m.t === "texts") {
@@ -138,7 +191,6 @@ function runPreparer(store: LocalStore, parent: NonNullable<typeof parentPort>, 
       } else if (m.t === "source") {
         writePlannedSource(store, m.s);
       } else {
-        store.close();
         committer.postMessage({ t: "end" } satisfies Prepared);
       }
     } catch (e) {
@@ -151,7 +203,8 @@ function runPreparer(store: LocalStore, parent: NonNullable<typeof parentPort>, 
 /**
  * The committing thread: starts each batch's file-system sync (another process) as soon as it
  * arrives and commits batches in order once their sync is done, so files are always durable
- * before their rows commit.
+ * before their rows commit. Once it has failed or is told to abort, every batch not committed
+ * (queued or arriving later) has its files removed.
  */
 function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>, preparer: MessagePort): void {
   const queue: { p: PreparedTexts; synced: Promise<void> }[] = [];
@@ -169,6 +222,7 @@ function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>,
           store.abortTexts(head.p);
           throw e;
         }
+        if (failed) return; // aborted meanwhile: the queue, this batch included, is cleaned up
         queue.shift();
         store.commitTexts(head.p);
       }
@@ -178,14 +232,23 @@ function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>,
       }
     } catch (e) {
       failed = true;
-      for (const q of queue) store.abortTexts(q.p);
+      for (const q of queue.splice(0)) store.abortTexts(q.p);
       replyError(parent, e);
     } finally {
       running = false;
     }
   };
   preparer.on("message", (m: Prepared) => {
-    if (failed) return;
+    if (m.t === "abort") {
+      failed = true;
+      for (const q of queue.splice(0)) store.abortTexts(q.p);
+      parent.postMessage({ t: "aborted" } satisfies Reply);
+      return;
+    }
+    if (failed) {
+      if (m.t === "prepared") store.abortTexts(m.p);
+      return;
+    }
     if (m.t === "prepared") {
       const synced = store.syncPrepared(m.p);
       synced.catch(() => undefined); // reported when the batch's turn comes

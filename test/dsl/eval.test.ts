@@ -162,6 +162,53 @@ describe("ferry eval", () => {
     const left = fs.existsSync(join(root, "nix/store")) ? fs.readdirSync(join(root, "nix/store")) : [];
     assert.deepEqual(left.filter((n) => n.startsWith(".ferry-tmp-")), [], "no temporary files are left behind");
   });
+
+  test("a message that is not an object, a text whose references repeat, or anything after the end is refused", () => {
+    const frame = (kind: number, payload: string) => `(() => { const p = Buffer.from(${JSON.stringify(payload)}); const h = Buffer.alloc(5); h.writeUInt32LE(p.length, 0); h[4] = ${kind}; writeSync(3, Buffer.concat([h, p])); })();`;
+    const cases: [string, string, RegExp][] = [
+      ["null.ts", frame(FRAME_JSON, "null"), /FERRY_EVAL_PROTOCOL/],
+      ["no-fields.ts", frame(FRAME_JSON, JSON.stringify({ t: "source" })), /FERRY_EVAL_PROTOCOL/],
+      ["after-done.ts", frame(FRAME_JSON, JSON.stringify({ t: "done", jobs: 0 })) + frame(FRAME_JSON, JSON.stringify({ t: "done", jobs: 0 })), /FERRY_EVAL_PROTOCOL/],
+    ];
+    for (const [name, code, want] of cases) {
+      const r = ferry(["eval", "--dry-run", write(name, `import { writeSync } from "node:fs";\n${code}\nexport {};\n`)]);
+      assert.equal(r.status, 1, name);
+      assert.match(r.stderr, want, name);
+    }
+    // A text record whose references repeat (its path matches its content: the check is on the plan).
+    const dup = write("dup-refs.ts", `import { writeSync } from "node:fs";
+      import { derivation } from "ferry";
+      const a = derivation({ name: "a", system: "x86_64-linux", builder: "/bin/sh" });
+      const header = Buffer.from(["/nix/store/00000000000000000000000000000000-x.drv", "x.drv", a.drvPath, a.drvPath].join("\\n"));
+      const rec = Buffer.alloc(8); rec.writeUInt32LE(header.length, 0); rec.writeUInt32LE(1, 4);
+      const frame = Buffer.alloc(5); frame.writeUInt32LE(9 + header.length, 0); frame[4] = ${FRAME_TEXT};
+      writeSync(3, Buffer.concat([frame, rec, header, Buffer.from("x")]));
+      export { a };`);
+    const root = join(dir, "r-dup");
+    const d = ferry(["eval", "--root", root, "--store-dir", "/nix/store", "--state-dir", "/nix/var", dup]);
+    assert.equal(d.status, 1);
+    assert.match(d.stderr, /FERRY_STORE_BAD_TEXT_RECORD/);
+    const left = fs.existsSync(join(root, "nix/store")) ? fs.readdirSync(join(root, "nix/store")) : [];
+    assert.deepEqual(left.filter((n) => n.startsWith(".ferry-tmp-")), [], "no temporary files are left behind");
+  });
+
+  test("package code that fails after thousands of derivations leaves no temporary files", () => {
+    // More than one batch of texts (5,000) reaches the writer threads before the error: batches
+    // prepared but not committed are removed; committed ones stay, whole.
+    const late = write("late-failure.ts", `import { derivation } from "ferry";
+      const pkgs = [];
+      for (let i = 0; i < 20000; i++) pkgs.push(derivation({ name: "late" + i, system: "x86_64-linux", builder: "/bin/sh", args: ["-c", "echo " + i] }));
+      export const all = pkgs[19999];
+      throw new Error("late failure");`);
+    const root = join(dir, "r-late");
+    const r = ferry(["eval", "--root", root, "--store-dir", "/nix/store", "--state-dir", "/nix/var", late]);
+    assert.equal(r.status, 1);
+    assert.match(r.stderr, /late failure/);
+    const left = fs.existsSync(join(root, "nix/store")) ? fs.readdirSync(join(root, "nix/store")) : [];
+    assert.deepEqual(left.filter((n) => n.startsWith(".ferry-tmp-")), [], "no temporary files are left behind");
+    const v = ferry(["store", "verify", "--root", root, "--store-dir", "/nix/store", "--state-dir", "/nix/var"]);
+    assert.equal(v.status, 0, v.stderr);
+  });
 });
 
 describe("eval protocol frames", () => {

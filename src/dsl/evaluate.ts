@@ -9,22 +9,21 @@ import { fileURLToPath } from "node:url";
 import { existsSync } from "node:fs";
 import { resolve } from "node:path";
 import { FerryError } from "../core/errors.js";
-import type { PlannedSource, PlannedText } from "./context.js";
+import type { PlannedSource } from "./context.js";
 import { bwrapPath, sandboxAvailable } from "../build/sandbox.js";
-import { decodeTextRecords, textRecordFault } from "../store/text-records.js";
+import { textRecordFault } from "../store/text-records.js";
 import { FRAME_TEXT, FrameReader, protocolError } from "./eval-protocol.js";
 
 /** How evaluation results reach a store. */
 export interface EvalStorePort {
   /** Adds a source object; must produce `expectedPath`. */
   addSource(s: PlannedSource): void;
-  /** Adds text objects (in order); each must produce its `storePath`. */
-  addTexts(ts: readonly PlannedText[]): void;
   /**
-   * Like `addTexts` for a batch in the text-record encoding (store/text-records); the port may
-   * take over `batch`'s buffer. Without it, batches are decoded and given to `addTexts`.
+   * Adds a batch of text objects (.drv files, in order) in the text-record encoding
+   * (store/text-records); each must produce its expected path. The port may take over
+   * `batch`'s buffer.
    */
-  addTextRecords?(batch: Uint8Array): void;
+  addTextRecords(batch: Uint8Array): void;
   /** For ports that write in the background: resolves once everything is written. */
   finish?(): Promise<void>;
   abort?(): Promise<void>;
@@ -236,8 +235,7 @@ class TextBatch {
     if (!small) this.#buf = new Uint8Array(TEXT_BATCH_BYTES);
     this.#used = 0;
     this.#count = 0;
-    if (store.addTextRecords) store.addTextRecords(records);
-    else store.addTexts(decodeTextRecords(records).map((r) => ({ storePath: r.expectedPath, name: r.name, references: r.references, text: utf8.decode(r.bytes) })));
+    store.addTextRecords(records);
   }
 }
 
@@ -249,4 +247,3 @@ const FIELDS: Readonly<Record<string, readonly string[]>> = {
   job: ["attr", "name", "system", "drvPath"],
   error: ["code", "message"],
 };
-const utf8 = new TextDecoder();

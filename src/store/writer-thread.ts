@@ -17,13 +17,6 @@ export interface PlannedSourceMsg {
   readonly name: string;
 }
 
-export interface PlannedTextMsg {
-  readonly storePath: string;
-  readonly name: string;
-  readonly text: string;
-  readonly references: readonly string[];
-}
-
 /** Adds a planned source; its path must be the one evaluation computed. */
 export function writePlannedSource(store: LocalStore, s: PlannedSourceMsg): void {
   const r = store.addPath(s.from, { name: s.name });
@@ -32,12 +25,7 @@ export function writePlannedSource(store: LocalStore, s: PlannedSourceMsg): void
   }
 }
 
-/** Adds planned text objects (.drv files) in one batch; each must get the path evaluation computed. */
-export function writePlannedTexts(store: LocalStore, ts: readonly PlannedTextMsg[]): void {
-  store.addTexts(ts.map((t) => ({ name: t.name, text: t.text, references: t.references, expectedPath: t.storePath })));
-}
-
-/** Like `writePlannedTexts` for a batch in the text-record encoding (store/text-records). */
+/** Adds planned text objects (.drv files) given as a batch of text records (store/text-records); each must get the path evaluation computed. */
 export function writeTextRecords(store: LocalStore, batch: Uint8Array): void {
   store.commitTexts(store.prepareTexts(decodeTextRecords(batch)));
 }
@@ -45,7 +33,6 @@ export function writeTextRecords(store: LocalStore, batch: Uint8Array): void {
 /** What an evaluation's plan needs from a store (the shape of dsl's EvalStorePort; the store does not depend on the DSL). */
 export interface PlanWriter {
   addSource(s: PlannedSourceMsg): void;
-  addTexts(ts: readonly PlannedTextMsg[]): void;
   /** Adds a batch of text records; the writer may take `batch`'s buffer (transfer it). */
   addTextRecords(batch: Uint8Array): void;
 }
@@ -54,12 +41,11 @@ export interface PlanWriter {
 export function storePort(store: LocalStore): PlanWriter {
   return {
     addSource: (src) => writePlannedSource(store, src),
-    addTexts: (ts) => writePlannedTexts(store, ts),
     addTextRecords: (batch) => writeTextRecords(store, batch),
   };
 }
 
-type Msg = { t: "source"; s: PlannedSourceMsg } | { t: "texts"; ts: readonly PlannedTextMsg[] } | { t: "records"; batch: Uint8Array } | { t: "end" } | { t: "close" } | { t: "abort" };
+type Msg = { t: "source"; s: PlannedSourceMsg } | { t: "records"; batch: Uint8Array } | { t: "end" } | { t: "close" } | { t: "abort" };
 type Prepared = { t: "prepared"; p: PreparedTexts } | { t: "end" } | { t: "abort" };
 type Reply = { t: "done" } | { t: "closed" } | { t: "aborted" } | { t: "error"; code: string; message: string; hint?: string };
 
@@ -97,10 +83,6 @@ export class StoreWriterThread implements PlanWriter {
 
   addSource(s: PlannedSourceMsg): void {
     this.#preparer.postMessage({ t: "source", s } satisfies Msg);
-  }
-
-  addTexts(ts: readonly PlannedTextMsg[]): void {
-    this.#preparer.postMessage({ t: "texts", ts } satisfies Msg);
   }
 
   /** Moves `batch`'s whole buffer to the writer thread (it is detached here afterwards). */
@@ -185,9 +167,8 @@ function runPreparer(store: LocalStore, parent: NonNullable<typeof parentPort>, 
     }
     if (failed) return;
     try {
-      if (m.t === "records" || m.t === "texts") {
-        const items = m.t === "records" ? decodeTextRecords(m.batch) : m.ts.map((t) => ({ name: t.name, bytes: Buffer.from(t.text), references: t.references, expectedPath: t.storePath }));
-        committer.postMessage({ t: "prepared", p: store.prepareTexts(items) } satisfies Prepared);
+      if (m.t === "records") {
+        committer.postMessage({ t: "prepared", p: store.prepareTexts(decodeTextRecords(m.batch)) } satisfies Prepared);
       } else if (m.t === "source") {
         writePlannedSource(store, m.s);
       } else {

@@ -9,6 +9,7 @@ import { join } from "node:path";
 import { evaluate, type EvalJob } from "../../src/dsl/evaluate.js";
 import { drvVectors, writeVectorPackageSet, type DrvVector } from "../helpers/vector-fixture.js";
 import { tempDir } from "../helpers/fs-trees.js";
+import { decodeTextRecords } from "../../src/store/text-records.js";
 
 
 
@@ -28,7 +29,7 @@ describe("DSL against the derivation vectors", () => {
       const { jobs } = await evaluate({
         file: join(dir, "drvs.ts"),
         storeDir,
-        store: { addSource: () => {}, addTexts: (ts) => ts.forEach((t) => texts.set(t.storePath, t.text)) },
+        store: { addSource: () => {}, addTextRecords: (batch) => decodeTextRecords(batch).forEach((t) => texts.set(t.expectedPath, Buffer.from(t.bytes).toString())) },
       });
       const byAttr = new Map<string, EvalJob>(jobs.map((j) => [j.attr, j]));
       const mine = vectors.filter((v) => v.store_dir === storeDir);

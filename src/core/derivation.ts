@@ -227,8 +227,6 @@ export interface PrintDerivationOptions {
    * A fixed output keeps its hashAlgo and hash, as in Nix.
    */
   readonly maskOutputs?: boolean;
-  /** Print this map in place of `drv.inputDrvs` (hashDerivationModulo's form, keyed by hex digests). */
-  readonly inputDrvs?: ReadonlyMap<string, readonly string[]>;
 }
 
 // In a `u` regex a class range over surrogates matches only unpaired ones.
@@ -358,7 +356,7 @@ function inputDrvsText(inputDrvs: ReadonlyMap<string, readonly string[]>): strin
  * field holding `"` or `\` (Nix would write an unreadable file) or any unpaired surrogate.
  */
 export function printDerivation(drv: Derivation, opts: PrintDerivationOptions = {}): string {
-  return printWithInputs(drv, inputDrvsText(opts.inputDrvs ?? drv.inputDrvs), opts.maskOutputs === true);
+  return printWithInputs(drv, inputDrvsText(drv.inputDrvs), opts.maskOutputs === true);
 }
 
 /** `printDerivation` with the inputDrvs list given as text. */
@@ -862,7 +860,7 @@ function nameOf(drv: Derivation, name: string | undefined): string {
 }
 
 /** The references of a .drv file: its inputSrcs and inputDrvs, in JavaScript's default order. */
-function referencesOf(drv: Derivation): string[] {
+export function referencesOf(drv: Derivation): string[] {
   return sortInPlace([...sortedUnique(drv.inputSrcs), ...drv.inputDrvs.keys()], compareUtf16);
 }
 

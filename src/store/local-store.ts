@@ -6,7 +6,10 @@
  * and renamed to its final name inside the same write transaction that inserts its row, so
  * a crash at any point leaves either a valid object or an unregistered leftover that the next
  * add replaces and GC removes. Two writers adding the same object serialise on SQLite's write
- * lock; the second finds it valid and drops its copy.
+ * lock; the second finds it valid and drops its copy. Text objects (.drv files, written by the
+ * hundred thousand) skip the rename: each is created exclusively under its final name after
+ * the name is temp-rooted, made durable, then registered; until then it is just as invalid,
+ * and a writer that finds the name taken falls back to a temporary name.
  */
 import * as fs from "node:fs";
 import { join } from "node:path";
@@ -21,7 +24,7 @@ import {
 import { exportEnd, exportEntryStart, exportEntryTrailer, ExportReader } from "../core/export-stream.js";
 import { fingerprintPath, signMessage, type SecretKey } from "../core/signing.js";
 import { narOfRegularFile } from "../core/nar/writer.js";
-import { MIGRATIONS, SQL } from "./schema.js";
+import { MIGRATIONS, SQL, TEMP_ROOTS_SCHEMA } from "./schema.js";
 import { realPath, type StoreLocation } from "./config.js";
 import { dumpPath, hashFile, hashPath } from "./nar-dump.js";
 import { NarRestorer } from "./nar-restore.js";
@@ -106,16 +109,20 @@ export interface TextToAdd {
  */
 export interface PreparedTexts {
   readonly results: readonly Omit<AddResult, "added">[];
-  /** One per distinct path, in order: written under `tmpReal`, or found valid (then `bytes`, in case a GC takes it before the commit). */
-  readonly entries: PreparedText[];
+  /** One per distinct path not valid when the batch was prepared, in order. */
+  readonly entries: readonly PreparedText[];
   /** True once every file written is durable. */
   synced: boolean;
 }
 
+/**
+ * A text object written but not registered: created under its final name (`tmpReal`
+ * undefined; only this writer created it, and its temp root protects it), or under
+ * `tmpReal` when something already had the final name (a leftover, or a concurrent writer).
+ */
 export interface PreparedText {
   readonly obj: NewObject;
-  tmpReal?: string;
-  readonly bytes?: Uint8Array;
+  readonly tmpReal?: string;
 }
 
 const TMP_PREFIX = ".ferry-tmp-";
@@ -142,6 +149,8 @@ export class LocalStore {
   #memoGeneration = -1;
   /** This handle's temp-root owner id, `<pid>-<random>` (GC drops the rows of dead pids). */
   #tempRootOwner: string | undefined;
+  /** The temp-roots database, opened when first needed (see TEMP_ROOTS_SCHEMA). */
+  #rootsDb: Database.Database | undefined;
 
   private constructor(loc: StoreLocation, db: Database.Database) {
     this.loc = loc;
@@ -177,18 +186,7 @@ export class LocalStore {
     }
     // Wait for other writers (up to 10 minutes) rather than failing with SQLITE_BUSY.
     const db = new Database(join(realState, "db", "db.sqlite"), { timeout: 600_000 });
-    // Switching to WAL needs a lock SQLite does not wait for (no busy handler), so a store opened
-    // while another process writes can see SQLITE_BUSY here: set it only when it is not WAL yet,
-    // and retry briefly.
-    for (let attempt = 0; ; attempt++) {
-      try {
-        if (db.pragma("journal_mode", { simple: true }) !== "wal") db.pragma("journal_mode = WAL");
-        break;
-      } catch (e) {
-        if ((e as { code?: string }).code !== "SQLITE_BUSY" || attempt >= 200) throw e;
-        Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 25);
-      }
-    }
+    setWal(db);
     db.pragma("synchronous = FULL");
     // Batches of thousands of rows touch pages all over the path index: keep them in memory.
     db.pragma("cache_size = -65536");
@@ -198,8 +196,26 @@ export class LocalStore {
   }
 
   close(): void {
-    if (this.#tempRootOwner) this.#stmt(SQL.deleteTempRoots).run(this.#tempRootOwner);
+    if (this.#rootsDb) {
+      if (this.#tempRootOwner) this.#rootsDb.prepare(SQL.deleteTempRoots).run(this.#tempRootOwner);
+      this.#rootsDb.close();
+    }
     this.#db.close();
+  }
+
+  /** The temp-roots database; writers wait for each other and for GC, never for registrations. */
+  #roots(): Database.Database {
+    if (this.#rootsDb) return this.#rootsDb;
+    const db = new Database(join(this.realStateDir, "db", "temproots.sqlite"), { timeout: 600_000 });
+    try {
+      setWal(db);
+      db.pragma("synchronous = NORMAL");
+      db.exec(TEMP_ROOTS_SCHEMA);
+    } catch (e) {
+      db.close();
+      throw e;
+    }
+    return (this.#rootsDb = db);
   }
 
   realPathOf(storePath: string): string {
@@ -284,9 +300,10 @@ export class LocalStore {
 
   /**
    * Protects `path` from GC while this handle is open (Nix's temp roots): called before
-   * checking validity. Roots are rows written in a write transaction, so they serialise with
-   * GC (which decides under the same lock): either GC ran first and the check sees the path
-   * gone, or GC sees the root. A path found valid after rooting cannot be collected.
+   * checking validity or writing under a final name. Roots are committed rows of the
+   * temp-roots database, whose write lock GC holds while it decides and deletes: either GC ran
+   * first and the check sees the path gone, or GC sees the root. A path found valid after
+   * rooting cannot be collected, and an invalid one being written is left alone.
    */
   addTempRoot(path: string): void {
     this.addTempRoots([path]);
@@ -294,13 +311,9 @@ export class LocalStore {
 
   /** Like `addTempRoot` for many paths: one row, one transaction. */
   addTempRoots(paths: readonly string[]): void {
-    if (paths.length) this.#db.transaction(() => this.#insertTempRoots(paths)).immediate();
-  }
-
-  /** Inserts the temp-root row for `paths`; the caller holds the write lock. */
-  #insertTempRoots(paths: readonly string[]): void {
+    if (!paths.length) return;
     this.#tempRootOwner ??= randomSuffix();
-    if (paths.length) this.#stmt(SQL.insertTempRoots).run(this.#tempRootOwner, paths.join("\n"));
+    this.#roots().prepare(SQL.insertTempRoots).run(this.#tempRootOwner, paths.join("\n"));
   }
 
   /** Row ids of those of `paths` that are valid now. */
@@ -321,24 +334,29 @@ export class LocalStore {
 
   /**
    * Registers several objects in one write transaction (in order, so later ones may reference
-   * earlier ones). All or nothing: on any error none is registered and every temporary copy is
-   * removed. Returns, per object, whether it was added (false: it was valid already).
+   * earlier ones). All or nothing: on any error none is registered, and every object renamed
+   * into place goes back under its temporary name (for the caller to remove), except one that
+   * replaced an unregistered leftover: it stays, complete but invalid, since a writer that
+   * created that name in place may be about to register it. Returns, per object, whether it
+   * was added (false: it was valid already). `created`: the caller created the final name
+   * itself, exclusively, and rooted it, so its content is there without a check.
    */
-  registerObjects(items: readonly { tmpReal: string | undefined; obj: NewObject }[]): boolean[] {
-    const prepared = items.map(({ tmpReal, obj }) => {
+  registerObjects(items: readonly { tmpReal: string | undefined; obj: NewObject; created?: boolean }[]): boolean[] {
+    const prepared = items.map(({ tmpReal, obj, created }) => {
       const path = this.parsePath(obj.path);
       for (const r of obj.references) this.parsePath(r);
-      return { tmpReal, obj, path, finalReal: this.realPathOf(path) };
+      return { tmpReal, obj, path, finalReal: this.realPathOf(path), created: created === true };
     });
     const insert = this.#stmt(SQL.insertPath);
     const idStmt = this.#stmt(SQL.idByPath);
     const refStmt = this.#stmt(SQL.insertRef);
     const moved: { tmpReal: string; finalReal: string }[] = [];
+    let renamed = false;
     const txn = this.#db.transaction((): boolean[] => {
       try {
         return registerAll();
       } catch (e) {
-        // Put every renamed object back under its temporary name while the lock is held: no
+        // Put renamed objects back under their temporary names while the lock is held: no
         // final name is ever unlinked outside the write lock.
         for (const m of moved.reverse()) fs.renameSync(m.finalReal, m.tmpReal);
         moved.length = 0;
@@ -366,7 +384,7 @@ export class LocalStore {
         }
         return id;
       };
-      const added = prepared.map(({ tmpReal, obj, path, finalReal }) => {
+      const added = prepared.map(({ tmpReal, obj, path, finalReal, created }) => {
         if (idOf(path) !== undefined) return false;
         for (const r of obj.references) {
           if (r !== path && idOf(r) === undefined) {
@@ -374,9 +392,9 @@ export class LocalStore {
           }
         }
         if (tmpReal !== undefined) {
-          this.#moveIntoPlace(tmpReal, finalReal);
-          moved.push({ tmpReal, finalReal });
-        } else if (!pathExists(finalReal)) {
+          if (!this.#moveIntoPlace(tmpReal, finalReal)) moved.push({ tmpReal, finalReal });
+          renamed = true;
+        } else if (!created && !pathExists(finalReal)) {
           throw storeError("FERRY_STORE_CONTENT_MISSING", `cannot register '${path}': its content is not at ${finalReal}`, "something removed it meanwhile; build or add it again");
         }
         const info = insert.run(
@@ -394,7 +412,7 @@ export class LocalStore {
         for (const r of obj.references) refStmt.run(id, r === path ? id : idOf(r)!);
         return true;
       });
-      if (moved.length) fsyncPath(this.realStoreDir);
+      if (renamed) fsyncPath(this.realStoreDir);
       return added;
     };
     try {
@@ -405,7 +423,8 @@ export class LocalStore {
       return added;
     } catch (e) {
       this.#idMemo.clear();
-      // The transaction rolled back and renamed objects are back under their temporary names.
+      // The transaction rolled back; renamed objects are back under their temporary names (or
+      // stay in place, complete, where they replaced a leftover).
       for (const p of prepared) if (p.tmpReal !== undefined) removeTree(p.tmpReal);
       throw e;
     }
@@ -434,9 +453,13 @@ export class LocalStore {
   /**
    * Renames a new object onto its final name, under the write lock. An unregistered file
    * already there is replaced atomically by the rename; anything rename cannot replace (a
-   * directory) goes to the trash first.
+   * directory) goes to the trash first. True when something was there.
    */
-  #moveIntoPlace(tmpReal: string, finalReal: string): void {
+  #moveIntoPlace(tmpReal: string, finalReal: string): boolean {
+    if (!pathExists(finalReal)) {
+      fs.renameSync(tmpReal, finalReal);
+      return false;
+    }
     try {
       fs.renameSync(tmpReal, finalReal);
     } catch (e) {
@@ -445,6 +468,7 @@ export class LocalStore {
       this.#moveToTrash(finalReal);
       fs.renameSync(tmpReal, finalReal);
     }
+    return true;
   }
 
   #moveToTrash(real: string): void {
@@ -532,11 +556,13 @@ export class LocalStore {
   }
 
   /**
-   * First half of adding text objects: computes and checks every path, and writes those not
-   * valid yet under temporary names (small batches fsync each file; larger ones are left for
-   * one file-system sync: `syncPrepared`, or `commitTexts` does it). Nothing is registered or
-   * rooted here and nothing takes the write lock, so another thread or process may commit
-   * meanwhile. `abortTexts` removes the files of a batch that is not committed.
+   * First half of adding text objects: computes and checks every path, roots them all (one
+   * temp-root row), and writes those not valid yet, each straight under its final name, which
+   * is created exclusively (a name already taken gets a temporary name, renamed over it at
+   * commit). Small batches fsync each file; larger ones are left for one file-system sync
+   * (`syncPrepared`, or `commitTexts` does it). Nothing is registered here, so another thread
+   * or process may commit meanwhile; until then the files are invalid, like a build's outputs
+   * in progress. `abortTexts` removes the files of a batch that is not committed.
    */
   prepareTexts(items: readonly TextToAdd[]): PreparedTexts {
     const planned = items.map((it) => {
@@ -547,28 +573,40 @@ export class LocalStore {
       }
       return { it, hash, path, nar: narHashOfBytes(it.bytes) };
     });
-    const valid = this.#validIds(planned.map((p) => p.path));
+    const results = planned.map((p) => ({ path: p.path, narHash: p.nar.hash, narSize: p.nar.size }));
+    const paths = [...new Set(planned.map((p) => p.path))];
+    // Rooted before the validity check: a path found valid stays valid (GC keeps it), and GC
+    // leaves alone the names written below until this handle closes.
+    this.addTempRoots(paths);
+    const valid = this.#validIds(paths);
     const fsyncEach = planned.length <= SYNC_BATCH_MIN;
     const entries: PreparedText[] = [];
-    const seen = new Set<string>();
+    const seen = new Set<string>(valid.keys());
     try {
       for (const { it, hash, path, nar } of planned) {
         if (seen.has(path)) continue;
         seen.add(path);
         const obj: NewObject = { path, narHash: nar.hash, narSize: nar.size, references: it.references, ultimate: true, ca: { kind: "text", hash } };
-        if (valid.has(path)) {
-          entries.push({ obj, bytes: it.bytes.slice() });
+        const finalReal = this.realPathOf(path);
+        const created = createReadOnlyFile(finalReal, it.bytes, fsyncEach);
+        if (created === "created") {
+          entries.push({ obj });
         } else {
+          // Pushed before the write: if it fails, abortTexts still removes what it started.
           const tmpReal = this.newTempPath();
-          writeReadOnlyFile(tmpReal, it.bytes, fsyncEach);
           entries.push({ obj, tmpReal });
+          if (created !== "exists") throw created;
+          const again = createReadOnlyFile(tmpReal, it.bytes, fsyncEach);
+          if (again !== "created") throw again === "exists" ? new Error(`the temporary name ${tmpReal} is taken`) : again;
         }
       }
+      // Each file is synced; their names need the directory synced too.
+      if (fsyncEach && entries.some((e) => !e.tmpReal)) fsyncPath(this.realStoreDir);
     } catch (e) {
       this.abortTexts({ entries });
       throw e;
     }
-    return { results: planned.map((p) => ({ path: p.path, narHash: p.nar.hash, narSize: p.nar.size })), entries, synced: fsyncEach || entries.every((e) => !e.tmpReal) };
+    return { results, entries, synced: fsyncEach || entries.length === 0 };
   }
 
   /** Makes the files of `p` durable with one file-system sync that runs in another process. */
@@ -579,9 +617,10 @@ export class LocalStore {
   }
 
   /**
-   * Second half: syncs the files if that is not done yet, then in one write transaction roots
-   * every path of the batch (one temp-root row), writes any path found valid while preparing
-   * that a GC has removed since, and registers the new ones. Removes the batch's files on failure.
+   * Second half: syncs the files if that is not done yet, then registers the batch in one
+   * write transaction (renaming the files written under temporary names into place). Its
+   * paths were rooted when it was prepared, by the handle that prepared it, which must stay
+   * open until now. Removes the batch's files on failure.
    */
   commitTexts(p: PreparedTexts): AddResult[] {
     let added: boolean[];
@@ -590,19 +629,7 @@ export class LocalStore {
         syncFilesystem(this.realStoreDir);
         p.synced = true;
       }
-      added = this.#db.transaction(() => {
-        this.#insertTempRoots(p.entries.map((e) => e.obj.path));
-        const stillValid = this.#validIds(p.entries.filter((e) => !e.tmpReal).map((e) => e.obj.path));
-        const toRegister: { tmpReal: string; obj: NewObject }[] = [];
-        for (const e of p.entries) {
-          if (!e.tmpReal && !stillValid.has(e.obj.path)) {
-            e.tmpReal = this.newTempPath();
-            writeReadOnlyFile(e.tmpReal, e.bytes!, true);
-          }
-          if (e.tmpReal) toRegister.push({ tmpReal: e.tmpReal, obj: e.obj });
-        }
-        return this.registerObjects(toRegister);
-      }).immediate();
+      added = this.registerObjects(p.entries.map((e) => ({ tmpReal: e.tmpReal, obj: e.obj, created: !e.tmpReal })));
     } catch (e) {
       // Ids memoised by the registration are gone with the rolled-back transaction.
       this.#idMemo.clear();
@@ -610,14 +637,26 @@ export class LocalStore {
       throw e;
     }
     const byPath = new Map<string, boolean>();
-    let k = 0;
-    for (const e of p.entries) byPath.set(e.obj.path, e.tmpReal ? added[k++]! : false);
+    p.entries.forEach((e, k) => byPath.set(e.obj.path, added[k]!));
     return p.results.map((r) => ({ ...r, added: byPath.get(r.path) ?? false }));
   }
 
-  /** Removes the temporary files of texts prepared but not committed. */
+  /**
+   * Removes the files of texts prepared but not committed. Those written under their final
+   * names are unlinked under the write lock and only while invalid: another writer of the
+   * same path may have registered its own copy there meanwhile.
+   */
   abortTexts(p: Pick<PreparedTexts, "entries">): void {
-    for (const e of p.entries) if (e.tmpReal) removeTree(e.tmpReal);
+    const inPlace: string[] = [];
+    for (const e of p.entries) {
+      if (e.tmpReal) removeTree(e.tmpReal);
+      else inPlace.push(e.obj.path);
+    }
+    if (!inPlace.length) return;
+    this.#db.transaction(() => {
+      const valid = this.#validIds(inPlace);
+      for (const path of inPlace) if (!valid.has(path)) fs.rmSync(this.realPathOf(path), { force: true });
+    }).immediate();
   }
 
   /** A text object (`builtins.toFile`, `.drv` files) with declared references. */
@@ -830,9 +869,9 @@ export class LocalStore {
     return isSymlink(next) ? this.#rootTarget(next, depth + 1) : undefined;
   }
 
-  /** Temp roots of live handles (read under GC's write lock); rows of dead processes are dropped. */
-  #tempRoots(): string[] {
-    const rows = this.#stmt(SQL.allTempRoots).all() as { owner: string; paths: string }[];
+  /** Temp roots of live handles (read under the temp-roots write lock); rows of dead processes are dropped. */
+  #tempRoots(roots: Database.Database): string[] {
+    const rows = roots.prepare(SQL.allTempRoots).all() as { owner: string; paths: string }[];
     const out: string[] = [];
     const dead = new Set<string>();
     for (const r of rows) {
@@ -840,7 +879,7 @@ export class LocalStore {
       if (!Number.isInteger(pid) || (pid !== process.pid && !processAlive(pid))) dead.add(r.owner);
       else out.push(...r.paths.split("\n"));
     }
-    for (const o of dead) this.#stmt(SQL.deleteTempRoots).run(o);
+    for (const o of dead) roots.prepare(SQL.deleteTempRoots).run(o);
     return out;
   }
 
@@ -850,54 +889,60 @@ export class LocalStore {
    * write lock, so an add in progress can neither lose its object nor see a half-deleted one.
    */
   gc(opts: { dryRun?: boolean } = {}): GcResult {
-    const plan = this.#db.transaction(() => {
-      const tempRoots = this.#tempRoots();
-      this.#restoreInterruptedGc();
-      const rootPaths = [...new Set([...this.findRoots().map((r) => r.path), ...tempRoots.filter((p) => this.isValid(p))])];
-      const live = new Set(rootPaths.length ? this.closure(rootPaths) : []);
-      const valid = this.allValidPaths();
-      const dead = valid.filter((p) => !live.has(p));
-      const validNames = new Set(valid.map((p) => p.slice(this.storeDir.length + 1)));
-      // A live process may be about to register a path it is writing in place (a build
-      // without the sandbox): its temp root protects that name too.
-      const rootedNames = new Set(tempRoots.map((p) => p.slice(this.storeDir.length + 1)));
-      const leftovers: string[] = [];
-      for (const n of fs.readdirSync(this.realStoreDir)) {
-        if (validNames.has(n) || rootedNames.has(n)) continue;
-        const m = /^\.ferry-(?:tmp|trash)-(\d+)-/.exec(n);
-        if (m && processAlive(Number(m[1]))) continue;
-        leftovers.push(n);
-      }
-      let bytes = 0;
-      for (const p of dead) bytes += this.queryPathInfo(p)!.narSize;
-      if (opts.dryRun) return { dead, bytes, leftovers, roots: rootPaths.sort(), trash: undefined };
-      const idStmt = this.#stmt(SQL.idByPath);
-      const ids = dead.map((p) => (idStmt.get(p) as { id: number }).id);
-      for (const id of ids) this.#stmt(SQL.deleteRefsFrom).run(id);
-      for (const id of ids) this.#stmt(SQL.deletePath).run(id);
-      if (ids.length) this.#stmt(SQL.bumpGcGeneration).run();
-      // Unlink under the lock: rename into a trash dir (cheap), delete the trash afterwards. If
-      // a rename fails, everything goes back before the rows are restored by the rollback; if
-      // the process dies here, the next GC moves valid paths back out of its trash.
-      const trash = join(this.realStoreDir, `${TRASH_PREFIX}${randomSuffix()}`);
-      fs.mkdirSync(trash);
-      const moved: [string, string][] = [];
-      try {
-        for (const p of dead) {
-          const real = this.realPathOf(p);
-          const to = join(trash, p.slice(this.storeDir.length + 1));
-          if (renameIfPresent(real, to)) moved.push([real, to]);
-        }
-        for (const n of leftovers) renameIfPresent(join(this.realStoreDir, n), join(trash, n));
-        fsyncPath(this.realStoreDir);
-      } catch (e) {
-        for (const [from, to] of moved.reverse()) fs.renameSync(to, from);
-        throw e;
-      }
-      return { dead, bytes, leftovers, roots: rootPaths.sort(), trash };
-    }).immediate();
+    // The temp-roots write lock is held from before the decision until the unlinking is done,
+    // so no path can be rooted (and then written or found valid) in between.
+    const roots = this.#roots();
+    const plan = this.#db.transaction(() => roots.transaction(() => this.#collect(roots, opts)).immediate()).immediate();
     if (plan.trash) removeTree(plan.trash);
     return { deleted: plan.dead, bytesFreed: plan.bytes, roots: plan.roots, leftovers: plan.leftovers };
+  }
+
+  /** GC's decision and unlinking; the caller holds both write locks. */
+  #collect(roots: Database.Database, opts: { dryRun?: boolean }): { dead: string[]; bytes: number; leftovers: string[]; roots: string[]; trash: string | undefined } {
+    const tempRoots = this.#tempRoots(roots);
+    this.#restoreInterruptedGc();
+    const rootPaths = [...new Set([...this.findRoots().map((r) => r.path), ...tempRoots.filter((p) => this.isValid(p))])];
+    const live = new Set(rootPaths.length ? this.closure(rootPaths) : []);
+    const valid = this.allValidPaths();
+    const dead = valid.filter((p) => !live.has(p));
+    const validNames = new Set(valid.map((p) => p.slice(this.storeDir.length + 1)));
+    // A live process may be about to register a path it is writing in place (a build
+    // without the sandbox, .drv files): its temp root protects that name too.
+    const rootedNames = new Set(tempRoots.map((p) => p.slice(this.storeDir.length + 1)));
+    const leftovers: string[] = [];
+    for (const n of fs.readdirSync(this.realStoreDir)) {
+      if (validNames.has(n) || rootedNames.has(n)) continue;
+      const m = /^\.ferry-(?:tmp|trash)-(\d+)-/.exec(n);
+      if (m && processAlive(Number(m[1]))) continue;
+      leftovers.push(n);
+    }
+    let bytes = 0;
+    for (const p of dead) bytes += this.queryPathInfo(p)!.narSize;
+    if (opts.dryRun) return { dead, bytes, leftovers, roots: rootPaths.sort(), trash: undefined };
+    const idStmt = this.#stmt(SQL.idByPath);
+    const ids = dead.map((p) => (idStmt.get(p) as { id: number }).id);
+    for (const id of ids) this.#stmt(SQL.deleteRefsFrom).run(id);
+    for (const id of ids) this.#stmt(SQL.deletePath).run(id);
+    if (ids.length) this.#stmt(SQL.bumpGcGeneration).run();
+    // Unlink under the lock: rename into a trash dir (cheap), delete the trash afterwards. If
+    // a rename fails, everything goes back before the rows are restored by the rollback; if
+    // the process dies here, the next GC moves valid paths back out of its trash.
+    const trash = join(this.realStoreDir, `${TRASH_PREFIX}${randomSuffix()}`);
+    fs.mkdirSync(trash);
+    const moved: [string, string][] = [];
+    try {
+      for (const p of dead) {
+        const real = this.realPathOf(p);
+        const to = join(trash, p.slice(this.storeDir.length + 1));
+        if (renameIfPresent(real, to)) moved.push([real, to]);
+      }
+      for (const n of leftovers) renameIfPresent(join(this.realStoreDir, n), join(trash, n));
+      fsyncPath(this.realStoreDir);
+    } catch (e) {
+      for (const [from, to] of moved.reverse()) fs.renameSync(to, from);
+      throw e;
+    }
+    return { dead, bytes, leftovers, roots: rootPaths.sort(), trash };
   }
 
   /**
@@ -942,6 +987,23 @@ export function computeSourcePath(storeDir: string, src: string, opts: { name?: 
   return { path: printStorePath(makeSourcePath(storeDir, name, hash)), added: false, narHash: hash, narSize: size };
 }
 
+/**
+ * Puts `db` in WAL mode. Switching needs a lock SQLite does not wait for (no busy handler), so
+ * a database opened while another process writes can see SQLITE_BUSY here: set it only when it
+ * is not WAL yet, and retry briefly.
+ */
+function setWal(db: Database.Database): void {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      if (db.pragma("journal_mode", { simple: true }) !== "wal") db.pragma("journal_mode = WAL");
+      return;
+    } catch (e) {
+      if ((e as { code?: string }).code !== "SQLITE_BUSY" || attempt >= 200) throw e;
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 25);
+    }
+  }
+}
+
 /** Brings the schema up to date. The version is read under the write lock, so processes
  * opening a new store at the same moment migrate it once. */
 function migrate(db: Database.Database): void {
@@ -984,8 +1046,19 @@ function basenameOf(p: string): string {
 const CREATE_NEW = fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL;
 
 /** Writes a new canonical (0444, mtime 1) file, fsync'ed unless the caller syncs a batch; removes it again on failure. */
-function writeReadOnlyFile(path: string, bytes: Uint8Array, fsync = true): void {
-  const fd = fs.openSync(path, CREATE_NEW, 0o444);
+/**
+ * Creates `path` exclusively as a read-only file holding `bytes` with mtime 1. "exists" when
+ * the name is taken (nothing was done); an error thrown after creating is returned, the file
+ * left for the caller to remove as its contract allows.
+ */
+function createReadOnlyFile(path: string, bytes: Uint8Array, fsync: boolean): "created" | "exists" | Error {
+  let fd: number;
+  try {
+    fd = fs.openSync(path, CREATE_NEW, 0o444);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === "EEXIST") return "exists";
+    throw e;
+  }
   try {
     try {
       for (let off = 0; off < bytes.length; ) off += fs.writeSync(fd, bytes, off);
@@ -995,9 +1068,9 @@ function writeReadOnlyFile(path: string, bytes: Uint8Array, fsync = true): void 
       fs.closeSync(fd);
     }
   } catch (e) {
-    removeTree(path);
-    throw e;
+    return e as Error;
   }
+  return "created";
 }
 
 let narScratch: Uint8Array = new Uint8Array(64 * 1024);

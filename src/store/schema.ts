@@ -40,7 +40,20 @@ export const MIGRATIONS: readonly string[] = [
   `
   ALTER TABLE TempRoots RENAME COLUMN path TO paths;
   `,
+  // 5: temp roots moved to their own database (TEMP_ROOTS_SCHEMA), so that rooting never waits
+  // for a long registration transaction
+  `
+  DROP TABLE TempRoots;
+  `,
 ];
+
+/**
+ * The temp-roots database (`db/temproots.sqlite`), beside the store's: one row per rooted
+ * batch of a live handle (paths newline-separated). Only live processes' rows matter, so it
+ * is not synced on every commit; GC holds its write lock while it decides.
+ */
+export const TEMP_ROOTS_SCHEMA = `CREATE TABLE IF NOT EXISTS TempRoots (owner TEXT NOT NULL, paths TEXT NOT NULL);
+  CREATE INDEX IF NOT EXISTS IndexTempRootsOwner ON TempRoots(owner);`;
 
 export const SQL = {
   byPath: `SELECT id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca FROM ValidPaths WHERE path = ?`,

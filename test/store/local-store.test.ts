@@ -260,33 +260,37 @@ describe("local store", () => {
     }
   });
 
-  test("a text found valid while preparing but collected before the commit is written again", () => {
+  test("a text found valid while preparing is rooted by it, so a GC before the commit keeps it", () => {
     const root = join(dir, "root-prepare-race");
-    const s = openStore(root);
     const gcer = openStore(root);
     try {
       const bytes = (t: string) => Buffer.from(t);
+      const s = openStore(root);
       const first = s.addText("base.txt", "base");
       s.close();
       const s2 = openStore(root);
+      let topPath = "";
       try {
         const prepared = s2.prepareTexts([
           { name: "base.txt", bytes: bytes("base"), references: [] },
           { name: "top.txt", bytes: bytes("top"), references: [first.path] },
         ]);
-        assert.ok(prepared.entries.some((e) => e.obj.path === first.path && !e.tmpReal), "base was valid and not written again");
-        // Nothing roots base now: a GC between preparing and committing takes it.
-        assert.deepEqual(gcer.gc().deleted, [first.path]);
+        topPath = prepared.results[1]!.path;
+        assert.deepEqual(prepared.entries.map((e) => e.obj.path), [topPath], "only top is written; base was valid");
+        const top = s2.realPathOf(prepared.results[1]!.path);
+        assert.equal(fs.readFileSync(top, "utf8"), "top", "top is written in place, invalid until the commit");
+        assert.ok(!s2.isValid(prepared.results[1]!.path));
+        // Both are rooted: a GC between preparing and committing takes neither.
+        assert.deepEqual(gcer.gc(), { deleted: [], bytesFreed: 0, roots: [first.path], leftovers: [] });
         const added = s2.commitTexts(prepared);
-        assert.deepEqual(added.map((a) => a.added), [true, true]);
-        assert.ok(s2.isValid(first.path));
+        assert.deepEqual(added.map((a) => a.added), [false, true]);
         assert.equal(fs.readFileSync(s2.realPathOf(first.path), "utf8"), "base");
         assert.deepEqual(s2.queryPathInfo(added[1]!.path)!.references, [first.path]);
-        // Committed paths are temp roots of the committing handle.
         assert.deepEqual(gcer.gc().deleted, []);
       } finally {
         s2.close();
       }
+      assert.deepEqual([...gcer.gc().deleted].sort(), [first.path, topPath].sort(), "once the handle is closed its roots are gone");
     } finally {
       gcer.close();
     }
@@ -295,12 +299,18 @@ describe("local store", () => {
   test("an unregistered file under a final name is replaced by the add", () => {
     const s = openStore(join(dir, "root-replace"));
     try {
-      const prepared = s.prepareTexts([{ name: "r.txt", bytes: Buffer.from("right"), references: [] }]);
-      const real = s.realPathOf(prepared.results[0]!.path);
+      const path = s.prepareTexts([{ name: "r.txt", bytes: Buffer.from("right"), references: [] }]);
+      s.abortTexts(path);
+      const real = s.realPathOf(path.results[0]!.path);
+      assert.ok(!fs.existsSync(real), "an aborted batch leaves nothing under its final names");
       fs.writeFileSync(real, "wrong leftover");
+      const prepared = s.prepareTexts([{ name: "r.txt", bytes: Buffer.from("right"), references: [] }]);
+      assert.ok(prepared.entries[0]!.tmpReal, "the taken name gets a temporary one");
+      assert.equal(fs.readFileSync(real, "utf8"), "wrong leftover");
       s.commitTexts(prepared);
       assert.equal(fs.readFileSync(real, "utf8"), "right");
       assert.equal(fs.statSync(real).mode & 0o777, 0o444);
+      assert.ok(s.isValid(path.results[0]!.path));
     } finally {
       s.close();
     }

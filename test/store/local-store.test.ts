@@ -296,6 +296,28 @@ describe("local store", () => {
     }
   });
 
+  test("two writers of the same text: the one that finds the name taken commits its own copy, and the other's abort leaves it", () => {
+    const root = join(dir, "root-two-writers");
+    const a = openStore(root);
+    const b = openStore(root);
+    try {
+      const item = { name: "same.txt", bytes: Buffer.from("same"), references: [] };
+      const pa = a.prepareTexts([item]);
+      const pb = b.prepareTexts([item]);
+      assert.equal(pa.entries[0]!.tmpReal, undefined, "a creates the final name");
+      assert.ok(pb.entries[0]!.tmpReal, "b finds it taken and writes a temporary copy");
+      assert.deepEqual(b.commitTexts(pb).map((r) => r.added), [true]);
+      a.abortTexts(pa);
+      const real = a.realPathOf(pa.results[0]!.path);
+      assert.equal(fs.readFileSync(real, "utf8"), "same", "a's abort does not unlink a valid path");
+      assert.deepEqual(a.commitTexts(a.prepareTexts([item])).map((r) => r.added), [false]);
+      assert.deepEqual(fs.readdirSync(a.realPathOf(a.storeDir)).filter((n) => n.startsWith(".ferry-")), []);
+    } finally {
+      a.close();
+      b.close();
+    }
+  });
+
   test("an unregistered file under a final name is replaced by the add", () => {
     const s = openStore(join(dir, "root-replace"));
     try {

@@ -3,6 +3,8 @@ import * as fs from "node:fs";
 import { createRequire } from "node:module";
 import { FerryError } from "../core/errors.js";
 import { join } from "node:path";
+import type { ChildProcessByStdio } from "node:child_process";
+import type { Readable, Writable } from "node:stream";
 
 /** node:child_process, loaded when a sync first needs it (commands that never sync do not pay for it). */
 const childProcess = (): typeof import("node:child_process") => createRequire(import.meta.url)("node:child_process") as typeof import("node:child_process");
@@ -88,15 +90,58 @@ export function syncFilesystem(dir: string): void {
   if (r.status !== 0) throw syncError(dir, r.stderr?.toString() || r.error?.message || `exit code ${r.status}`);
 }
 
-/** Like `syncFilesystem`, without blocking the thread while the sync runs. */
-export function syncFilesystemAsync(dir: string): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const child = childProcess().spawn("sync", ["-f", dir], { stdio: ["ignore", "ignore", "pipe"] });
-    let stderr = "";
-    child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
-    child.on("error", (e) => reject(syncError(dir, e.message)));
-    child.on("close", (code) => (code === 0 ? resolve() : reject(syncError(dir, stderr || `exit code ${code}`))));
-  });
+/**
+ * Like `syncFilesystem`, without blocking the thread: the syncs run in one long-lived shell, so
+ * a writer that syncs every batch starts one process, not one per sync. Syncs run one at a
+ * time, in order; `close` ends the shell.
+ */
+export class FileSystemSyncer {
+  readonly #dir: string;
+  #child: ChildProcessByStdio<Writable, Readable, null> | undefined;
+  readonly #waiting: { resolve: () => void; reject: (e: Error) => void }[] = [];
+  #out = "";
+
+  constructor(dir: string) {
+    this.#dir = dir;
+  }
+
+  sync(): Promise<void> {
+    const child = (this.#child ??= this.#start());
+    return new Promise((resolve, reject) => {
+      this.#waiting.push({ resolve, reject });
+      child.stdin.write("\n");
+    });
+  }
+
+  close(): void {
+    this.#child?.stdin.end();
+    this.#child = undefined;
+  }
+
+  #start(): ChildProcessByStdio<Writable, Readable, null> {
+    // One line in, one line out: "ok", or "fail" and sync's own message.
+    const script = 'while read -r _; do if e=$(sync -f "$1" 2>&1); then echo ok; else printf "fail %s\\n" "$(echo $e)"; fi; done';
+    const child = childProcess().spawn("sh", ["-c", script, "sh", this.#dir], { stdio: ["pipe", "pipe", "ignore"] });
+    child.stdout.setEncoding("utf8");
+    child.stdout.on("data", (d: string) => {
+      this.#out += d;
+      for (let nl = this.#out.indexOf("\n"); nl >= 0; nl = this.#out.indexOf("\n")) {
+        const line = this.#out.slice(0, nl);
+        this.#out = this.#out.slice(nl + 1);
+        const w = this.#waiting.shift();
+        if (line === "ok") w?.resolve();
+        else w?.reject(syncError(this.#dir, line.replace(/^fail /, "") || "sync failed"));
+      }
+    });
+    const fail = (why: string) => {
+      for (const w of this.#waiting.splice(0)) w.reject(syncError(this.#dir, why));
+      if (this.#child === child) this.#child = undefined;
+    };
+    child.on("error", (e) => fail(e.message));
+    child.on("exit", (code, signal) => fail(`the sync process stopped (${signal ?? `exit code ${code}`})`));
+    child.stdin.on("error", () => undefined); // reported by "exit"
+    return child;
+  }
 }
 
 function syncError(dir: string, why: string): FerryError {

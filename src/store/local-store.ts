@@ -28,7 +28,7 @@ import { MIGRATIONS, SQL, TEMP_ROOTS_SCHEMA } from "./schema.js";
 import { realPath, type StoreLocation } from "./config.js";
 import { dumpPath, hashFile, hashPath } from "./nar-dump.js";
 import { NarRestorer } from "./nar-restore.js";
-import { fsyncPath, isSymlink, pathExists, processAlive, randomSuffix, removeTree, syncFilesystem, syncFilesystemAsync } from "./fs-util.js";
+import { fsyncPath, isSymlink, pathExists, processAlive, randomSuffix, removeTree, syncFilesystem, FileSystemSyncer } from "./fs-util.js";
 
 export interface PathInfo {
   readonly path: string;
@@ -103,12 +103,14 @@ export interface TextToAdd {
   readonly expectedPath?: string | undefined;
 }
 
-/**
- * Text objects prepared for registration (see `prepareTexts`): plain data, so a batch can be
- * prepared on one thread and committed on another.
- */
+/** Text objects prepared for registration (see `prepareTexts`). */
 export interface PreparedTexts {
   readonly results: readonly Omit<AddResult, "added">[];
+  readonly batch: PreparedBatch;
+}
+
+/** What committing a prepared batch needs: plain data, so another thread can commit it. */
+export interface PreparedBatch {
   /** One per distinct path not valid when the batch was prepared, in order. */
   readonly entries: readonly PreparedText[];
   /** True once every file written is durable. */
@@ -116,13 +118,36 @@ export interface PreparedTexts {
 }
 
 /**
- * A text object written but not registered: created under its final name (`tmpReal`
- * undefined; only this writer created it, and its temp root protects it), or under
- * `tmpReal` when something already had the final name (a leftover, or a concurrent writer).
+ * A text object written but not registered, as the row that registers it: created under its
+ * final name (`tmpReal` undefined; only this writer created it, and its temp root protects
+ * it), or under `tmpReal` when something already had the final name (a leftover, or a
+ * concurrent writer). Plain strings, cheap to hand to another thread.
  */
 export interface PreparedText {
-  readonly obj: NewObject;
+  readonly path: string;
+  /** `sha256:<base16>`, as the database keeps it. */
+  readonly narHash: string;
+  readonly narSize: number;
+  /** The printed content address (`text:sha256:…`). */
+  readonly ca: string;
+  readonly references: readonly string[];
   readonly tmpReal?: string;
+}
+
+/** A row to register (the database's own fields), with where its content is. */
+interface RegistrationRow {
+  readonly path: string;
+  readonly hash: string;
+  readonly narSize: number;
+  readonly deriver: string | null;
+  readonly ultimate: 0 | 1;
+  readonly sigs: string | null;
+  readonly ca: string | null;
+  readonly references: readonly string[];
+  /** Where the content is, to be renamed into place; undefined: at its final name already. */
+  readonly tmpReal: string | undefined;
+  /** The writer created the final name itself, exclusively, and rooted it: no check, and a concurrent registration of the same path is found by the insert. */
+  readonly created: boolean;
 }
 
 const TMP_PREFIX = ".ferry-tmp-";
@@ -149,6 +174,8 @@ export class LocalStore {
   #memoGeneration = -1;
   /** This handle's temp-root owner id, `<pid>-<random>` (GC drops the rows of dead pids). */
   #tempRootOwner: string | undefined;
+  /** Runs `syncPrepared`'s syncs, started when first needed. */
+  #syncer: FileSystemSyncer | undefined;
   /** The temp-roots database, opened when first needed (see TEMP_ROOTS_SCHEMA). */
   #rootsDb: Database.Database | undefined;
 
@@ -196,6 +223,7 @@ export class LocalStore {
   }
 
   close(): void {
+    this.#syncer?.close();
     if (this.#rootsDb) {
       if (this.#tempRootOwner) this.#rootsDb.prepare(SQL.deleteTempRoots).run(this.#tempRootOwner);
       this.#rootsDb.close();
@@ -338,15 +366,29 @@ export class LocalStore {
    * into place goes back under its temporary name (for the caller to remove), except one that
    * replaced an unregistered leftover: it stays, complete but invalid, since a writer that
    * created that name in place may be about to register it. Returns, per object, whether it
-   * was added (false: it was valid already). `created`: the caller created the final name
-   * itself, exclusively, and rooted it, so its content is there without a check.
+   * was added (false: it was valid already).
    */
-  registerObjects(items: readonly { tmpReal: string | undefined; obj: NewObject; created?: boolean }[]): boolean[] {
-    const prepared = items.map(({ tmpReal, obj, created }) => {
+  registerObjects(items: readonly { tmpReal: string | undefined; obj: NewObject }[]): boolean[] {
+    const rows = items.map(({ tmpReal, obj }): RegistrationRow => {
       const path = this.parsePath(obj.path);
-      for (const r of obj.references) this.parsePath(r);
-      return { tmpReal, obj, path, finalReal: this.realPathOf(path), created: created === true };
+      return {
+        path,
+        hash: `${obj.narHash.algo}:${toBase16(obj.narHash.digest)}`,
+        narSize: obj.narSize,
+        deriver: obj.deriver ?? null,
+        ultimate: obj.ultimate ? 1 : 0,
+        sigs: (obj.sigs ?? []).join(" ") || null,
+        ca: obj.ca ? printContentAddress(obj.ca) : null,
+        references: obj.references.map((r) => this.parsePath(r)),
+        tmpReal,
+        created: false,
+      };
     });
+    return this.#registerRows(rows);
+  }
+
+  /** `registerObjects` for rows whose paths and references are canonical already. */
+  #registerRows(rows: readonly RegistrationRow[]): boolean[] {
     const insert = this.#stmt(SQL.insertPath);
     const idStmt = this.#stmt(SQL.idByPath);
     const refStmt = this.#stmt(SQL.insertRef);
@@ -369,13 +411,10 @@ export class LocalStore {
         this.#idMemo.clear();
         this.#memoGeneration = generation;
       }
-      // One query for every path and reference not known yet; single lookups only for stragglers.
+      // One query for the references not known yet; single lookups for the rest.
       const unknown = new Set<string>();
-      for (const { obj, path } of prepared) {
-        if (!this.#idMemo.has(path)) unknown.add(path);
-        for (const r of obj.references) if (!this.#idMemo.has(r)) unknown.add(r);
-      }
-      for (const [p, id] of this.#validIds([...unknown])) this.#idMemo.set(p, id);
+      for (const row of rows) for (const r of row.references) if (!this.#idMemo.has(r)) unknown.add(r);
+      if (unknown.size) for (const [p, id] of this.#validIds([...unknown])) this.#idMemo.set(p, id);
       const idOf = (p: string): number | undefined => {
         let id = this.#idMemo.get(p);
         if (id === undefined) {
@@ -384,48 +423,48 @@ export class LocalStore {
         }
         return id;
       };
-      const added = prepared.map(({ tmpReal, obj, path, finalReal, created }) => {
-        if (idOf(path) !== undefined) return false;
-        for (const r of obj.references) {
+      const now = Math.floor(Date.now() / 1000);
+      const added = rows.map((row) => {
+        const { path, tmpReal } = row;
+        if (!row.created && idOf(path) !== undefined) return false;
+        for (const r of row.references) {
           if (r !== path && idOf(r) === undefined) {
             throw storeError("FERRY_STORE_MISSING_REFERENCE", `cannot register '${path}': it references '${r}', which is not valid in this store`, "add or import the referenced paths first (its closure)");
           }
         }
         if (tmpReal !== undefined) {
+          const finalReal = this.realPathOf(path);
           if (!this.#moveIntoPlace(tmpReal, finalReal)) moved.push({ tmpReal, finalReal });
           renamed = true;
-        } else if (!created && !pathExists(finalReal)) {
-          throw storeError("FERRY_STORE_CONTENT_MISSING", `cannot register '${path}': its content is not at ${finalReal}`, "something removed it meanwhile; build or add it again");
+        } else if (!row.created && !pathExists(this.realPathOf(path))) {
+          throw storeError("FERRY_STORE_CONTENT_MISSING", `cannot register '${path}': its content is not at ${this.realPathOf(path)}`, "something removed it meanwhile; build or add it again");
         }
-        const info = insert.run(
-          path,
-          `${obj.narHash.algo}:${toBase16(obj.narHash.digest)}`,
-          Math.floor(Date.now() / 1000),
-          obj.deriver ?? null,
-          obj.narSize,
-          obj.ultimate ? 1 : 0,
-          (obj.sigs ?? []).join(" ") || null,
-          obj.ca ? printContentAddress(obj.ca) : null,
-        );
+        const info = insert.run(path, row.hash, now, row.deriver, row.narSize, row.ultimate, row.sigs, row.ca);
+        if (info.changes === 0) {
+          // Only a created row gets here: another writer registered the path meanwhile.
+          idOf(path);
+          return false;
+        }
         const id = Number(info.lastInsertRowid);
         this.#idMemo.set(path, id);
-        for (const r of obj.references) refStmt.run(id, r === path ? id : idOf(r)!);
+        for (const r of row.references) refStmt.run(id, r === path ? id : idOf(r)!);
         return true;
       });
+      // Renamed names are durable before their rows commit.
       if (renamed) fsyncPath(this.realStoreDir);
       return added;
     };
     try {
       const added = txn.immediate();
-      prepared.forEach((p, k) => {
-        if (!added[k] && p.tmpReal !== undefined) removeTree(p.tmpReal);
+      rows.forEach((row, k) => {
+        if (!added[k] && row.tmpReal !== undefined) removeTree(row.tmpReal);
       });
       return added;
     } catch (e) {
       this.#idMemo.clear();
       // The transaction rolled back; renamed objects are back under their temporary names (or
       // stay in place, complete, where they replaced a leftover).
-      for (const p of prepared) if (p.tmpReal !== undefined) removeTree(p.tmpReal);
+      for (const row of rows) if (row.tmpReal !== undefined) removeTree(row.tmpReal);
       throw e;
     }
   }
@@ -586,15 +625,14 @@ export class LocalStore {
       for (const { it, hash, path, nar } of planned) {
         if (seen.has(path)) continue;
         seen.add(path);
-        const obj: NewObject = { path, narHash: nar.hash, narSize: nar.size, references: it.references, ultimate: true, ca: { kind: "text", hash } };
-        const finalReal = this.realPathOf(path);
-        const created = createReadOnlyFile(finalReal, it.bytes, fsyncEach);
+        const row = { path, narHash: `sha256:${toBase16(nar.hash.digest)}`, narSize: nar.size, ca: printContentAddress({ kind: "text", hash }), references: it.references };
+        const created = createReadOnlyFile(this.realPathOf(path), it.bytes, fsyncEach);
         if (created === "created") {
-          entries.push({ obj });
+          entries.push(row);
         } else {
           // Pushed before the write: if it fails, abortTexts still removes what it started.
           const tmpReal = this.newTempPath();
-          entries.push({ obj, tmpReal });
+          entries.push({ ...row, tmpReal });
           if (created !== "exists") throw created;
           const again = createReadOnlyFile(tmpReal, it.bytes, fsyncEach);
           if (again !== "created") throw again === "exists" ? new Error(`the temporary name ${tmpReal} is taken`) : again;
@@ -606,38 +644,44 @@ export class LocalStore {
       this.abortTexts({ entries });
       throw e;
     }
-    return { results, entries, synced: fsyncEach || entries.length === 0 };
+    return { results, batch: { entries, synced: fsyncEach || entries.length === 0 } };
   }
 
-  /** Makes the files of `p` durable with one file-system sync that runs in another process. */
-  async syncPrepared(p: PreparedTexts): Promise<void> {
-    if (p.synced) return;
-    await syncFilesystemAsync(this.realStoreDir);
-    p.synced = true;
+  /** Makes the files of `batch` durable with one file-system sync that runs in another process. */
+  async syncPrepared(batch: PreparedBatch): Promise<void> {
+    if (batch.synced) return;
+    await (this.#syncer ??= new FileSystemSyncer(this.realStoreDir)).sync();
+    batch.synced = true;
   }
 
   /**
    * Second half: syncs the files if that is not done yet, then registers the batch in one
    * write transaction (renaming the files written under temporary names into place). Its
    * paths were rooted when it was prepared, by the handle that prepared it, which must stay
-   * open until now. Removes the batch's files on failure.
+   * open until now. Its references are checked against the database (a text's path was
+   * computed from them, so a string that is not a valid path fails there). Removes the
+   * batch's files on failure. Returns, per entry, whether it was added.
    */
-  commitTexts(p: PreparedTexts): AddResult[] {
-    let added: boolean[];
+  commitBatch(batch: PreparedBatch): boolean[] {
     try {
-      if (!p.synced) {
+      if (!batch.synced) {
         syncFilesystem(this.realStoreDir);
-        p.synced = true;
+        batch.synced = true;
       }
-      added = this.registerObjects(p.entries.map((e) => ({ tmpReal: e.tmpReal, obj: e.obj, created: !e.tmpReal })));
+      return this.#registerRows(
+        batch.entries.map((e) => ({ path: e.path, hash: e.narHash, narSize: e.narSize, deriver: null, ultimate: 1, sigs: null, ca: e.ca, references: e.references, tmpReal: e.tmpReal, created: e.tmpReal === undefined })),
+      );
     } catch (e) {
-      // Ids memoised by the registration are gone with the rolled-back transaction.
-      this.#idMemo.clear();
-      this.abortTexts(p);
+      this.abortTexts(batch);
       throw e;
     }
+  }
+
+  /** `commitBatch` with a result per prepared item. */
+  commitTexts(p: PreparedTexts): AddResult[] {
+    const added = this.commitBatch(p.batch);
     const byPath = new Map<string, boolean>();
-    p.entries.forEach((e, k) => byPath.set(e.obj.path, added[k]!));
+    p.batch.entries.forEach((e, k) => byPath.set(e.path, added[k]!));
     return p.results.map((r) => ({ ...r, added: byPath.get(r.path) ?? false }));
   }
 
@@ -646,11 +690,11 @@ export class LocalStore {
    * names are unlinked under the write lock and only while invalid: another writer of the
    * same path may have registered its own copy there meanwhile.
    */
-  abortTexts(p: Pick<PreparedTexts, "entries">): void {
+  abortTexts(batch: Pick<PreparedBatch, "entries">): void {
     const inPlace: string[] = [];
-    for (const e of p.entries) {
+    for (const e of batch.entries) {
       if (e.tmpReal) removeTree(e.tmpReal);
-      else inPlace.push(e.obj.path);
+      else inPlace.push(e.path);
     }
     if (!inPlace.length) return;
     this.#db.transaction(() => {

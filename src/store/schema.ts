@@ -60,7 +60,8 @@ export const SQL = {
   idByPath: `SELECT id FROM ValidPaths WHERE path = ?`,
   refsOf: `SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.reference WHERE r.referrer = ?`,
   referrersOf: `SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.referrer WHERE r.reference = ?`,
-  insertPath: `INSERT INTO ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+  /** Inserts nothing (0 changes) when the path is valid already. */
+  insertPath: `INSERT INTO ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO NOTHING`,
   insertRef: `INSERT OR IGNORE INTO Refs (referrer, reference) VALUES (?, ?)`,
   allPaths: `SELECT path FROM ValidPaths ORDER BY path`,
   allRefs: `SELECT a.path AS referrer, b.path AS reference FROM Refs r JOIN ValidPaths a ON a.id = r.referrer JOIN ValidPaths b ON b.id = r.reference`,

@@ -8,7 +8,7 @@
 import { MessageChannel, Worker, isMainThread, parentPort, workerData, type MessagePort } from "node:worker_threads";
 import { FerryError } from "../core/errors.js";
 import type { StoreLocation } from "./config.js";
-import { LocalStore, type PreparedTexts } from "./local-store.js";
+import { LocalStore, type PreparedBatch } from "./local-store.js";
 import { decodeTextRecords } from "./text-records.js";
 
 export interface PlannedSourceMsg {
@@ -46,7 +46,7 @@ export function storePort(store: LocalStore): PlanWriter {
 }
 
 type Msg = { t: "source"; s: PlannedSourceMsg } | { t: "records"; batch: Uint8Array } | { t: "end" } | { t: "close" } | { t: "abort" };
-type Prepared = { t: "prepared"; p: PreparedTexts } | { t: "end" } | { t: "abort" };
+type Prepared = { t: "prepared"; p: PreparedBatch } | { t: "end" } | { t: "abort" };
 type Reply = { t: "done" } | { t: "closed" } | { t: "aborted" } | { t: "error"; code: string; message: string; hint?: string };
 
 /** How long `finish` and `abort` wait for the threads to close their stores before terminating them. */
@@ -168,7 +168,7 @@ function runPreparer(store: LocalStore, parent: NonNullable<typeof parentPort>, 
     if (failed) return;
     try {
       if (m.t === "records") {
-        committer.postMessage({ t: "prepared", p: store.prepareTexts(decodeTextRecords(m.batch)) } satisfies Prepared);
+        committer.postMessage({ t: "prepared", p: store.prepareTexts(decodeTextRecords(m.batch)).batch } satisfies Prepared);
       } else if (m.t === "source") {
         writePlannedSource(store, m.s);
       } else {
@@ -188,7 +188,7 @@ function runPreparer(store: LocalStore, parent: NonNullable<typeof parentPort>, 
  * (queued or arriving later) has its files removed.
  */
 function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>, preparer: MessagePort): void {
-  const queue: { p: PreparedTexts; synced: Promise<void> }[] = [];
+  const queue: { p: PreparedBatch; synced: Promise<void> }[] = [];
   let ended = false;
   let running = false;
   let failed = false;
@@ -205,7 +205,7 @@ function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>,
         }
         if (failed) return; // aborted meanwhile: the queue, this batch included, is cleaned up
         queue.shift();
-        store.commitTexts(head.p);
+        store.commitBatch(head.p);
       }
       if (ended && !failed) {
         store.close();

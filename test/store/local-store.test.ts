@@ -276,7 +276,7 @@ describe("local store", () => {
           { name: "top.txt", bytes: bytes("top"), references: [first.path] },
         ]);
         topPath = prepared.results[1]!.path;
-        assert.deepEqual(prepared.entries.map((e) => e.obj.path), [topPath], "only top is written; base was valid");
+        assert.deepEqual(prepared.batch.entries.map((e) => e.path), [topPath], "only top is written; base was valid");
         const top = s2.realPathOf(prepared.results[1]!.path);
         assert.equal(fs.readFileSync(top, "utf8"), "top", "top is written in place, invalid until the commit");
         assert.ok(!s2.isValid(prepared.results[1]!.path));
@@ -304,10 +304,10 @@ describe("local store", () => {
       const item = { name: "same.txt", bytes: Buffer.from("same"), references: [] };
       const pa = a.prepareTexts([item]);
       const pb = b.prepareTexts([item]);
-      assert.equal(pa.entries[0]!.tmpReal, undefined, "a creates the final name");
-      assert.ok(pb.entries[0]!.tmpReal, "b finds it taken and writes a temporary copy");
+      assert.equal(pa.batch.entries[0]!.tmpReal, undefined, "a creates the final name");
+      assert.ok(pb.batch.entries[0]!.tmpReal, "b finds it taken and writes a temporary copy");
       assert.deepEqual(b.commitTexts(pb).map((r) => r.added), [true]);
-      a.abortTexts(pa);
+      a.abortTexts(pa.batch);
       const real = a.realPathOf(pa.results[0]!.path);
       assert.equal(fs.readFileSync(real, "utf8"), "same", "a's abort does not unlink a valid path");
       assert.deepEqual(a.commitTexts(a.prepareTexts([item])).map((r) => r.added), [false]);
@@ -322,12 +322,12 @@ describe("local store", () => {
     const s = openStore(join(dir, "root-replace"));
     try {
       const path = s.prepareTexts([{ name: "r.txt", bytes: Buffer.from("right"), references: [] }]);
-      s.abortTexts(path);
+      s.abortTexts(path.batch);
       const real = s.realPathOf(path.results[0]!.path);
       assert.ok(!fs.existsSync(real), "an aborted batch leaves nothing under its final names");
       fs.writeFileSync(real, "wrong leftover");
       const prepared = s.prepareTexts([{ name: "r.txt", bytes: Buffer.from("right"), references: [] }]);
-      assert.ok(prepared.entries[0]!.tmpReal, "the taken name gets a temporary one");
+      assert.ok(prepared.batch.entries[0]!.tmpReal, "the taken name gets a temporary one");
       assert.equal(fs.readFileSync(real, "utf8"), "wrong leftover");
       s.commitTexts(prepared);
       assert.equal(fs.readFileSync(real, "utf8"), "right");

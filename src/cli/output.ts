@@ -6,6 +6,22 @@ export function out(line: string): void {
   writeAllSync(1, Buffer.from(line + "\n"));
 }
 
+/** Many lines to stdout in a few large writes (a hundred thousand jobs are not a hundred thousand syscalls). */
+export function outLines(lines: Iterable<string>): void {
+  let chunk: string[] = [];
+  let size = 0;
+  for (const line of lines) {
+    chunk.push(line);
+    size += line.length + 1;
+    if (size >= 1 << 20) {
+      writeAllSync(1, Buffer.from(chunk.join("\n") + "\n"));
+      chunk = [];
+      size = 0;
+    }
+  }
+  if (chunk.length) writeAllSync(1, Buffer.from(chunk.join("\n") + "\n"));
+}
+
 /** Bytes to stdout as they are (a log that arrives in pieces). */
 export function outBytes(data: Uint8Array): void {
   writeAllSync(1, data);

@@ -26,11 +26,16 @@ export function makeHash(algo: HashAlgo, digest: Uint8Array): Hash {
 // ---- base16 ---------------------------------------------------------------------------------
 
 const HEX = "0123456789abcdef";
+const HEX_CODES = Array.from(HEX, (c) => c.charCodeAt(0));
 
+/** Writes `bytes` in lowercase hex; the string is made in one piece (not a chain of concatenations). */
 export function toBase16(bytes: Uint8Array): string {
-  let s = "";
-  for (const b of bytes) s += HEX[b >> 4]! + HEX[b & 15]!;
-  return s;
+  const codes = new Array<number>(bytes.length * 2);
+  for (let i = 0; i < bytes.length; i++) {
+    codes[2 * i] = HEX_CODES[bytes[i]! >> 4]!;
+    codes[2 * i + 1] = HEX_CODES[bytes[i]! & 15]!;
+  }
+  return String.fromCharCode(...codes);
 }
 
 export function fromBase16(s: string): Uint8Array {

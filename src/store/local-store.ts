@@ -15,10 +15,10 @@ import * as fs from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
 import { FerryError, asFerryError } from "../core/errors.js";
-import { makeHash, parseHash, printHash, printPrefixedHash, toBase16, fromBase16, hashEquals, type Hash, type HashAlgo } from "../core/hash.js";
-import { createHasher, sha256 } from "../core/digest.js";
+import { makeHash, parseHash, printHash, printPrefixedHash, toBase16, toNix32, fromBase16, hashEquals, type Hash, type HashAlgo } from "../core/hash.js";
+import { createHasher, sha256, sha256Hex } from "../core/digest.js";
 import {
-  makeFixedOutputPath, makeSourcePath, makeTextPath, parseStorePath, printStorePath, checkNewName,
+  makeFixedOutputPath, makeSourcePath, makeTextPath, parseStorePath, printStorePath, checkNewName, textPathOfHex,
   parseContentAddress, printContentAddress, type ContentAddress,
 } from "../core/store-path.js";
 import { exportEnd, exportEntryStart, exportEntryTrailer, ExportReader } from "../core/export-stream.js";
@@ -105,33 +105,33 @@ export interface TextToAdd {
 
 /** Text objects prepared for registration (see `prepareTexts`). */
 export interface PreparedTexts {
-  readonly results: readonly Omit<AddResult, "added">[];
+  /** Per item given, in order: its path, and its NAR's hash (`sha256:<base16>`) and size. */
+  readonly paths: readonly string[];
+  readonly narHashes: readonly string[];
+  readonly narSizes: readonly number[];
   readonly batch: PreparedBatch;
 }
 
-/** What committing a prepared batch needs: plain data, so another thread can commit it. */
+/**
+ * What committing a prepared batch needs, as columns of plain strings and numbers (cheap to
+ * hand to another thread): one entry per distinct path that was not valid when the batch was
+ * prepared, in order. Each was written under its final name, created exclusively by this
+ * writer and protected by its temp root (`tmpReals` entry ""), or under a temporary name when
+ * something already had the final name (a leftover, or a concurrent writer).
+ */
 export interface PreparedBatch {
-  /** One per distinct path not valid when the batch was prepared, in order. */
-  readonly entries: readonly PreparedText[];
+  readonly paths: readonly string[];
+  /** `sha256:<base16>`, as the database keeps it. */
+  readonly narHashes: readonly string[];
+  readonly narSizes: readonly number[];
+  /** The printed content addresses (`text:sha256:…`). */
+  readonly cas: readonly string[];
+  /** Each entry's references, joined by "\n" ("" for none). */
+  readonly references: readonly string[];
+  /** Where each entry was written when not under its final name; "" when it was. */
+  readonly tmpReals: readonly string[];
   /** True once every file written is durable. */
   synced: boolean;
-}
-
-/**
- * A text object written but not registered, as the row that registers it: created under its
- * final name (`tmpReal` undefined; only this writer created it, and its temp root protects
- * it), or under `tmpReal` when something already had the final name (a leftover, or a
- * concurrent writer). Plain strings, cheap to hand to another thread.
- */
-export interface PreparedText {
-  readonly path: string;
-  /** `sha256:<base16>`, as the database keeps it. */
-  readonly narHash: string;
-  readonly narSize: number;
-  /** The printed content address (`text:sha256:…`). */
-  readonly ca: string;
-  readonly references: readonly string[];
-  readonly tmpReal?: string;
 }
 
 /** A row to register (the database's own fields), with where its content is. */
@@ -411,9 +411,12 @@ export class LocalStore {
         this.#idMemo.clear();
         this.#memoGeneration = generation;
       }
-      // One query for the references not known yet; single lookups for the rest.
+      // One query for the references not known yet (other than the batch's own paths, which
+      // are looked up if they turn out to be valid already); single lookups for the rest.
+      const own = new Set<string>();
+      for (const row of rows) own.add(row.path);
       const unknown = new Set<string>();
-      for (const row of rows) for (const r of row.references) if (!this.#idMemo.has(r)) unknown.add(r);
+      for (const row of rows) for (const r of row.references) if (!this.#idMemo.has(r) && !own.has(r)) unknown.add(r);
       if (unknown.size) for (const [p, id] of this.#validIds([...unknown])) this.#idMemo.set(p, id);
       const idOf = (p: string): number | undefined => {
         let id = this.#idMemo.get(p);
@@ -604,47 +607,60 @@ export class LocalStore {
    * in progress. `abortTexts` removes the files of a batch that is not committed.
    */
   prepareTexts(items: readonly TextToAdd[]): PreparedTexts {
-    const planned = items.map((it) => {
-      const hash = makeHash("sha256", sha256(it.bytes));
-      const path = printStorePath(makeTextPath(this.storeDir, checkNewName(it.name), hash, it.references));
+    const n = items.length;
+    const paths = new Array<string>(n);
+    const narHashes = new Array<string>(n);
+    const narSizes = new Array<number>(n);
+    const cas = new Array<string>(n);
+    for (let k = 0; k < n; k++) {
+      const it = items[k]!;
+      const digest = sha256(it.bytes);
+      const path = textPathOfHex(this.storeDir, checkNewName(it.name), toBase16(digest), it.references);
       if (it.expectedPath !== undefined && it.expectedPath !== path) {
         throw storeError("FERRY_STORE_PATH_MISMATCH", `text object '${it.name}' hashes to ${path}, not the expected ${it.expectedPath}`);
       }
-      return { it, hash, path, nar: narHashOfBytes(it.bytes) };
-    });
-    const results = planned.map((p) => ({ path: p.path, narHash: p.nar.hash, narSize: p.nar.size }));
-    const paths = [...new Set(planned.map((p) => p.path))];
+      const nar = narOfRegularFile(it.bytes, narScratch);
+      if (nar.buffer !== narScratch.buffer) narScratch = nar; // it did not fit: keep the larger buffer
+      paths[k] = path;
+      narHashes[k] = `sha256:${sha256Hex(nar)}`;
+      narSizes[k] = nar.length;
+      cas[k] = `text:sha256:${toNix32(digest)}`;
+    }
+    const distinct = [...new Set(paths)];
     // Rooted before the validity check: a path found valid stays valid (GC keeps it), and GC
     // leaves alone the names written below until this handle closes.
-    this.addTempRoots(paths);
-    const valid = this.#validIds(paths);
-    const fsyncEach = planned.length <= SYNC_BATCH_MIN;
-    const entries: PreparedText[] = [];
-    const seen = new Set<string>(valid.keys());
+    this.addTempRoots(distinct);
+    const skip = new Set(this.#validIds(distinct).keys());
+    const fsyncEach = n <= SYNC_BATCH_MIN;
+    const batch = { paths: [] as string[], narHashes: [] as string[], narSizes: [] as number[], cas: [] as string[], references: [] as string[], tmpReals: [] as string[], synced: false };
     try {
-      for (const { it, hash, path, nar } of planned) {
-        if (seen.has(path)) continue;
-        seen.add(path);
-        const row = { path, narHash: `sha256:${toBase16(nar.hash.digest)}`, narSize: nar.size, ca: printContentAddress({ kind: "text", hash }), references: it.references };
-        const created = createReadOnlyFile(this.realPathOf(path), it.bytes, fsyncEach);
-        if (created === "created") {
-          entries.push(row);
-        } else {
-          // Pushed before the write: if it fails, abortTexts still removes what it started.
-          const tmpReal = this.newTempPath();
-          entries.push({ ...row, tmpReal });
-          if (created !== "exists") throw created;
-          const again = createReadOnlyFile(tmpReal, it.bytes, fsyncEach);
-          if (again !== "created") throw again === "exists" ? new Error(`the temporary name ${tmpReal} is taken`) : again;
-        }
+      for (let k = 0; k < n; k++) {
+        const path = paths[k]!;
+        if (skip.has(path)) continue;
+        skip.add(path);
+        const bytes = items[k]!.bytes;
+        const created = createReadOnlyFile(this.realPathOf(path), bytes, fsyncEach);
+        // Pushed before a write under a temporary name: if it fails, abortTexts still removes what it started.
+        const tmpReal = created === "created" ? "" : this.newTempPath();
+        batch.paths.push(path);
+        batch.narHashes.push(narHashes[k]!);
+        batch.narSizes.push(narSizes[k]!);
+        batch.cas.push(cas[k]!);
+        batch.references.push(items[k]!.references.join("\n"));
+        batch.tmpReals.push(tmpReal);
+        if (created === "created") continue;
+        if (created !== "exists") throw created;
+        const again = createReadOnlyFile(tmpReal, bytes, fsyncEach);
+        if (again !== "created") throw again === "exists" ? new Error(`the temporary name ${tmpReal} is taken`) : again;
       }
       // Each file is synced; their names need the directory synced too.
-      if (fsyncEach && entries.some((e) => !e.tmpReal)) fsyncPath(this.realStoreDir);
+      if (fsyncEach && batch.tmpReals.includes("")) fsyncPath(this.realStoreDir);
     } catch (e) {
-      this.abortTexts({ entries });
+      this.abortTexts(batch);
       throw e;
     }
-    return { results, batch: { entries, synced: fsyncEach || entries.length === 0 } };
+    batch.synced = fsyncEach || batch.paths.length === 0;
+    return { paths, narHashes, narSizes, batch };
   }
 
   /** Makes the files of `batch` durable with one file-system sync that runs in another process. */
@@ -668,9 +684,15 @@ export class LocalStore {
         syncFilesystem(this.realStoreDir);
         batch.synced = true;
       }
-      return this.#registerRows(
-        batch.entries.map((e) => ({ path: e.path, hash: e.narHash, narSize: e.narSize, deriver: null, ultimate: 1, sigs: null, ca: e.ca, references: e.references, tmpReal: e.tmpReal, created: e.tmpReal === undefined })),
-      );
+      const rows = batch.paths.map((path, k): RegistrationRow => {
+        const refs = batch.references[k]!;
+        const tmpReal = batch.tmpReals[k]!;
+        return {
+          path, hash: batch.narHashes[k]!, narSize: batch.narSizes[k]!, deriver: null, ultimate: 1, sigs: null, ca: batch.cas[k]!,
+          references: refs === "" ? [] : refs.split("\n"), tmpReal: tmpReal === "" ? undefined : tmpReal, created: tmpReal === "",
+        };
+      });
+      return this.#registerRows(rows);
     } catch (e) {
       this.abortTexts(batch);
       throw e;
@@ -681,8 +703,8 @@ export class LocalStore {
   commitTexts(p: PreparedTexts): AddResult[] {
     const added = this.commitBatch(p.batch);
     const byPath = new Map<string, boolean>();
-    p.batch.entries.forEach((e, k) => byPath.set(e.path, added[k]!));
-    return p.results.map((r) => ({ ...r, added: byPath.get(r.path) ?? false }));
+    p.batch.paths.forEach((path, k) => byPath.set(path, added[k]!));
+    return p.paths.map((path, k) => ({ path, narHash: parseHash(p.narHashes[k]!), narSize: p.narSizes[k]!, added: byPath.get(path) ?? false }));
   }
 
   /**
@@ -690,12 +712,13 @@ export class LocalStore {
    * names are unlinked under the write lock and only while invalid: another writer of the
    * same path may have registered its own copy there meanwhile.
    */
-  abortTexts(batch: Pick<PreparedBatch, "entries">): void {
+  abortTexts(batch: Pick<PreparedBatch, "paths" | "tmpReals">): void {
     const inPlace: string[] = [];
-    for (const e of batch.entries) {
-      if (e.tmpReal) removeTree(e.tmpReal);
-      else inPlace.push(e.path);
-    }
+    batch.paths.forEach((path, k) => {
+      const tmpReal = batch.tmpReals[k];
+      if (tmpReal) removeTree(tmpReal);
+      else if (tmpReal === "") inPlace.push(path);
+    });
     if (!inPlace.length) return;
     this.#db.transaction(() => {
       const valid = this.#validIds(inPlace);
@@ -1120,10 +1143,5 @@ function createReadOnlyFile(path: string, bytes: Uint8Array, fsync: boolean): "c
 let narScratch: Uint8Array = new Uint8Array(64 * 1024);
 
 /** The NAR hash and size of a single non-executable regular file holding `bytes`. */
-function narHashOfBytes(bytes: Uint8Array): { hash: Hash; size: number } {
-  const nar = narOfRegularFile(bytes, narScratch);
-  if (nar.buffer !== narScratch.buffer) narScratch = nar; // it did not fit: keep the larger buffer
-  return { hash: makeHash("sha256", sha256(nar)), size: nar.length };
-}
 
 export { asFerryError } from "../core/errors.js";

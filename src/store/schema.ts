@@ -45,6 +45,21 @@ export const MIGRATIONS: readonly string[] = [
   `
   DROP TABLE TempRoots;
   `,
+  // 6: references in a table clustered on its key (one B-tree instead of the table, its key's
+  // index and an index on referrer, which the key already serves): a third of the writes
+  `
+  CREATE TABLE RefsByKey (
+    referrer  INTEGER NOT NULL,
+    reference INTEGER NOT NULL,
+    PRIMARY KEY (referrer, reference),
+    FOREIGN KEY (referrer) REFERENCES ValidPaths(id) ON DELETE CASCADE,
+    FOREIGN KEY (reference) REFERENCES ValidPaths(id) ON DELETE RESTRICT
+  ) WITHOUT ROWID;
+  INSERT INTO RefsByKey (referrer, reference) SELECT referrer, reference FROM Refs;
+  DROP TABLE Refs;
+  ALTER TABLE RefsByKey RENAME TO Refs;
+  CREATE INDEX IndexReference ON Refs(reference);
+  `,
 ];
 
 /**

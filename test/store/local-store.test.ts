@@ -275,11 +275,11 @@ describe("local store", () => {
           { name: "base.txt", bytes: bytes("base"), references: [] },
           { name: "top.txt", bytes: bytes("top"), references: [first.path] },
         ]);
-        topPath = prepared.results[1]!.path;
-        assert.deepEqual(prepared.batch.entries.map((e) => e.path), [topPath], "only top is written; base was valid");
-        const top = s2.realPathOf(prepared.results[1]!.path);
+        topPath = prepared.paths[1]!;
+        assert.deepEqual(prepared.batch.paths, [topPath], "only top is written; base was valid");
+        const top = s2.realPathOf(prepared.paths[1]!);
         assert.equal(fs.readFileSync(top, "utf8"), "top", "top is written in place, invalid until the commit");
-        assert.ok(!s2.isValid(prepared.results[1]!.path));
+        assert.ok(!s2.isValid(prepared.paths[1]!));
         // Both are rooted: a GC between preparing and committing takes neither.
         assert.deepEqual(gcer.gc(), { deleted: [], bytesFreed: 0, roots: [first.path], leftovers: [] });
         const added = s2.commitTexts(prepared);
@@ -304,11 +304,11 @@ describe("local store", () => {
       const item = { name: "same.txt", bytes: Buffer.from("same"), references: [] };
       const pa = a.prepareTexts([item]);
       const pb = b.prepareTexts([item]);
-      assert.equal(pa.batch.entries[0]!.tmpReal, undefined, "a creates the final name");
-      assert.ok(pb.batch.entries[0]!.tmpReal, "b finds it taken and writes a temporary copy");
+      assert.equal(pa.batch.tmpReals[0], "", "a creates the final name");
+      assert.ok(pb.batch.tmpReals[0], "b finds it taken and writes a temporary copy");
       assert.deepEqual(b.commitTexts(pb).map((r) => r.added), [true]);
       a.abortTexts(pa.batch);
-      const real = a.realPathOf(pa.results[0]!.path);
+      const real = a.realPathOf(pa.paths[0]!);
       assert.equal(fs.readFileSync(real, "utf8"), "same", "a's abort does not unlink a valid path");
       assert.deepEqual(a.commitTexts(a.prepareTexts([item])).map((r) => r.added), [false]);
       assert.deepEqual(fs.readdirSync(a.realPathOf(a.storeDir)).filter((n) => n.startsWith(".ferry-")), []);
@@ -323,16 +323,16 @@ describe("local store", () => {
     try {
       const path = s.prepareTexts([{ name: "r.txt", bytes: Buffer.from("right"), references: [] }]);
       s.abortTexts(path.batch);
-      const real = s.realPathOf(path.results[0]!.path);
+      const real = s.realPathOf(path.paths[0]!);
       assert.ok(!fs.existsSync(real), "an aborted batch leaves nothing under its final names");
       fs.writeFileSync(real, "wrong leftover");
       const prepared = s.prepareTexts([{ name: "r.txt", bytes: Buffer.from("right"), references: [] }]);
-      assert.ok(prepared.batch.entries[0]!.tmpReal, "the taken name gets a temporary one");
+      assert.ok(prepared.batch.tmpReals[0], "the taken name gets a temporary one");
       assert.equal(fs.readFileSync(real, "utf8"), "wrong leftover");
       s.commitTexts(prepared);
       assert.equal(fs.readFileSync(real, "utf8"), "right");
       assert.equal(fs.statSync(real).mode & 0o777, 0o444);
-      assert.ok(s.isValid(path.results[0]!.path));
+      assert.ok(s.isValid(path.paths[0]!));
     } finally {
       s.close();
     }

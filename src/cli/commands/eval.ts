@@ -7,7 +7,7 @@ import { evaluate, type EvalJob, type EvalStorePort } from "../../dsl/evaluate.j
 import { LocalStore } from "../../store/local-store.js";
 import { StoreWriterThread } from "../../store/writer-thread.js";
 import { storeLocation, withStore, withStoreOptions, type StoreFlags } from "../store-options.js";
-import { out, outJson } from "../output.js";
+import { out, outJson, outLines } from "../output.js";
 
 export { storePort } from "../../store/writer-thread.js";
 
@@ -58,7 +58,7 @@ export function evalCommand(): Command {
     .action(async (file: string, f: EvalFlags) => {
       const jobs = await evaluateToStore(file, f.attr, f);
       if (f.json) outJson(jobs.map((j) => ({ attr: j.attr, name: j.name, system: j.system, drvPath: j.drvPath, outputs: j.outputs })));
-      else for (const j of jobs) out(`${j.attr}\t${j.drvPath}\t${Object.values(j.outputs).join(" ")}`);
+      else outLines(jobs.map((j) => `${j.attr}\t${j.drvPath}\t${Object.values(j.outputs).join(" ")}`));
     });
 }
 

@@ -68,18 +68,18 @@ export class FrameWriter {
 }
 
 /**
- * Splits a byte stream into frames. `onFrame` gets each frame's kind and payload; the payload
- * is a view that is valid only during the call. Throws a FERRY_EVAL_PROTOCOL error for a
- * stream that is not made of frames.
+ * Splits a byte stream into frames. `onFrame` gets each frame's kind and where its payload is:
+ * `buf[start, end)`, valid only during the call (no view is made per frame). Throws a
+ * FERRY_EVAL_PROTOCOL error for a stream that is not made of frames.
  */
 export class FrameReader {
   /** The start of an incomplete frame, in pieces, and how many bytes it needs in all. */
   #parts: Buffer[] = [];
   #have = 0;
   #need = 0;
-  readonly #onFrame: (kind: number, payload: Buffer) => void;
+  readonly #onFrame: (kind: number, buf: Buffer, start: number, end: number) => void;
 
-  constructor(onFrame: (kind: number, payload: Buffer) => void) {
+  constructor(onFrame: (kind: number, buf: Buffer, start: number, end: number) => void) {
     this.#onFrame = onFrame;
   }
 
@@ -103,7 +103,7 @@ export class FrameReader {
         need = FRAME_HEADER + len;
         break;
       }
-      this.#onFrame(kind, buf.subarray(off + FRAME_HEADER, end));
+      this.#onFrame(kind, buf, off + FRAME_HEADER, end);
       off = end;
       need = FRAME_HEADER;
     }

@@ -100,18 +100,18 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
   let finished = false;
   const store = opts.store;
   const batch = new TextBatch(opts.textBatch ?? 5000, store);
-  const onFrame = (kind: number, payload: Buffer) => {
+  const onFrame = (kind: number, buf: Buffer, start: number, end: number) => {
     if (finished) throw protocolError("a message after the end of the plan");
     if (kind === FRAME_TEXT) {
-      const fault = textRecordFault(payload, 0, payload.length);
+      const fault = textRecordFault(buf, start, end);
       if (fault) throw protocolError(fault);
       texts++;
-      batch.add(payload);
+      batch.add(buf, start, end);
       return;
     }
     let m: { t: string } & Record<string, unknown>;
     try {
-      m = JSON.parse(payload.toString("utf8")) as { t: string } & Record<string, unknown>;
+      m = JSON.parse(buf.toString("utf8", start, end)) as { t: string } & Record<string, unknown>;
     } catch {
       throw protocolError("a message that is not JSON");
     }
@@ -214,14 +214,15 @@ class TextBatch {
     this.#buf = store ? new Uint8Array(TEXT_BATCH_BYTES) : new Uint8Array(0);
   }
 
-  add(record: Uint8Array): void {
+  /** Adds the record `buf[start, end)`. */
+  add(buf: Buffer, start: number, end: number): void {
     if (!this.#store) return;
-    if (this.#used + record.length > this.#buf.length) {
+    const size = end - start;
+    if (this.#used + size > this.#buf.length) {
       this.flush();
-      if (record.length > this.#buf.length) this.#buf = new Uint8Array(record.length);
+      if (size > this.#buf.length) this.#buf = new Uint8Array(size);
     }
-    this.#buf.set(record, this.#used);
-    this.#used += record.length;
+    this.#used += buf.copy(this.#buf, this.#used, start, end);
     if (++this.#count >= this.#limit) this.flush();
   }
 

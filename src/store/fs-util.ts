@@ -92,13 +92,16 @@ export function syncFilesystem(dir: string): void {
 
 /**
  * Like `syncFilesystem`, without blocking the thread: the syncs run in one long-lived shell, so
- * a writer that syncs every batch starts one process, not one per sync. Syncs run one at a
- * time, in order; `close` ends the shell.
+ * a writer that syncs every batch starts one process, not one per sync. A sync asked for while
+ * one runs waits for the next, which serves every request made meanwhile (a sync covers all
+ * writes made before it starts); `close` ends the shell.
  */
 export class FileSystemSyncer {
   readonly #dir: string;
   #child: ChildProcessByStdio<Writable, Readable, null> | undefined;
-  readonly #waiting: { resolve: () => void; reject: (e: Error) => void }[] = [];
+  /** The requests the running sync serves (undefined: none runs), and those for the next one. */
+  #running: SyncRequest[] | undefined;
+  #next: SyncRequest[] = [];
   #out = "";
 
   constructor(dir: string) {
@@ -106,16 +109,22 @@ export class FileSystemSyncer {
   }
 
   sync(): Promise<void> {
-    const child = (this.#child ??= this.#start());
     return new Promise((resolve, reject) => {
-      this.#waiting.push({ resolve, reject });
-      child.stdin.write("\n");
+      this.#next.push({ resolve, reject });
+      if (!this.#running) this.#begin();
     });
   }
 
   close(): void {
     this.#child?.stdin.end();
     this.#child = undefined;
+  }
+
+  #begin(): void {
+    const child = (this.#child ??= this.#start());
+    this.#running = this.#next;
+    this.#next = [];
+    child.stdin.write("\n");
   }
 
   #start(): ChildProcessByStdio<Writable, Readable, null> {
@@ -128,13 +137,17 @@ export class FileSystemSyncer {
       for (let nl = this.#out.indexOf("\n"); nl >= 0; nl = this.#out.indexOf("\n")) {
         const line = this.#out.slice(0, nl);
         this.#out = this.#out.slice(nl + 1);
-        const w = this.#waiting.shift();
-        if (line === "ok") w?.resolve();
-        else w?.reject(syncError(this.#dir, line.replace(/^fail /, "") || "sync failed"));
+        const served = this.#running ?? [];
+        this.#running = undefined;
+        if (line === "ok") for (const r of served) r.resolve();
+        else for (const r of served) r.reject(syncError(this.#dir, line.replace(/^fail /, "") || "sync failed"));
+        if (this.#next.length) this.#begin();
       }
     });
     const fail = (why: string) => {
-      for (const w of this.#waiting.splice(0)) w.reject(syncError(this.#dir, why));
+      const all = [...(this.#running ?? []), ...this.#next.splice(0)];
+      this.#running = undefined;
+      for (const r of all) r.reject(syncError(this.#dir, why));
       if (this.#child === child) this.#child = undefined;
     };
     child.on("error", (e) => fail(e.message));
@@ -142,6 +155,11 @@ export class FileSystemSyncer {
     child.stdin.on("error", () => undefined); // reported by "exit"
     return child;
   }
+}
+
+interface SyncRequest {
+  resolve(): void;
+  reject(e: Error): void;
 }
 
 function syncError(dir: string, why: string): FerryError {

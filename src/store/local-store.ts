@@ -18,7 +18,7 @@ import { FerryError, asFerryError } from "../core/errors.js";
 import { makeHash, parseHash, printHash, printPrefixedHash, toBase16, toNix32, fromBase16, hashEquals, type Hash, type HashAlgo } from "../core/hash.js";
 import { createHasher, sha256, sha256Hex } from "../core/digest.js";
 import {
-  makeFixedOutputPath, makeSourcePath, makeTextPath, parseStorePath, printStorePath, checkNewName, textPathOfHex,
+  makeFixedOutputPath, makeSourcePath, parseStorePath, printStorePath, checkNewName, textPathOfHex,
   parseContentAddress, printContentAddress, type ContentAddress,
 } from "../core/store-path.js";
 import { exportEnd, exportEntryStart, exportEntryTrailer, ExportReader } from "../core/export-stream.js";
@@ -148,6 +148,20 @@ interface RegistrationRow {
   readonly tmpReal: string | undefined;
   /** The writer created the final name itself, exclusively, and rooted it: no check, and a concurrent registration of the same path is found by the insert. */
   readonly created: boolean;
+}
+
+/** Several prepared batches as one, in order (to commit them in one transaction). */
+export function mergeBatches(batches: readonly PreparedBatch[]): PreparedBatch {
+  if (batches.length === 1) return batches[0]!;
+  return {
+    paths: batches.flatMap((b) => b.paths),
+    narHashes: batches.flatMap((b) => b.narHashes),
+    narSizes: batches.flatMap((b) => b.narSizes),
+    cas: batches.flatMap((b) => b.cas),
+    references: batches.flatMap((b) => b.references),
+    tmpReals: batches.flatMap((b) => b.tmpReals),
+    synced: batches.every((b) => b.synced),
+  };
 }
 
 const TMP_PREFIX = ".ferry-tmp-";

@@ -43,12 +43,15 @@ export function encodeTextRecord(buf: Buffer, offset: number, t: TextRecordSourc
   return offset + TEXT_RECORD_PREFIX + headerLen + textLen;
 }
 
+function u32le(b: Uint8Array, at: number): number {
+  return (b[at]! | (b[at + 1]! << 8) | (b[at + 2]! << 16) | (b[at + 3]! << 24)) >>> 0;
+}
+
 /** Why `bytes[start, end)` is not exactly one well-formed record, or undefined when it is. */
 export function textRecordFault(bytes: Uint8Array, start: number, end: number): string | undefined {
   if (end - start < TEXT_RECORD_PREFIX) return "a text record shorter than its prefix";
-  const view = new DataView(bytes.buffer, bytes.byteOffset + start, TEXT_RECORD_PREFIX);
-  const headerLen = view.getUint32(0, true);
-  const textLen = view.getUint32(4, true);
+  const headerLen = u32le(bytes, start);
+  const textLen = u32le(bytes, start + 4);
   if (TEXT_RECORD_PREFIX + headerLen + textLen !== end - start) return "a text record whose lengths do not add up";
   return undefined;
 }

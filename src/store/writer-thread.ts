@@ -8,7 +8,7 @@
 import { MessageChannel, Worker, isMainThread, parentPort, workerData, type MessagePort } from "node:worker_threads";
 import { FerryError } from "../core/errors.js";
 import type { StoreLocation } from "./config.js";
-import { LocalStore, type PreparedBatch } from "./local-store.js";
+import { LocalStore, mergeBatches, type PreparedBatch } from "./local-store.js";
 import { decodeTextRecords } from "./text-records.js";
 
 export interface PlannedSourceMsg {
@@ -48,6 +48,9 @@ export function storePort(store: LocalStore): PlanWriter {
 type Msg = { t: "source"; s: PlannedSourceMsg } | { t: "records"; batch: Uint8Array } | { t: "end" } | { t: "close" } | { t: "abort" };
 type Prepared = { t: "prepared"; p: PreparedBatch } | { t: "end" } | { t: "abort" };
 type Reply = { t: "done" } | { t: "closed" } | { t: "aborted" } | { t: "error"; code: string; message: string; hint?: string };
+
+/** The most rows one transaction commits when batches are grouped (it holds the write lock meanwhile). */
+const GROUP_COMMIT_ROWS = 20_000;
 
 /** How long `finish` and `abort` wait for the threads to close their stores before terminating them. */
 const SHUTDOWN_MS = 10_000;
@@ -204,8 +207,13 @@ function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>,
           throw e;
         }
         if (failed) return; // aborted meanwhile: the queue, this batch included, is cleaned up
-        queue.shift();
-        store.commitBatch(head.p);
+        // Batches that are durable by now go in the same transaction (a commit rewrites the
+        // pages it touches, and a path index touches most of its pages): when commits fall
+        // behind, they catch up in fewer, larger transactions.
+        let n = 1;
+        let rows = head.p.paths.length;
+        while (n < queue.length && queue[n]!.p.synced && rows + queue[n]!.p.paths.length <= GROUP_COMMIT_ROWS) rows += queue[n++]!.p.paths.length;
+        store.commitBatch(mergeBatches(queue.splice(0, n).map((q) => q.p)));
       }
       if (ended && !failed) {
         store.close();

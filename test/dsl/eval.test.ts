@@ -224,7 +224,8 @@ describe("eval protocol frames", () => {
   };
   const read = (parts: Buffer[]) => {
     const seen: string[] = [];
-    const r = new FrameReader((kind, payload) => {
+    const r = new FrameReader((kind, buf, start, end) => {
+      const payload = buf.subarray(start, end);
       if (kind === FRAME_JSON) seen.push(JSON.parse(payload.toString()).t);
       else {
         assert.equal(kind, FRAME_TEXT);

@@ -103,9 +103,15 @@ export class FileSystemSyncer {
   #running: SyncRequest[] | undefined;
   #next: SyncRequest[] = [];
   #out = "";
+  #runs = 0;
 
   constructor(dir: string) {
     this.#dir = dir;
+  }
+
+  /** How many syncs have been started (requests made while one runs share the next). */
+  get runs(): number {
+    return this.#runs;
   }
 
   sync(): Promise<void> {
@@ -124,6 +130,7 @@ export class FileSystemSyncer {
     const child = (this.#child ??= this.#start());
     this.#running = this.#next;
     this.#next = [];
+    this.#runs++;
     child.stdin.write("\n");
   }
 

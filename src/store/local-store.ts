@@ -150,6 +150,40 @@ interface RegistrationRow {
   readonly created: boolean;
 }
 
+/**
+ * Texts written but not checked or registered (`writeClaimedTexts`): for each one written, the
+ * index of its item, its path, and where it was written ("" for its final name).
+ */
+export interface WrittenTexts {
+  readonly indices: number[];
+  readonly paths: string[];
+  readonly tmpReals: string[];
+  /** True once every file written is durable. */
+  synced: boolean;
+}
+
+/** Per item: its path, its NAR's hash (`sha256:<base16>`) and size, and its content address. */
+interface CheckedTexts {
+  readonly paths: string[];
+  readonly narHashes: string[];
+  readonly narSizes: number[];
+  readonly cas: string[];
+}
+
+/** The batch that commits the written ones of `items`, checked. */
+function batchOf(items: readonly TextToAdd[], checked: CheckedTexts, written: WrittenTexts): PreparedBatch {
+  const pick = <T>(column: readonly T[]): T[] => written.indices.map((k) => column[k]!);
+  return {
+    paths: written.paths,
+    narHashes: pick(checked.narHashes),
+    narSizes: pick(checked.narSizes),
+    cas: pick(checked.cas),
+    references: written.indices.map((k) => items[k]!.references.join("\n")),
+    tmpReals: written.tmpReals,
+    synced: written.synced,
+  };
+}
+
 /** Several prepared batches as one, in order (to commit them in one transaction). */
 export function mergeBatches(batches: readonly PreparedBatch[]): PreparedBatch {
   if (batches.length === 1) return batches[0]!;
@@ -621,11 +655,42 @@ export class LocalStore {
    * in progress. `abortTexts` removes the files of a batch that is not committed.
    */
   prepareTexts(items: readonly TextToAdd[]): PreparedTexts {
+    const checked = this.#checkTexts(items);
+    const written = this.#writeTexts(items, checked.paths);
+    return { paths: checked.paths, narHashes: checked.narHashes, narSizes: checked.narSizes, batch: batchOf(items, checked, written) };
+  }
+
+  /**
+   * `prepareTexts` split in two, for two threads: this half writes the texts under the paths
+   * their records claim (`expectedPath`, which must be a store path of this store) without
+   * hashing anything, so the files can be synced while `checkWrittenTexts` checks them.
+   */
+  writeClaimedTexts(items: readonly TextToAdd[]): WrittenTexts {
+    const claimed = items.map((it) => {
+      if (it.expectedPath === undefined) throw new Error("writeClaimedTexts needs the path each text claims");
+      return this.parsePath(it.expectedPath);
+    });
+    return this.#writeTexts(items, claimed);
+  }
+
+  /**
+   * The second half: checks every text (the ones not written too) against the path it claims,
+   * and gives the written ones as a batch to commit. On a mismatch the written files are
+   * removed and FERRY_STORE_PATH_MISMATCH is thrown. `items` are the same as written's.
+   */
+  checkWrittenTexts(items: readonly TextToAdd[], written: WrittenTexts): PreparedBatch {
+    try {
+      return batchOf(items, this.#checkTexts(items), written);
+    } catch (e) {
+      this.abortTexts(written);
+      throw e;
+    }
+  }
+
+  /** Each text's path, NAR hash and content address, from its bytes; an expected path that differs is refused. */
+  #checkTexts(items: readonly TextToAdd[]): CheckedTexts {
     const n = items.length;
-    const paths = new Array<string>(n);
-    const narHashes = new Array<string>(n);
-    const narSizes = new Array<number>(n);
-    const cas = new Array<string>(n);
+    const checked: CheckedTexts = { paths: new Array<string>(n), narHashes: new Array<string>(n), narSizes: new Array<number>(n), cas: new Array<string>(n) };
     for (let k = 0; k < n; k++) {
       const it = items[k]!;
       const digest = sha256(it.bytes);
@@ -635,50 +700,57 @@ export class LocalStore {
       }
       const nar = narOfRegularFile(it.bytes, narScratch);
       if (nar.buffer !== narScratch.buffer) narScratch = nar; // it did not fit: keep the larger buffer
-      paths[k] = path;
-      narHashes[k] = `sha256:${sha256Hex(nar)}`;
-      narSizes[k] = nar.length;
-      cas[k] = `text:sha256:${toNix32(digest)}`;
+      checked.paths[k] = path;
+      checked.narHashes[k] = `sha256:${sha256Hex(nar)}`;
+      checked.narSizes[k] = nar.length;
+      checked.cas[k] = `text:sha256:${toNix32(digest)}`;
     }
+    return checked;
+  }
+
+  /**
+   * Roots `paths` (one temp-root row), then writes each item whose path is not valid, once,
+   * under its final name, created exclusively (or under a temporary name when the final one
+   * is taken). On failure removes what it wrote.
+   */
+  #writeTexts(items: readonly TextToAdd[], paths: readonly string[]): WrittenTexts {
     const distinct = [...new Set(paths)];
     // Rooted before the validity check: a path found valid stays valid (GC keeps it), and GC
     // leaves alone the names written below until this handle closes.
     this.addTempRoots(distinct);
     const skip = new Set(this.#validIds(distinct).keys());
-    const fsyncEach = n <= SYNC_BATCH_MIN;
-    const batch = { paths: [] as string[], narHashes: [] as string[], narSizes: [] as number[], cas: [] as string[], references: [] as string[], tmpReals: [] as string[], synced: false };
+    const fsyncEach = items.length <= SYNC_BATCH_MIN;
+    const written: WrittenTexts = { indices: [], paths: [], tmpReals: [], synced: false };
+    const storeDirLength = this.storeDir.length;
     try {
-      for (let k = 0; k < n; k++) {
+      for (let k = 0; k < items.length; k++) {
         const path = paths[k]!;
         if (skip.has(path)) continue;
         skip.add(path);
         const bytes = items[k]!.bytes;
-        const created = createReadOnlyFile(this.realPathOf(path), bytes, fsyncEach);
-        // Pushed before a write under a temporary name: if it fails, abortTexts still removes what it started.
+        const created = createReadOnlyFile(this.realStoreDir + path.slice(storeDirLength), bytes, fsyncEach);
+        // Recorded before a write under a temporary name: if it fails, abortTexts still removes what it started.
         const tmpReal = created === "created" ? "" : this.newTempPath();
-        batch.paths.push(path);
-        batch.narHashes.push(narHashes[k]!);
-        batch.narSizes.push(narSizes[k]!);
-        batch.cas.push(cas[k]!);
-        batch.references.push(items[k]!.references.join("\n"));
-        batch.tmpReals.push(tmpReal);
+        written.indices.push(k);
+        written.paths.push(path);
+        written.tmpReals.push(tmpReal);
         if (created === "created") continue;
         if (created !== "exists") throw created;
         const again = createReadOnlyFile(tmpReal, bytes, fsyncEach);
         if (again !== "created") throw again === "exists" ? new Error(`the temporary name ${tmpReal} is taken`) : again;
       }
       // Each file is synced; their names need the directory synced too.
-      if (fsyncEach && batch.tmpReals.includes("")) fsyncPath(this.realStoreDir);
+      if (fsyncEach && written.tmpReals.includes("")) fsyncPath(this.realStoreDir);
     } catch (e) {
-      this.abortTexts(batch);
+      this.abortTexts(written);
       throw e;
     }
-    batch.synced = fsyncEach || batch.paths.length === 0;
-    return { paths, narHashes, narSizes, batch };
+    written.synced = fsyncEach || written.paths.length === 0;
+    return written;
   }
 
   /** Makes the files of `batch` durable with one file-system sync that runs in another process. */
-  async syncPrepared(batch: PreparedBatch): Promise<void> {
+  async syncPrepared(batch: { synced: boolean }): Promise<void> {
     if (batch.synced) return;
     await (this.#syncer ??= new FileSystemSyncer(this.realStoreDir)).sync();
     batch.synced = true;

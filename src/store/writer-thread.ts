@@ -8,7 +8,7 @@
 import { MessageChannel, Worker, isMainThread, parentPort, workerData, type MessagePort } from "node:worker_threads";
 import { FerryError } from "../core/errors.js";
 import type { StoreLocation } from "./config.js";
-import { LocalStore, mergeBatches, type PreparedBatch } from "./local-store.js";
+import { LocalStore, mergeBatches, type PreparedBatch, type WrittenTexts } from "./local-store.js";
 import { decodeTextRecords } from "./text-records.js";
 
 export interface PlannedSourceMsg {
@@ -46,7 +46,7 @@ export function storePort(store: LocalStore): PlanWriter {
 }
 
 type Msg = { t: "source"; s: PlannedSourceMsg } | { t: "records"; batch: Uint8Array } | { t: "end" } | { t: "close" } | { t: "abort" };
-type Prepared = { t: "prepared"; p: PreparedBatch } | { t: "end" } | { t: "abort" };
+type Written = { t: "written"; records: Uint8Array; w: WrittenTexts } | { t: "end" } | { t: "abort" };
 type Reply = { t: "done" } | { t: "closed" } | { t: "aborted" } | { t: "error"; code: string; message: string; hint?: string };
 
 /** The most rows one transaction commits when batches are grouped (it holds the write lock meanwhile). */
@@ -57,9 +57,11 @@ const SHUTDOWN_MS = 10_000;
 type Role = { loc: StoreLocation; role: "prepare" | "commit"; port: MessagePort };
 
 /**
- * Writes a plan on two threads: one hashes, checks and writes files under temporary names
- * (and adds sources), the other syncs and commits those batches in order, so file creation,
- * the file-system sync and the registration of earlier batches overlap.
+ * Writes a plan on two threads: one writes each batch's files under the paths its records
+ * claim (and adds sources), the other syncs them, checks every text against its claim while
+ * the sync runs, and commits the batches in order. File creation, hashing, the file-system
+ * sync and the registration of earlier batches overlap, and the two threads carry about the
+ * same load.
  */
 export class StoreWriterThread implements PlanWriter {
   readonly #preparer: Worker;
@@ -152,7 +154,7 @@ function replyError(port: NonNullable<typeof parentPort>, e: unknown): void {
 }
 
 /**
- * The preparing thread: handles the plan in order and hands prepared text batches on. Its store
+ * The preparing thread: handles the plan in order and hands written text batches on. Its store
  * stays open (its temp roots protect the sources it added) until `close`, after the commits.
  */
 function runPreparer(store: LocalStore, parent: NonNullable<typeof parentPort>, committer: MessagePort): void {
@@ -165,17 +167,18 @@ function runPreparer(store: LocalStore, parent: NonNullable<typeof parentPort>, 
     }
     if (m.t === "abort") {
       failed = true;
-      committer.postMessage({ t: "abort" } satisfies Prepared); // after every batch it was sent
+      committer.postMessage({ t: "abort" } satisfies Written); // after every batch it was sent
       return;
     }
     if (failed) return;
     try {
       if (m.t === "records") {
-        committer.postMessage({ t: "prepared", p: store.prepareTexts(decodeTextRecords(m.batch)).batch } satisfies Prepared);
+        const w = store.writeClaimedTexts(decodeTextRecords(m.batch));
+        committer.postMessage({ t: "written", records: m.batch, w } satisfies Written, [m.batch.buffer as ArrayBuffer]);
       } else if (m.t === "source") {
         writePlannedSource(store, m.s);
       } else {
-        committer.postMessage({ t: "end" } satisfies Prepared);
+        committer.postMessage({ t: "end" } satisfies Written);
       }
     } catch (e) {
       failed = true;
@@ -186,15 +189,21 @@ function runPreparer(store: LocalStore, parent: NonNullable<typeof parentPort>, 
 
 /**
  * The committing thread: starts each batch's file-system sync (another process) as soon as it
- * arrives and commits batches in order once their sync is done, so files are always durable
- * before their rows commit. Once it has failed or is told to abort, every batch not committed
- * (queued or arriving later) has its files removed.
+ * arrives, checks the batch's texts against the paths they claim while the sync runs, and
+ * commits batches in order once their sync is done, so files are always durable before their
+ * rows commit. Once it has failed or is told to abort, every batch not committed (queued or
+ * arriving later) has its files removed.
  */
 function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>, preparer: MessagePort): void {
-  const queue: { p: PreparedBatch; synced: Promise<void> }[] = [];
+  const queue: { p: PreparedBatch; w: WrittenTexts; synced: Promise<void> }[] = [];
   let ended = false;
   let running = false;
   let failed = false;
+  const fail = (e: unknown) => {
+    failed = true;
+    for (const q of queue.splice(0)) store.abortTexts(q.p);
+    replyError(parent, e);
+  };
   const drain = async () => {
     running = true;
     try {
@@ -212,22 +221,22 @@ function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>,
         // behind, they catch up in fewer, larger transactions.
         let n = 1;
         let rows = head.p.paths.length;
-        while (n < queue.length && queue[n]!.p.synced && rows + queue[n]!.p.paths.length <= GROUP_COMMIT_ROWS) rows += queue[n++]!.p.paths.length;
-        store.commitBatch(mergeBatches(queue.splice(0, n).map((q) => q.p)));
+        while (n < queue.length && queue[n]!.w.synced && rows + queue[n]!.p.paths.length <= GROUP_COMMIT_ROWS) rows += queue[n++]!.p.paths.length;
+        const group = queue.splice(0, n).map((q) => q.p);
+        for (const p of group) p.synced = true;
+        store.commitBatch(mergeBatches(group));
       }
       if (ended && !failed) {
         store.close();
         parent.postMessage({ t: "done" } satisfies Reply);
       }
     } catch (e) {
-      failed = true;
-      for (const q of queue.splice(0)) store.abortTexts(q.p);
-      replyError(parent, e);
+      fail(e);
     } finally {
       running = false;
     }
   };
-  preparer.on("message", (m: Prepared) => {
+  preparer.on("message", (m: Written) => {
     if (m.t === "abort") {
       failed = true;
       for (const q of queue.splice(0)) store.abortTexts(q.p);
@@ -235,13 +244,20 @@ function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>,
       return;
     }
     if (failed) {
-      if (m.t === "prepared") store.abortTexts(m.p);
+      if (m.t === "written") store.abortTexts(m.w);
       return;
     }
-    if (m.t === "prepared") {
-      const synced = store.syncPrepared(m.p);
+    if (m.t === "written") {
+      const synced = store.syncPrepared(m.w);
       synced.catch(() => undefined); // reported when the batch's turn comes
-      queue.push({ p: m.p, synced });
+      let p: PreparedBatch;
+      try {
+        p = store.checkWrittenTexts(decodeTextRecords(m.records), m.w);
+      } catch (e) {
+        fail(e); // checkWrittenTexts removed this batch's files
+        return;
+      }
+      queue.push({ p, w: m.w, synced });
     } else ended = true;
     if (!running) void drain();
   });

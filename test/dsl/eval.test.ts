@@ -161,6 +161,12 @@ describe("ferry eval", () => {
     assert.ok(!fs.existsSync(join(root, "nix/store/00000000000000000000000000000000-x.drv")));
     const left = fs.existsSync(join(root, "nix/store")) ? fs.readdirSync(join(root, "nix/store")) : [];
     assert.deepEqual(left.filter((n) => n.startsWith(".ferry-tmp-")), [], "no temporary files are left behind");
+    // A planned path outside the store dir: refused before anything is written.
+    const escape = write("escape.ts", fs.readFileSync(forged, "utf8").replace("/nix/store/00000000000000000000000000000000-x.drv", "/nix/store/../escape.drv"));
+    const g = ferry(["eval", "--root", root, "--store-dir", "/nix/store", "--state-dir", "/nix/var", escape]);
+    assert.equal(g.status, 1);
+    assert.match(g.stderr, /FERRY_STORE_BAD_PATH/);
+    assert.ok(!fs.existsSync(join(root, "nix/escape.drv")));
   });
 
   test("a message that is not an object, a text whose references repeat, or anything after the end is refused", () => {

@@ -337,4 +337,47 @@ describe("local store", () => {
       s.close();
     }
   });
+
+  test("texts written under the paths they claim are checked before they are registered: a false claim is refused and its file removed", () => {
+    const s = openStore(join(dir, "root-claims"));
+    try {
+      const good = { name: "a.drv", bytes: Buffer.from("a"), references: [] as string[] };
+      const goodPath = s.prepareTexts([good]).paths[0]!;
+      s.abortTexts(s.prepareTexts([good]).batch);
+      const claim = (name: string, text: string, expectedPath: string) => ({ name, bytes: Buffer.from(text), references: [] as string[], expectedPath });
+
+      // A true claim: written before it is checked, then committed.
+      const items = [claim("a.drv", "a", goodPath)];
+      const written = s.writeClaimedTexts(items);
+      assert.deepEqual(written.paths, [goodPath]);
+      assert.equal(fs.readFileSync(s.realPathOf(goodPath), "utf8"), "a");
+      assert.deepEqual(s.commitBatch(s.checkWrittenTexts(items, written)), [true]);
+      assert.ok(s.isValid(goodPath));
+
+      // A claim whose content hashes elsewhere: refused when checked, its file gone, nothing registered.
+      const forgedPath = `${s.storeDir}/${"0".repeat(31)}a-b.drv`;
+      const forged = [claim("b.drv", "b", forgedPath)];
+      const w2 = s.writeClaimedTexts(forged);
+      assert.ok(fs.existsSync(s.realPathOf(forgedPath)), "written, unchecked and invalid");
+      assert.throws(() => s.checkWrittenTexts(forged, w2), (e) => isFerryError(e) && e.code === "FERRY_STORE_PATH_MISMATCH");
+      assert.ok(!fs.existsSync(s.realPathOf(forgedPath)));
+      assert.ok(!s.isValid(forgedPath));
+
+      // A false claim of a path that is valid already: nothing is written, and the check still refuses it.
+      const lie = [claim("a.drv", "not a", goodPath)];
+      const w3 = s.writeClaimedTexts(lie);
+      assert.deepEqual(w3.paths, []);
+      assert.throws(() => s.checkWrittenTexts(lie, w3), (e) => isFerryError(e) && e.code === "FERRY_STORE_PATH_MISMATCH");
+      assert.equal(fs.readFileSync(s.realPathOf(goodPath), "utf8"), "a", "the valid path is untouched");
+
+      // A claim that is not a path of this store is refused before anything is written.
+      for (const bad of [`${s.storeDir}/../escape.drv`, "/etc/ferry-escape.drv", `${s.storeDir}/${"0".repeat(32)}-x/../../../escape.drv`]) {
+        assert.throws(() => s.writeClaimedTexts([claim("x.drv", "x", bad)]), (e) => isFerryError(e) && e.code === "FERRY_STORE_BAD_PATH", bad);
+      }
+      assert.ok(!fs.existsSync(join(dir, "root-claims", "ferry", "escape.drv")));
+      assert.deepEqual(storeEntries(s).filter((n) => n.startsWith(".ferry-")), []);
+    } finally {
+      s.close();
+    }
+  });
 });

@@ -3,14 +3,29 @@
  * parent finds message boundaries without scanning or unescaping the .drv texts.
  *
  * A frame is: u32 LE payload length, one kind byte, the payload. Kind TEXT carries one text
- * record (store/text-records: planned path, name, references, the text's bytes); kind JSON
- * carries a UTF-8 JSON object with a `t` field (`source`, `job`, `done`, `error`).
+ * record (store/text-records: planned path, name, references, the text's bytes); kind JOB one
+ * job, as UTF-8 strings each after its u32 LE byte length: attribute path, name, system, .drv
+ * path, the number of outputs (a u32) and each output's name and path, then the meta as JSON
+ * ("" for none); kind JSON carries a UTF-8 JSON object with a `t` field (`source`, `done`,
+ * `error`).
  */
 import { FerryError } from "../core/errors.js";
 import { encodeTextRecord, maxTextRecordSize, type TextRecordSource } from "../store/text-records.js";
 
 export const FRAME_TEXT = 0x54; // "T"
+export const FRAME_JOB = 0x50; // "P"
 export const FRAME_JSON = 0x4a; // "J"
+
+/** A job as it crosses the protocol (the evaluator's EvalJob). */
+export interface JobMessage {
+  readonly attr: string;
+  readonly name: string;
+  readonly system: string;
+  readonly drvPath: string;
+  /** Output name -> store path. */
+  readonly outputs: Readonly<Record<string, string>>;
+  readonly meta: Readonly<Record<string, unknown>>;
+}
 const FRAME_HEADER = 5;
 /** No honest frame comes near this; a length beyond it means the stream is not this protocol. */
 export const MAX_FRAME = 256 * 1024 * 1024;
@@ -51,6 +66,34 @@ export class FrameWriter {
     this.#reserve(FRAME_HEADER + maxTextRecordSize(t));
     const start = this.#pos;
     this.#finish(start, FRAME_TEXT, encodeTextRecord(this.#buf, start + FRAME_HEADER, t));
+  }
+
+  /** Writes a job; an output is its path or something that has one (a package's output). */
+  job(j: Omit<JobMessage, "outputs"> & { readonly outputs: Readonly<Record<string, string | { readonly path: string }>> }): void {
+    const outputs = Object.entries(j.outputs).map(([o, v]) => [o, typeof v === "string" ? v : v.path] as const);
+    const meta = Object.keys(j.meta).length ? JSON.stringify(j.meta) : "";
+    let max = 4 * (6 + 2 * outputs.length) + 3 * (j.attr.length + j.name.length + j.system.length + j.drvPath.length + meta.length);
+    for (const [o, path] of outputs) max += 3 * (o.length + path.length);
+    this.#reserve(FRAME_HEADER + max);
+    const start = this.#pos;
+    let at = start + FRAME_HEADER;
+    const str = (v: string) => {
+      const n = this.#buf.write(v, at + 4, "utf8");
+      this.#buf.writeUInt32LE(n, at);
+      at += 4 + n;
+    };
+    str(j.attr);
+    str(j.name);
+    str(j.system);
+    str(j.drvPath);
+    this.#buf.writeUInt32LE(outputs.length, at);
+    at += 4;
+    for (const [o, path] of outputs) {
+      str(o);
+      str(path);
+    }
+    str(meta);
+    this.#finish(start, FRAME_JOB, at);
   }
 
   json(msg: { t: string } & Record<string, unknown>): void {
@@ -97,7 +140,7 @@ export class FrameReader {
     while (buf.length - off >= FRAME_HEADER) {
       const len = buf.readUInt32LE(off);
       const kind = buf[off + 4]!;
-      if (len > MAX_FRAME || (kind !== FRAME_TEXT && kind !== FRAME_JSON)) throw protocolError("a malformed frame header");
+      if (len > MAX_FRAME || (kind !== FRAME_TEXT && kind !== FRAME_JOB && kind !== FRAME_JSON)) throw protocolError("a malformed frame header");
       const end = off + FRAME_HEADER + len;
       if (end > buf.length) {
         need = FRAME_HEADER + len;
@@ -118,4 +161,43 @@ export class FrameReader {
   end(): void {
     if (this.#parts.length) throw protocolError("a truncated frame at the end");
   }
+}
+
+/** The job in the JOB frame `buf[start, end)`; a frame that is not one is a protocol error. */
+export function decodeJob(buf: Buffer, start: number, end: number): JobMessage {
+  let at = start;
+  const u32 = (): number => {
+    if (end - at < 4) throw protocolError("a truncated job");
+    const v = buf.readUInt32LE(at);
+    at += 4;
+    return v;
+  };
+  const str = (): string => {
+    const n = u32();
+    if (end - at < n) throw protocolError("a truncated job");
+    at += n;
+    return buf.toString("utf8", at - n, at);
+  };
+  const attr = str();
+  const name = str();
+  const system = str();
+  const drvPath = str();
+  const count = u32();
+  const outputs: Record<string, string> = {};
+  for (let k = 0; k < count; k++) {
+    const o = str();
+    outputs[o] = str();
+  }
+  const metaText = str();
+  if (at !== end) throw protocolError("a job with bytes after its meta");
+  let meta: Record<string, unknown> = {};
+  if (metaText) {
+    try {
+      meta = JSON.parse(metaText) as Record<string, unknown>;
+    } catch {
+      throw protocolError("a job whose meta is not JSON");
+    }
+    if (meta === null || typeof meta !== "object" || Array.isArray(meta)) throw protocolError("a job whose meta is not an object");
+  }
+  return { attr, name, system, drvPath, outputs, meta };
 }

@@ -92,7 +92,7 @@ async function main(): Promise<void> {
   const root = attr ? select(exported, attr) : exported;
   let n = 0;
   for (const [path, pkg] of jobsOf(root, attr ? attr.split(".") : [], new Set())) {
-    send({ t: "job", attr: path, name: pkg.name, system: pkg.system, drvPath: pkg.drvPath, outputs: pkg.outputs, meta: pkg.meta });
+    frames.job({ attr: path, name: pkg.name, system: pkg.system, drvPath: pkg.drvPath, outputs: pkg.outputs, meta: pkg.meta });
     n++;
   }
   send({ t: "done", jobs: n });

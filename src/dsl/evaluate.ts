@@ -12,7 +12,7 @@ import { FerryError } from "../core/errors.js";
 import type { PlannedSource } from "./context.js";
 import { bwrapPath, sandboxAvailable } from "../build/sandbox.js";
 import { textRecordFault } from "../store/text-records.js";
-import { FRAME_TEXT, FrameReader, protocolError } from "./eval-protocol.js";
+import { FRAME_JOB, FRAME_TEXT, FrameReader, decodeJob, protocolError, type JobMessage } from "./eval-protocol.js";
 
 /** How evaluation results reach a store. */
 export interface EvalStorePort {
@@ -29,15 +29,7 @@ export interface EvalStorePort {
   abort?(): Promise<void>;
 }
 
-export interface EvalJob {
-  readonly attr: string;
-  readonly name: string;
-  readonly system: string;
-  readonly drvPath: string;
-  /** Output name -> store path. */
-  readonly outputs: Readonly<Record<string, string>>;
-  readonly meta: Readonly<Record<string, unknown>>;
-}
+export type EvalJob = JobMessage;
 
 export interface EvalOptions {
   readonly file: string;
@@ -109,6 +101,15 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
       batch.add(buf, start, end);
       return;
     }
+    if (kind === FRAME_JOB) {
+      // The texts collected before the first job go to the writer now, not after the last
+      // job (in a set that is not lazy they are all the texts).
+      if (jobs.length === 0) batch.flush();
+      const job = decodeJob(buf, start, end);
+      jobs.push(job);
+      opts.onJob?.(job);
+      return;
+    }
     let m: { t: string } & Record<string, unknown>;
     try {
       m = JSON.parse(buf.toString("utf8", start, end)) as { t: string } & Record<string, unknown>;
@@ -124,12 +125,6 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
         sources++;
         store?.addSource(m as unknown as PlannedSource);
         break;
-      case "job": {
-        const job = m as unknown as EvalJob;
-        jobs.push(job);
-        opts.onJob?.(job);
-        break;
-      }
       case "done":
         batch.flush();
         finished = true;
@@ -245,6 +240,5 @@ const TEXT_BATCH_BYTES = 8 * 1024 * 1024;
 /** The string fields each kind of JSON message must have. */
 const FIELDS: Readonly<Record<string, readonly string[]>> = {
   source: ["storePath", "from", "name"],
-  job: ["attr", "name", "system", "drvPath"],
   error: ["code", "message"],
 };

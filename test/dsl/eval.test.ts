@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { ferry, ferryOk } from "../helpers/cli.js";
 import { tempDir } from "../helpers/fs-trees.js";
 import { drvVectors, writeVectorPackageSet } from "../helpers/vector-fixture.js";
-import { FRAME_JSON, FRAME_TEXT, FrameReader, FrameWriter } from "../../src/dsl/eval-protocol.js";
+import { FRAME_JOB, FRAME_JSON, FRAME_TEXT, FrameReader, FrameWriter, decodeJob } from "../../src/dsl/eval-protocol.js";
 import { decodeTextRecords } from "../../src/store/text-records.js";
 import { isFerryError } from "../../src/core/errors.js";
 
@@ -224,6 +224,8 @@ describe("eval protocol frames", () => {
     w.json({ t: "source", storePath: "/nix/store/a-src", from: "/x", name: "src" });
     w.text({ storePath: "/nix/store/b-x.drv", name: "x.drv", references: ["/nix/store/a-src"], text: `Derive([("out","é\\"q")])` });
     w.text({ storePath: "/nix/store/c-y.drv", name: "y.drv", references: [], text: "y".repeat(300) });
+    w.job({ attr: 'tools."é"\n', name: "y", system: "x86_64-linux", drvPath: "/nix/store/c-y.drv", outputs: { out: "/nix/store/d-y", dev: { path: "/nix/store/e-y-dev" } }, meta: { version: "1.0", tags: ["a"] } });
+    w.job({ attr: "z", name: "z", system: "aarch64-linux", drvPath: "/nix/store/f-z.drv", outputs: {}, meta: {} });
     w.json({ t: "done", jobs: 0 });
     w.flush();
     return Buffer.concat(chunks);
@@ -233,6 +235,7 @@ describe("eval protocol frames", () => {
     const r = new FrameReader((kind, buf, start, end) => {
       const payload = buf.subarray(start, end);
       if (kind === FRAME_JSON) seen.push(JSON.parse(payload.toString()).t);
+      else if (kind === FRAME_JOB) seen.push(JSON.stringify(decodeJob(buf, start, end)));
       else {
         assert.equal(kind, FRAME_TEXT);
         const [rec] = decodeTextRecords(payload);
@@ -247,7 +250,12 @@ describe("eval protocol frames", () => {
   test("frames survive any split of the stream into chunks", () => {
     const bytes = sample();
     const whole = read([bytes]);
-    assert.deepEqual(whole, ["source", `x.drv:/nix/store/a-src:Derive([("out","é\\"q")])`, `y.drv::${"y".repeat(300)}`, "done"]);
+    assert.deepEqual(whole.slice(0, 3), ["source", `x.drv:/nix/store/a-src:Derive([("out","é\\"q")])`, `y.drv::${"y".repeat(300)}`]);
+    assert.deepEqual(whole.slice(3).map((j) => (j === "done" ? j : JSON.parse(j))), [
+      { attr: 'tools."é"\n', name: "y", system: "x86_64-linux", drvPath: "/nix/store/c-y.drv", outputs: { out: "/nix/store/d-y", dev: "/nix/store/e-y-dev" }, meta: { version: "1.0", tags: ["a"] } },
+      { attr: "z", name: "z", system: "aarch64-linux", drvPath: "/nix/store/f-z.drv", outputs: {}, meta: {} },
+      "done",
+    ]);
     for (let a = 0; a <= bytes.length; a++) {
       for (const b of [a, Math.min(bytes.length, a + 1), Math.min(bytes.length, a + 7)]) {
         assert.deepEqual(read([bytes.subarray(0, a), bytes.subarray(a, b), bytes.subarray(b)]), whole, `split at ${a}/${b}`);
@@ -271,5 +279,14 @@ describe("eval protocol frames", () => {
     const badKind = Buffer.from(bytes);
     badKind[4] = 0x21;
     assert.equal(code(() => read([badKind])), "FERRY_EVAL_PROTOCOL");
+    // Job frames whose fields do not fit the frame, carry bytes after the meta, or a meta that is not an object.
+    const jobFrame = (payload: Buffer) => Buffer.concat([Buffer.from([payload.length & 255, payload.length >> 8, 0, 0, FRAME_JOB]), payload]);
+    const field = (v: string) => Buffer.concat([Buffer.from([Buffer.byteLength(v), 0, 0, 0]), Buffer.from(v)]);
+    const fields = (meta: string) => Buffer.concat([field("a"), field("a"), field("x86_64-linux"), field("/nix/store/f-a.drv"), Buffer.from([0, 0, 0, 0]), field(meta)]);
+    assert.equal(code(() => read([jobFrame(fields("{}"))])), "none");
+    assert.equal(code(() => read([jobFrame(fields("{}").subarray(0, 20))])), "FERRY_EVAL_PROTOCOL");
+    assert.equal(code(() => read([jobFrame(Buffer.concat([fields(""), Buffer.from("x")]))])), "FERRY_EVAL_PROTOCOL");
+    assert.equal(code(() => read([jobFrame(fields("[1]"))])), "FERRY_EVAL_PROTOCOL");
+    assert.equal(code(() => read([jobFrame(fields("{"))])), "FERRY_EVAL_PROTOCOL");
   });
 });

@@ -187,13 +187,14 @@ function batchOf(items: readonly TextToAdd[], checked: CheckedTexts, written: Wr
 /** Several prepared batches as one, in order (to commit them in one transaction). */
 export function mergeBatches(batches: readonly PreparedBatch[]): PreparedBatch {
   if (batches.length === 1) return batches[0]!;
+  const [first, ...rest] = batches as [PreparedBatch, ...PreparedBatch[]];
   return {
-    paths: batches.flatMap((b) => b.paths),
-    narHashes: batches.flatMap((b) => b.narHashes),
-    narSizes: batches.flatMap((b) => b.narSizes),
-    cas: batches.flatMap((b) => b.cas),
-    references: batches.flatMap((b) => b.references),
-    tmpReals: batches.flatMap((b) => b.tmpReals),
+    paths: first.paths.concat(...rest.map((b) => b.paths)),
+    narHashes: first.narHashes.concat(...rest.map((b) => b.narHashes)),
+    narSizes: first.narSizes.concat(...rest.map((b) => b.narSizes)),
+    cas: first.cas.concat(...rest.map((b) => b.cas)),
+    references: first.references.concat(...rest.map((b) => b.references)),
+    tmpReals: first.tmpReals.concat(...rest.map((b) => b.tmpReals)),
     synced: batches.every((b) => b.synced),
   };
 }

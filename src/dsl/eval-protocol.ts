@@ -186,7 +186,9 @@ export function decodeJob(buf: Buffer, start: number, end: number): JobMessage {
   const outputs: Record<string, string> = {};
   for (let k = 0; k < count; k++) {
     const o = str();
-    outputs[o] = str();
+    if (Object.prototype.hasOwnProperty.call(outputs, o)) throw protocolError(`a job with two outputs named '${o}'`);
+    // Defined, not assigned: an output named like an Object.prototype member is an output too.
+    Object.defineProperty(outputs, o, { value: str(), enumerable: true, writable: true, configurable: true });
   }
   const metaText = str();
   if (at !== end) throw protocolError("a job with bytes after its meta");

@@ -27,6 +27,8 @@ export interface EvalStorePort {
   /** For ports that write in the background: resolves once everything is written. */
   finish?(): Promise<void>;
   abort?(): Promise<void>;
+  /** For ports that write in the background: `listener` hears of the first failure as it happens. */
+  onFailure?(listener: (e: FerryError) => void): void;
 }
 
 export type EvalJob = JobMessage;
@@ -143,6 +145,11 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
     failure = e instanceof FerryError ? e : new FerryError("FERRY_EVAL_STORE", `could not record the evaluation: ${(e as Error).message}`);
     child.kill("SIGKILL");
   };
+  // A plan the store refuses (a text that is not what it claims, a full disk) stops the
+  // evaluation at once, and is what gets reported.
+  store?.onFailure?.((e) => {
+    if (!failure) fail(e);
+  });
   try {
     const reader = new FrameReader(onFrame);
     const input = child.stdio[3] as Readable;

@@ -227,6 +227,8 @@ export class LocalStore {
   #syncer: FileSystemSyncer | undefined;
   /** The temp-roots database, opened when first needed (see TEMP_ROOTS_SCHEMA). */
   #rootsDb: Database.Database | undefined;
+  /** Text batches aborted, by their `tmpReals` array (which a checked batch shares with what was written). */
+  readonly #aborted = new WeakSet<readonly string[]>();
 
   private constructor(loc: StoreLocation, db: Database.Database) {
     this.loc = loc;
@@ -683,8 +685,17 @@ export class LocalStore {
     try {
       return batchOf(items, this.#checkTexts(items), written);
     } catch (e) {
-      this.abortTexts(written);
+      this.#abortQuietly(written);
       throw e;
+    }
+  }
+
+  /** `abortTexts` on the way out of an error: a failure to clean up must not hide that error (GC removes what is left). */
+  #abortQuietly(batch: Pick<PreparedBatch, "paths" | "tmpReals">): void {
+    try {
+      this.abortTexts(batch);
+    } catch {
+      /* unregistered leftovers; GC removes them once this handle's temp roots are gone */
     }
   }
 
@@ -730,8 +741,9 @@ export class LocalStore {
         skip.add(path);
         const bytes = items[k]!.bytes;
         const created = createReadOnlyFile(this.realStoreDir + path.slice(storeDirLength), bytes, fsyncEach);
-        // Recorded before a write under a temporary name: if it fails, abortTexts still removes what it started.
-        const tmpReal = created === "created" ? "" : this.newTempPath();
+        // Recorded before anything can fail, so that abortTexts removes what was started: the
+        // final name when this writer created it (completely or not), else the temporary one.
+        const tmpReal = created === "exists" ? this.newTempPath() : "";
         written.indices.push(k);
         written.paths.push(path);
         written.tmpReals.push(tmpReal);
@@ -743,7 +755,7 @@ export class LocalStore {
       // Each file is synced; their names need the directory synced too.
       if (fsyncEach && written.tmpReals.includes("")) fsyncPath(this.realStoreDir);
     } catch (e) {
-      this.abortTexts(written);
+      this.#abortQuietly(written);
       throw e;
     }
     written.synced = fsyncEach || written.paths.length === 0;
@@ -781,7 +793,7 @@ export class LocalStore {
       });
       return this.#registerRows(rows);
     } catch (e) {
-      this.abortTexts(batch);
+      this.#abortQuietly(batch);
       throw e;
     }
   }
@@ -800,6 +812,10 @@ export class LocalStore {
    * same path may have registered its own copy there meanwhile.
    */
   abortTexts(batch: Pick<PreparedBatch, "paths" | "tmpReals">): void {
+    // Once only: by a second time, another writer may have created one of these names
+    // exclusively, and its file must not go.
+    if (this.#aborted.has(batch.tmpReals)) return;
+    this.#aborted.add(batch.tmpReals);
     const inPlace: string[] = [];
     batch.paths.forEach((path, k) => {
       const tmpReal = batch.tmpReals[k];
@@ -1043,10 +1059,13 @@ export class LocalStore {
    * write lock, so an add in progress can neither lose its object nor see a half-deleted one.
    */
   gc(opts: { dryRun?: boolean } = {}): GcResult {
-    // The temp-roots write lock is held from before the decision until the unlinking is done,
-    // so no path can be rooted (and then written or found valid) in between.
+    // The temp-roots write lock is held from before the decision until the deletion is
+    // committed, so no path can be rooted (and then written or found valid) in between.
     const roots = this.#roots();
-    const plan = this.#db.transaction(() => roots.transaction(() => this.#collect(roots, opts)).immediate()).immediate();
+    // The temp-roots transaction is the outer one, so it ends after the store's commits: a
+    // writer that roots a path and then finds it valid cannot see it before GC's deletion of
+    // it is committed.
+    const plan = roots.transaction(() => this.#db.transaction(() => this.#collect(roots, opts)).immediate()).immediate();
     if (plan.trash) removeTree(plan.trash);
     return { deleted: plan.dead, bytesFreed: plan.bytes, roots: plan.roots, leftovers: plan.leftovers };
   }

@@ -75,6 +75,8 @@ export function decodeTextRecords(batch: Uint8Array): TextRecord[] {
     if (end > batch.length) throw new Error("truncated text record batch");
     const fields = buf.toString("latin1", off + TEXT_RECORD_PREFIX, textStart).split("\n");
     if (fields.length < 2) throw new FerryError("FERRY_STORE_BAD_TEXT_RECORD", "a text object to add has no path and name", { hint: "the evaluator sent a malformed plan" });
+    // An empty field would be hashed into the path as a reference and then registered as none.
+    if (fields.includes("")) throw new FerryError("FERRY_STORE_BAD_TEXT_RECORD", `the text object '${fields[1]}' has an empty path, name or reference`, { hint: "the evaluator sent a malformed plan" });
     for (let k = 3; k < fields.length; k++) {
       if (!(fields[k - 1]! < fields[k]!)) {
         throw new FerryError("FERRY_STORE_BAD_TEXT_RECORD", `the references of text object '${fields[1]}' are not sorted and distinct`, { hint: "the evaluator sent a malformed plan" });

@@ -95,6 +95,11 @@ export class StoreWriterThread implements PlanWriter {
     this.#preparer.postMessage({ t: "records", batch } satisfies Msg, [batch.buffer as ArrayBuffer]);
   }
 
+  /** Calls `listener` with the first error of either thread, when it happens. */
+  onFailure(listener: (e: FerryError) => void): void {
+    this.#result.then(undefined, (e: unknown) => listener(e instanceof FerryError ? e : new FerryError("FERRY_EVAL_STORE", `could not record the evaluation: ${(e as Error).message}`)));
+  }
+
   /**
    * Waits until everything sent is written (or throws the first error, after removing what was
    * not committed). The preparing thread keeps its temp roots (the sources it added) until the
@@ -199,10 +204,19 @@ function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>,
   let ended = false;
   let running = false;
   let failed = false;
+  // A batch's files are removed once; a failure to remove them is not the error to report
+  // (they are unregistered leftovers for GC).
+  const cleanUp = (batch: Pick<PreparedBatch, "paths" | "tmpReals">) => {
+    try {
+      store.abortTexts(batch);
+    } catch {
+      /* leftovers for GC */
+    }
+  };
   const fail = (e: unknown) => {
     failed = true;
-    for (const q of queue.splice(0)) store.abortTexts(q.p);
     replyError(parent, e);
+    for (const q of queue.splice(0)) cleanUp(q.p);
   };
   const drain = async () => {
     running = true;
@@ -212,7 +226,8 @@ function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>,
         try {
           await head.synced;
         } catch (e) {
-          store.abortTexts(head.p);
+          if (failed) return; // aborted meanwhile: the queue, this batch included, is cleaned up
+          cleanUp(queue.shift()!.p);
           throw e;
         }
         if (failed) return; // aborted meanwhile: the queue, this batch included, is cleaned up
@@ -239,12 +254,12 @@ function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>,
   preparer.on("message", (m: Written) => {
     if (m.t === "abort") {
       failed = true;
-      for (const q of queue.splice(0)) store.abortTexts(q.p);
+      for (const q of queue.splice(0)) cleanUp(q.p);
       parent.postMessage({ t: "aborted" } satisfies Reply);
       return;
     }
     if (failed) {
-      if (m.t === "written") store.abortTexts(m.w);
+      if (m.t === "written") cleanUp(m.w);
       return;
     }
     if (m.t === "written") {

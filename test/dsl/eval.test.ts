@@ -196,6 +196,33 @@ describe("ferry eval", () => {
     assert.match(d.stderr, /FERRY_STORE_BAD_TEXT_RECORD/);
     const left = fs.existsSync(join(root, "nix/store")) ? fs.readdirSync(join(root, "nix/store")) : [];
     assert.deepEqual(left.filter((n) => n.startsWith(".ferry-tmp-")), [], "no temporary files are left behind");
+    // An empty reference (a header ending in a newline) would be hashed into the path and registered as none.
+    const empty = write("empty-ref.ts", fs.readFileSync(dup, "utf8").replace("a.drvPath, a.drvPath]", '""]'));
+    const e = ferry(["eval", "--root", join(dir, "r-empty-ref"), "--store-dir", "/nix/store", "--state-dir", "/nix/var", empty]);
+    assert.equal(e.status, 1);
+    assert.match(e.stderr, /FERRY_STORE_BAD_TEXT_RECORD/);
+  });
+
+  test("texts that are not what they claim stop the evaluation as soon as the writer checks them", () => {
+    // Enough false texts for a batch, then package code that never ends: the writer's refusal,
+    // not the time limit, ends the evaluation, and the false files are gone.
+    const forger = write("forger.ts", `import { writeSync } from "node:fs";
+      const frames = [];
+      for (let i = 0; i < 6000; i++) {
+        const header = Buffer.from("/nix/store/" + String(i).padStart(32, "0") + "-f" + i + ".drv\\nf" + i + ".drv");
+        const text = Buffer.from("forged " + i);
+        const rec = Buffer.alloc(8); rec.writeUInt32LE(header.length, 0); rec.writeUInt32LE(text.length, 4);
+        const frame = Buffer.alloc(5); frame.writeUInt32LE(8 + header.length + text.length, 0); frame[4] = ${FRAME_TEXT};
+        frames.push(frame, rec, header, text);
+      }
+      writeSync(3, Buffer.concat(frames));
+      for (;;) {}`);
+    const root = join(dir, "r-forger");
+    const r = ferry(["eval", "--eval-timeout", "300", "--root", root, "--store-dir", "/nix/store", "--state-dir", "/nix/var", forger]);
+    assert.equal(r.status, 1);
+    assert.match(r.stderr, /FERRY_STORE_PATH_MISMATCH/);
+    const left = fs.existsSync(join(root, "nix/store")) ? fs.readdirSync(join(root, "nix/store")) : [];
+    assert.deepEqual(left, [], "the false texts written before the check are removed");
   });
 
   test("package code that fails after thousands of derivations leaves no temporary files", () => {
@@ -288,5 +315,11 @@ describe("eval protocol frames", () => {
     assert.equal(code(() => read([jobFrame(Buffer.concat([fields(""), Buffer.from("x")]))])), "FERRY_EVAL_PROTOCOL");
     assert.equal(code(() => read([jobFrame(fields("[1]"))])), "FERRY_EVAL_PROTOCOL");
     assert.equal(code(() => read([jobFrame(fields("{"))])), "FERRY_EVAL_PROTOCOL");
+    // Outputs: one named like an Object.prototype member is kept; one named twice is refused.
+    const withOutputs = (...names: string[]) =>
+      Buffer.concat([field("a"), field("a"), field("x86_64-linux"), field("/nix/store/f-a.drv"), Buffer.from([names.length, 0, 0, 0]), ...names.flatMap((n) => [field(n), field(`/nix/store/g-${n}`)]), field("")]);
+    const proto = decodeJob(jobFrame(withOutputs("__proto__", "out")), 5, 5 + withOutputs("__proto__", "out").length);
+    assert.deepEqual(Object.entries(proto.outputs), [["__proto__", "/nix/store/g-__proto__"], ["out", "/nix/store/g-out"]]);
+    assert.equal(code(() => read([jobFrame(withOutputs("out", "out"))])), "FERRY_EVAL_PROTOCOL");
   });
 });

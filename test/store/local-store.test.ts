@@ -2,6 +2,7 @@ import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import { join } from "node:path";
+import { spawnSync } from "node:child_process";
 import { LocalStore } from "../../src/store/local-store.js";
 import { resolveStoreLocation } from "../../src/store/config.js";
 import { printHash } from "../../src/core/hash.js";
@@ -376,6 +377,49 @@ describe("local store", () => {
       }
       assert.ok(!fs.existsSync(join(dir, "root-claims", "ferry", "escape.drv")));
       assert.deepEqual(storeEntries(s).filter((n) => n.startsWith(".ferry-")), []);
+    } finally {
+      s.close();
+    }
+  });
+
+  test("aborting a batch twice does not remove a file another writer created under the same name meanwhile", () => {
+    const root = join(dir, "root-abort-twice");
+    const a = openStore(root);
+    const b = openStore(root);
+    try {
+      const item = () => [{ name: "x.drv", bytes: Buffer.from("hello"), references: [] as string[] }];
+      const pa = a.prepareTexts(item());
+      a.abortTexts(pa.batch);
+      const pb = b.prepareTexts(item());
+      assert.deepEqual(pb.batch.tmpReals, [""], "b creates the final name, now free");
+      a.abortTexts(pa.batch);
+      assert.deepEqual(b.commitTexts(pb).map((r) => r.added), [true]);
+      assert.equal(fs.readFileSync(b.realPathOf(pb.paths[0]!), "utf8"), "hello", "b's file is still there");
+    } finally {
+      a.close();
+      b.close();
+    }
+  });
+
+  test("a text whose write fails after its final name was created leaves no partial file under that name", () => {
+    // A file-size limit (with SIGXFSZ ignored, so the write fails with EFBIG) cuts the text short.
+    const root = join(dir, "root-partial");
+    openStore(root).close();
+    const script = `
+      import { LocalStore } from ${JSON.stringify(new URL("../../src/store/local-store.js", import.meta.url).href)};
+      const s = LocalStore.open({ storeDir: "/ferry/store", stateDir: "/ferry/var", root: ${JSON.stringify(root)} });
+      try {
+        s.prepareTexts(Array.from({ length: 20 }, (_, k) => ({ name: "big" + k + ".drv", bytes: Buffer.alloc(2 << 20, 97 + k), references: [] })));
+        console.log("written");
+      } catch (e) {
+        console.log("refused " + e.code);
+      }
+      s.close();`;
+    const r = spawnSync("bash", ["-c", 'trap "" XFSZ; ulimit -f 1024; exec "$0" --input-type=module -e "$1"', process.execPath, script], { encoding: "utf8" });
+    assert.match(r.stdout, /refused EFBIG/, r.stderr);
+    const s = openStore(root);
+    try {
+      assert.deepEqual(storeEntries(s), [], "neither the partial file nor anything else is left");
     } finally {
       s.close();
     }

@@ -70,10 +70,18 @@ export class FrameWriter {
 
   /** Writes a job; an output is its path or something that has one (a package's output). */
   job(j: Omit<JobMessage, "outputs"> & { readonly outputs: Readonly<Record<string, string | { readonly path: string }>> }): void {
-    const outputs = Object.entries(j.outputs).map(([o, v]) => [o, typeof v === "string" ? v : v.path] as const);
-    const meta = Object.keys(j.meta).length ? JSON.stringify(j.meta) : "";
-    let max = 4 * (6 + 2 * outputs.length) + 3 * (j.attr.length + j.name.length + j.system.length + j.drvPath.length + meta.length);
-    for (const [o, path] of outputs) max += 3 * (o.length + path.length);
+    const names = Object.keys(j.outputs);
+    const pathOf = (o: string): string => {
+      const v = j.outputs[o]!;
+      return typeof v === "string" ? v : v.path;
+    };
+    let meta = "";
+    for (const _ in j.meta) {
+      meta = JSON.stringify(j.meta);
+      break;
+    }
+    let max = 4 * (6 + 2 * names.length) + 3 * (j.attr.length + j.name.length + j.system.length + j.drvPath.length + meta.length);
+    for (const o of names) max += 3 * (o.length + pathOf(o).length);
     this.#reserve(FRAME_HEADER + max);
     const start = this.#pos;
     let at = start + FRAME_HEADER;
@@ -86,11 +94,11 @@ export class FrameWriter {
     str(j.name);
     str(j.system);
     str(j.drvPath);
-    this.#buf.writeUInt32LE(outputs.length, at);
+    this.#buf.writeUInt32LE(names.length, at);
     at += 4;
-    for (const [o, path] of outputs) {
+    for (const o of names) {
       str(o);
-      str(path);
+      str(pathOf(o));
     }
     str(meta);
     this.#finish(start, FRAME_JOB, at);

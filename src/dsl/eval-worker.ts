@@ -25,20 +25,31 @@ const frames = new FrameWriter((bytes) => writeAllSync(PROTOCOL_FD, bytes));
 const send = (msg: Parameters<FrameWriter["json"]>[0]): void => frames.json(msg);
 const flushMessages = (): void => frames.flush();
 
-/** Walks exported values, yielding every package with its attribute path. */
-function* jobsOf(value: unknown, path: string[], seen: Set<unknown>): Generator<[string, Package]> {
+/**
+ * Calls `visit` with every package under `value` and its attribute path (`trail`: the path so
+ * far, used and restored). A package that is a member of a set costs no array or generator:
+ * sets of a hundred thousand packages are walked in a blink.
+ */
+function visitJobs(value: unknown, trail: string[], seen: Set<unknown>, visit: (attr: string, pkg: Package) => void): void {
   if (value instanceof Package) {
-    yield [path.join("."), value];
+    visit(trail.join("."), value);
     return;
   }
   if (value === null || typeof value !== "object" || seen.has(value)) return;
   seen.add(value);
-  if (isLazySet(value)) {
-    for (const k of Object.keys(value)) yield* jobsOf(forceAttr(value, k, path), [...path, k], seen);
-    return;
+  const lazy = isLazySet(value);
+  if (!lazy && Array.isArray(value)) return;
+  const prefix = trail.length ? `${trail.join(".")}.` : "";
+  for (const k of Object.keys(value)) {
+    const v = lazy ? forceAttr(value, k, trail) : (value as Record<string, unknown>)[k];
+    if (v instanceof Package) {
+      visit(prefix + k, v);
+      continue;
+    }
+    trail.push(k);
+    visitJobs(v, trail, seen, visit);
+    trail.pop();
   }
-  if (Array.isArray(value)) return;
-  for (const [k, v] of Object.entries(value)) yield* jobsOf(v, [...path, k], seen);
 }
 
 function select(root: Record<string, unknown>, attr: string): unknown {
@@ -91,10 +102,10 @@ async function main(): Promise<void> {
   }
   const root = attr ? select(exported, attr) : exported;
   let n = 0;
-  for (const [path, pkg] of jobsOf(root, attr ? attr.split(".") : [], new Set())) {
+  visitJobs(root, attr ? attr.split(".") : [], new Set(), (path, pkg) => {
     frames.job({ attr: path, name: pkg.name, system: pkg.system, drvPath: pkg.drvPath, outputs: pkg.outputs, meta: pkg.meta });
     n++;
-  }
+  });
   send({ t: "done", jobs: n });
   flushMessages();
 }

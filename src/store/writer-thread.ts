@@ -70,8 +70,11 @@ export class StoreWriterThread implements PlanWriter {
 
   constructor(loc: StoreLocation) {
     const { port1, port2 } = new MessageChannel();
-    this.#preparer = new Worker(new URL(import.meta.url), { workerData: { loc, role: "prepare", port: port1 } satisfies Role, transferList: [port1] });
-    this.#committer = new Worker(new URL(import.meta.url), { workerData: { loc, role: "commit", port: port2 } satisfies Role, transferList: [port2] });
+    // A batch's strings live until it is committed: a young generation that holds a few
+    // batches lets most of them die there (fewer, cheaper scavenges).
+    const resourceLimits = { maxYoungGenerationSizeMb: 64 };
+    this.#preparer = new Worker(new URL(import.meta.url), { workerData: { loc, role: "prepare", port: port1 } satisfies Role, transferList: [port1], resourceLimits });
+    this.#committer = new Worker(new URL(import.meta.url), { workerData: { loc, role: "commit", port: port2 } satisfies Role, transferList: [port2], resourceLimits });
     this.#result = new Promise((resolve, reject) => {
       for (const w of [this.#preparer, this.#committer]) {
         w.on("message", (r: Reply) => {

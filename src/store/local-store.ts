@@ -668,12 +668,8 @@ export class LocalStore {
    * their records claim (`expectedPath`, which must be a store path of this store) without
    * hashing anything, so the files can be synced while `checkWrittenTexts` checks them.
    */
-  writeClaimedTexts(items: readonly TextToAdd[]): WrittenTexts {
-    const claimed = items.map((it) => {
-      if (it.expectedPath === undefined) throw new Error("writeClaimedTexts needs the path each text claims");
-      return this.parsePath(it.expectedPath);
-    });
-    return this.#writeTexts(items, claimed);
+  writeClaimedTexts(items: readonly { readonly expectedPath: string; readonly bytes: Uint8Array }[]): WrittenTexts {
+    return this.#writeTexts(items, items.map((it) => this.parsePath(it.expectedPath)));
   }
 
   /**
@@ -725,7 +721,7 @@ export class LocalStore {
    * under its final name, created exclusively (or under a temporary name when the final one
    * is taken). On failure removes what it wrote.
    */
-  #writeTexts(items: readonly TextToAdd[], paths: readonly string[]): WrittenTexts {
+  #writeTexts(items: readonly { readonly bytes: Uint8Array }[], paths: readonly string[]): WrittenTexts {
     const distinct = [...new Set(paths)];
     // Rooted before the validity check: a path found valid stays valid (GC keeps it), and GC
     // leaves alone the names written below until this handle closes.

@@ -56,6 +56,24 @@ export function textRecordFault(bytes: Uint8Array, start: number, end: number): 
   return undefined;
 }
 
+/** Calls `visit` with where each record of `batch` has its header and its text, in order. */
+function eachRecord(batch: Uint8Array, visit: (buf: Buffer, headerStart: number, textStart: number, end: number) => void): void {
+  const buf = Buffer.from(batch.buffer, batch.byteOffset, batch.byteLength);
+  let off = 0;
+  while (off < batch.length) {
+    if (batch.length - off < TEXT_RECORD_PREFIX) throw new Error("truncated text record batch");
+    const textStart = off + TEXT_RECORD_PREFIX + u32le(batch, off);
+    const end = textStart + u32le(batch, off + 4);
+    if (end > batch.length) throw new Error("truncated text record batch");
+    visit(buf, off + TEXT_RECORD_PREFIX, textStart, end);
+    off = end;
+  }
+}
+
+function badRecord(why: string): FerryError {
+  return new FerryError("FERRY_STORE_BAD_TEXT_RECORD", why, { hint: "the evaluator sent a malformed plan" });
+}
+
 /**
  * The records of `batch`, in order. Lengths that do not fit are a bug of the sender (checked
  * with `textRecordFault`); header fields are only split here, the store validates them (they
@@ -63,27 +81,29 @@ export function textRecordFault(bytes: Uint8Array, start: number, end: number): 
  */
 export function decodeTextRecords(batch: Uint8Array): TextRecord[] {
   const out: TextRecord[] = [];
-  const buf = Buffer.from(batch.buffer, batch.byteOffset, batch.byteLength);
-  const view = new DataView(batch.buffer, batch.byteOffset, batch.byteLength);
-  let off = 0;
-  while (off < batch.length) {
-    if (batch.length - off < TEXT_RECORD_PREFIX) throw new Error("truncated text record batch");
-    const headerLen = view.getUint32(off, true);
-    const textLen = view.getUint32(off + 4, true);
-    const textStart = off + TEXT_RECORD_PREFIX + headerLen;
-    const end = textStart + textLen;
-    if (end > batch.length) throw new Error("truncated text record batch");
-    const fields = buf.toString("latin1", off + TEXT_RECORD_PREFIX, textStart).split("\n");
-    if (fields.length < 2) throw new FerryError("FERRY_STORE_BAD_TEXT_RECORD", "a text object to add has no path and name", { hint: "the evaluator sent a malformed plan" });
+  eachRecord(batch, (buf, headerStart, textStart, end) => {
+    const fields = buf.toString("latin1", headerStart, textStart).split("\n");
+    if (fields.length < 2) throw badRecord("a text object to add has no path and name");
     // An empty field would be hashed into the path as a reference and then registered as none.
-    if (fields.includes("")) throw new FerryError("FERRY_STORE_BAD_TEXT_RECORD", `the text object '${fields[1]}' has an empty path, name or reference`, { hint: "the evaluator sent a malformed plan" });
+    if (fields.includes("")) throw badRecord(`the text object '${fields[1]}' has an empty path, name or reference`);
     for (let k = 3; k < fields.length; k++) {
-      if (!(fields[k - 1]! < fields[k]!)) {
-        throw new FerryError("FERRY_STORE_BAD_TEXT_RECORD", `the references of text object '${fields[1]}' are not sorted and distinct`, { hint: "the evaluator sent a malformed plan" });
-      }
+      if (!(fields[k - 1]! < fields[k]!)) throw badRecord(`the references of text object '${fields[1]}' are not sorted and distinct`);
     }
     out.push({ expectedPath: fields[0]!, name: fields[1]!, references: fields.slice(2), bytes: batch.subarray(textStart, end) });
-    off = end;
-  }
+  });
+  return out;
+}
+
+/**
+ * Only what writing the texts needs: each record's claimed path and its text. Whoever
+ * registers them decodes the whole records (`decodeTextRecords`) and checks the claims.
+ */
+export function decodeTextClaims(batch: Uint8Array): { expectedPath: string; bytes: Uint8Array }[] {
+  const out: { expectedPath: string; bytes: Uint8Array }[] = [];
+  eachRecord(batch, (buf, headerStart, textStart, end) => {
+    const nl = buf.indexOf(10, headerStart);
+    if (nl < 0 || nl >= textStart) throw badRecord("a text object to add has no path and name");
+    out.push({ expectedPath: buf.toString("latin1", headerStart, nl), bytes: batch.subarray(textStart, end) });
+  });
   return out;
 }

@@ -9,7 +9,7 @@ import { MessageChannel, Worker, isMainThread, parentPort, workerData, type Mess
 import { FerryError } from "../core/errors.js";
 import type { StoreLocation } from "./config.js";
 import { LocalStore, mergeBatches, type PreparedBatch, type WrittenTexts } from "./local-store.js";
-import { decodeTextRecords } from "./text-records.js";
+import { decodeTextClaims, decodeTextRecords } from "./text-records.js";
 
 export interface PlannedSourceMsg {
   readonly storePath: string;
@@ -181,7 +181,7 @@ function runPreparer(store: LocalStore, parent: NonNullable<typeof parentPort>, 
     if (failed) return;
     try {
       if (m.t === "records") {
-        const w = store.writeClaimedTexts(decodeTextRecords(m.batch));
+        const w = store.writeClaimedTexts(decodeTextClaims(m.batch));
         committer.postMessage({ t: "written", records: m.batch, w } satisfies Written, [m.batch.buffer as ArrayBuffer]);
       } else if (m.t === "source") {
         writePlannedSource(store, m.s);

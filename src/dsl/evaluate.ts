@@ -29,7 +29,18 @@ export interface EvalStorePort {
   abort?(): Promise<void>;
   /** For ports that write in the background: `listener` hears of the first failure as it happens. */
   onFailure?(listener: (e: FerryError) => void): void;
+  /** For ports that write in the background: text batches handed over and not written yet. */
+  backlog?(): number;
+  /** Resolves once fewer than `limit` batches wait (or the port has stopped). */
+  drained?(limit: number): Promise<void>;
 }
+
+/**
+ * At most this many text batches (of up to 8 MiB each) wait for a port that writes in the
+ * background: past it, the evaluator's output is not read until the writer catches up, so a
+ * fast evaluator and a slow disk do not fill the memory with the plan.
+ */
+const MAX_BACKLOG = 4;
 
 export type EvalJob = JobMessage;
 
@@ -85,6 +96,7 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
   const timer = setTimeout(() => {
     timedOut = true;
     child.kill("SIGKILL");
+    (child.stdio[3] as Readable | null)?.resume();
   }, timeoutMs);
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((res) => child.on("exit", (code, signal) => res({ code, signal })));
   const jobs: EvalJob[] = [];
@@ -144,6 +156,7 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
   const fail = (e: unknown) => {
     failure = e instanceof FerryError ? e : new FerryError("FERRY_EVAL_STORE", `could not record the evaluation: ${(e as Error).message}`);
     child.kill("SIGKILL");
+    (child.stdio[3] as Readable | null)?.resume(); // read to the end, even while waiting for the writer
   };
   // A plan the store refuses (a text that is not what it claims, a full disk) stops the
   // evaluation at once, and is what gets reported.
@@ -154,12 +167,22 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
     const reader = new FrameReader(onFrame);
     const input = child.stdio[3] as Readable;
     await new Promise<void>((resolve) => {
+      let paused = false;
       input.on("data", (chunk: Buffer) => {
         if (failure) return;
         try {
           reader.push(chunk);
         } catch (e) {
           fail(e);
+          return;
+        }
+        if (!paused && store?.backlog && store.drained && store.backlog() >= MAX_BACKLOG) {
+          paused = true;
+          input.pause();
+          void store.drained(MAX_BACKLOG).then(() => {
+            paused = false;
+            input.resume();
+          });
         }
       });
       input.on("error", (e) => {

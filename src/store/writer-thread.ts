@@ -47,7 +47,7 @@ export function storePort(store: LocalStore): PlanWriter {
 
 type Msg = { t: "source"; s: PlannedSourceMsg } | { t: "records"; batch: Uint8Array } | { t: "end" } | { t: "close" } | { t: "abort" };
 type Written = { t: "written"; records: Uint8Array; w: WrittenTexts } | { t: "end" } | { t: "abort" };
-type Reply = { t: "done" } | { t: "closed" } | { t: "aborted" } | { t: "error"; code: string; message: string; hint?: string };
+type Reply = { t: "done" } | { t: "committed"; batches: number } | { t: "closed" } | { t: "aborted" } | { t: "error"; code: string; message: string; hint?: string };
 
 /** The most rows one transaction commits when batches are grouped (it holds the write lock meanwhile). */
 const GROUP_COMMIT_ROWS = 20_000;
@@ -67,6 +67,11 @@ export class StoreWriterThread implements PlanWriter {
   readonly #preparer: Worker;
   readonly #committer: Worker;
   readonly #result: Promise<void>;
+  /** Text batches handed over, and committed. */
+  #sent = 0;
+  #committed = 0;
+  /** Who waits for the backlog to shrink: the limit each waits for. */
+  readonly #waiting: { limit: number; resolve: () => void }[] = [];
 
   constructor(loc: StoreLocation) {
     const { port1, port2 } = new MessageChannel();
@@ -78,7 +83,10 @@ export class StoreWriterThread implements PlanWriter {
     this.#result = new Promise((resolve, reject) => {
       for (const w of [this.#preparer, this.#committer]) {
         w.on("message", (r: Reply) => {
-          if (r.t === "done") resolve();
+          if (r.t === "committed") {
+            this.#committed += r.batches;
+            this.#wake(false);
+          } else if (r.t === "done") resolve();
           else if (r.t === "error") reject(new FerryError(r.code, r.message, r.hint ? { hint: r.hint } : {}));
         });
         w.on("error", reject);
@@ -87,6 +95,29 @@ export class StoreWriterThread implements PlanWriter {
     });
     // A rejection is reported by finish(); until then it must not count as unhandled.
     this.#result.catch(() => undefined);
+    // Whatever the outcome, nobody waits for a backlog any more.
+    this.#result.then(() => this.#wake(true), () => this.#wake(true));
+  }
+
+  /** Text batches handed over and not committed yet. */
+  backlog(): number {
+    return this.#sent - this.#committed;
+  }
+
+  /** Resolves once fewer than `limit` batches wait to be committed (or the writer has stopped). */
+  drained(limit: number): Promise<void> {
+    if (this.backlog() < limit) return Promise.resolve();
+    return new Promise((resolve) => this.#waiting.push({ limit, resolve }));
+  }
+
+  #wake(all: boolean): void {
+    for (let i = this.#waiting.length - 1; i >= 0; i--) {
+      const w = this.#waiting[i]!;
+      if (all || this.backlog() < w.limit) {
+        this.#waiting.splice(i, 1);
+        w.resolve();
+      }
+    }
   }
 
   addSource(s: PlannedSourceMsg): void {
@@ -95,6 +126,7 @@ export class StoreWriterThread implements PlanWriter {
 
   /** Moves `batch`'s whole buffer to the writer thread (it is detached here afterwards). */
   addTextRecords(batch: Uint8Array): void {
+    this.#sent++;
     this.#preparer.postMessage({ t: "records", batch } satisfies Msg, [batch.buffer as ArrayBuffer]);
   }
 
@@ -243,6 +275,7 @@ function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>,
         const group = queue.splice(0, n).map((q) => q.p);
         for (const p of group) p.synced = true;
         store.commitBatch(mergeBatches(group));
+        parent.postMessage({ t: "committed", batches: n } satisfies Reply);
       }
       if (ended && !failed) {
         store.close();

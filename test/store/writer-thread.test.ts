@@ -1,0 +1,69 @@
+/** The threads that write an evaluation's plan: batches, backlog and failures. */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { rmSync } from "node:fs";
+import { join } from "node:path";
+import { StoreWriterThread } from "../../src/store/writer-thread.js";
+import { LocalStore } from "../../src/store/local-store.js";
+import { resolveStoreLocation } from "../../src/store/config.js";
+import { encodeTextRecord, maxTextRecordSize, type TextRecordSource } from "../../src/store/text-records.js";
+import { textPathOfHex } from "../../src/core/store-path.js";
+import { sha256Hex } from "../../src/core/digest.js";
+import { isFerryError } from "../../src/core/errors.js";
+import { tempDir } from "../helpers/fs-trees.js";
+
+const STORE = "/ferry/store";
+
+/** A batch of `n` text records, true to their claims unless `forge`. */
+function batchOf(first: number, n: number, forge = false): Uint8Array {
+  const texts: TextRecordSource[] = [];
+  for (let i = first; i < first + n; i++) {
+    const text = `text ${i}`;
+    const storePath = textPathOfHex(STORE, `t${i}.drv`, sha256Hex(forge ? "something else" : text), []);
+    texts.push({ storePath, name: `t${i}.drv`, text, references: [] });
+  }
+  const buf = Buffer.alloc(texts.reduce((n, t) => n + maxTextRecordSize(t), 0));
+  let at = 0;
+  for (const t of texts) at = encodeTextRecord(buf, at, t);
+  return new Uint8Array(buf.buffer, 0, at);
+}
+
+test("the writer counts the batches it has not committed yet, and says when fewer than a limit wait", async (t) => {
+  const dir = tempDir("writer");
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const loc = resolveStoreLocation({ storeDir: STORE, stateDir: "/ferry/var", root: join(dir, "root") }, {});
+  LocalStore.open(loc).close();
+  const w = new StoreWriterThread(loc);
+  for (let b = 0; b < 6; b++) w.addTextRecords(batchOf(b * 100, 100));
+  assert.equal(w.backlog(), 6, "nothing is committed the moment it is handed over");
+  await w.drained(1);
+  assert.equal(w.backlog(), 0);
+  await w.finish();
+  const s = LocalStore.open(loc);
+  try {
+    assert.equal(s.allValidPaths().length, 600);
+  } finally {
+    s.close();
+  }
+});
+
+test("a writer that fails releases whoever waits for its backlog, and reports the failure as it happens", async (t) => {
+  const dir = tempDir("writer-fail");
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const loc = resolveStoreLocation({ storeDir: STORE, stateDir: "/ferry/var", root: join(dir, "root") }, {});
+  LocalStore.open(loc).close();
+  const w = new StoreWriterThread(loc);
+  const failures: string[] = [];
+  w.onFailure((e) => failures.push(e.code));
+  w.addTextRecords(batchOf(0, 100, true));
+  for (let b = 1; b < 6; b++) w.addTextRecords(batchOf(b * 100, 100));
+  await w.drained(1); // would wait for ever if a failed writer did not release it
+  await assert.rejects(w.finish(), (e) => isFerryError(e) && e.code === "FERRY_STORE_PATH_MISMATCH");
+  assert.deepEqual(failures, ["FERRY_STORE_PATH_MISMATCH"]);
+  const s = LocalStore.open(loc);
+  try {
+    assert.deepEqual(s.allValidPaths(), [], "nothing after the false batch is registered");
+  } finally {
+    s.close();
+  }
+});

@@ -3,6 +3,7 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import { join } from "node:path";
 import { spawnSync } from "node:child_process";
+import Database from "better-sqlite3";
 import { LocalStore } from "../../src/store/local-store.js";
 import { resolveStoreLocation } from "../../src/store/config.js";
 import { printHash } from "../../src/core/hash.js";
@@ -423,5 +424,35 @@ describe("local store", () => {
     } finally {
       s.close();
     }
+  });
+
+  test("a new store's database has 16 KiB pages; an existing one keeps the pages it has", () => {
+    const pageSize = (root: string) => {
+      const db = new Database(join(root, "ferry/var/db/db.sqlite"), { readonly: true });
+      try {
+        return db.pragma("page_size", { simple: true });
+      } finally {
+        db.close();
+      }
+    };
+    const fresh = join(dir, "root-pages");
+    openStore(fresh).close();
+    assert.equal(pageSize(fresh), 16384);
+    // A store made with 4 KiB pages (as before) is opened, migrated and used as it is.
+    const old = join(dir, "root-old-pages");
+    fs.mkdirSync(join(old, "ferry/var/db"), { recursive: true });
+    const db = new Database(join(old, "ferry/var/db/db.sqlite"));
+    db.pragma("page_size = 4096");
+    db.pragma("journal_mode = WAL");
+    db.exec("CREATE TABLE Placeholder (x)");
+    db.exec("DROP TABLE Placeholder");
+    db.close();
+    const s = openStore(old);
+    try {
+      assert.equal(s.addText("a.txt", "a").added, true);
+    } finally {
+      s.close();
+    }
+    assert.equal(pageSize(old), 4096);
   });
 });

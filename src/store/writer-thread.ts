@@ -132,7 +132,7 @@ export class StoreWriterThread implements PlanWriter {
 
   /** Calls `listener` with the first error of either thread, when it happens. */
   onFailure(listener: (e: FerryError) => void): void {
-    this.#result.then(undefined, (e: unknown) => listener(e instanceof FerryError ? e : new FerryError("FERRY_EVAL_STORE", `could not record the evaluation: ${(e as Error).message}`)));
+    this.#result.then(undefined, (e: unknown) => listener(planWriteError(e)));
   }
 
   /**
@@ -188,8 +188,23 @@ function replyFrom(w: Worker, t: Reply["t"]): Promise<void> {
   });
 }
 
+/**
+ * An error of writing an evaluation's plan, as users see it: a full file system says so, with
+ * what to do; anything else unexpected keeps its own words.
+ */
+export function planWriteError(e: unknown): FerryError {
+  if (e instanceof FerryError) return e;
+  const err = e as NodeJS.ErrnoException;
+  if (err?.code === "ENOSPC" || err?.code === "EDQUOT") {
+    return new FerryError("FERRY_STORE_NO_SPACE", `could not record the evaluation: the store's file system is full (${err.message})`, {
+      hint: "free space or inodes there (df -h, df -i; ferry store gc) and evaluate again; the .drv files already registered stay, the others were removed",
+    });
+  }
+  return new FerryError("FERRY_EVAL_STORE", `could not record the evaluation: ${err?.message ?? String(e)}`);
+}
+
 function replyError(port: NonNullable<typeof parentPort>, e: unknown): void {
-  const fe = e instanceof FerryError ? e : new FerryError("FERRY_EVAL_STORE", `could not record the evaluation: ${(e as Error).message}`);
+  const fe = planWriteError(e);
   port.postMessage({ t: "error", code: fe.code, message: fe.message, ...(fe.hint ? { hint: fe.hint } : {}) } satisfies Reply);
 }
 

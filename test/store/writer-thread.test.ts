@@ -3,7 +3,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { rmSync } from "node:fs";
 import { join } from "node:path";
-import { StoreWriterThread } from "../../src/store/writer-thread.js";
+import { StoreWriterThread, planWriteError } from "../../src/store/writer-thread.js";
 import { LocalStore } from "../../src/store/local-store.js";
 import { resolveStoreLocation } from "../../src/store/config.js";
 import { encodeTextRecord, maxTextRecordSize, type TextRecordSource } from "../../src/store/text-records.js";
@@ -66,4 +66,16 @@ test("a writer that fails releases whoever waits for its backlog, and reports th
   } finally {
     s.close();
   }
+});
+
+test("a full file system while writing a plan is reported as such, with what to do; other errors keep their words", () => {
+  const full = Object.assign(new Error("ENOSPC: no space left on device, open '/ferry/store/x.drv'"), { code: "ENOSPC" });
+  const e = planWriteError(full);
+  assert.equal(e.code, "FERRY_STORE_NO_SPACE");
+  assert.match(e.message, /file system is full/);
+  assert.match(e.hint ?? "", /df -i/);
+  assert.equal(planWriteError(Object.assign(new Error("quota"), { code: "EDQUOT" })).code, "FERRY_STORE_NO_SPACE");
+  const other = planWriteError(new Error("something else"));
+  assert.equal(other.code, "FERRY_EVAL_STORE");
+  assert.match(other.message, /something else/);
 });

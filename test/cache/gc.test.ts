@@ -101,8 +101,10 @@ describe("cache GC on a directory", () => {
 
     const plan = await readCacheGcPlan(backend, { keepRecentMs: 7 * D, graceMs: H });
     assert.deepEqual(plan.delete.map((i) => i.key).sort(), [old.narInfoKey, old.narKey, revived.narInfoKey, revived.narKey].sort());
-    // After the listing, someone uploads a narinfo for a NAR the cache already had (as `nix copy` does).
-    fs.writeFileSync(join(root, `${revived.hashPart.replace(/./, "0")}.narinfo`), narInfoText({ ...revived, storePath: revived.storePath.replace(revived.hashPart, revived.hashPart.replace(/./, "0")) }));
+    // After the listing, someone uploads a narinfo for a NAR the cache already had (as `nix copy` does),
+    // under another store path (its hash part differs in the first character, whatever that is).
+    const otherHashPart = (revived.hashPart.startsWith("0") ? "1" : "0") + revived.hashPart.slice(1);
+    fs.writeFileSync(join(root, `${otherHashPart}.narinfo`), narInfoText({ ...revived, storePath: revived.storePath.replace(revived.hashPart, otherHashPart) }));
     const results = await applyCacheGc(backend, plan);
     const status = new Map(results.map((r) => [r.key, r.status]));
     assert.equal(status.get(old.narInfoKey), "deleted");

@@ -121,14 +121,23 @@ export interface Claim {
   readonly owner: string;
 }
 
-/** Marks assigned steps running under their owner's lease; returns the claimed steps (queued ones only). */
+/**
+ * Marks assigned steps running under their owner's lease; returns the claimed steps (queued ones
+ * only). The rows are locked in id order first, so two claimers of overlapping steps (a leader
+ * and one that has just lost the lock) wait for each other instead of deadlocking.
+ */
 export async function claimAssigned(db: Kysely<FarmSchema>, claims: readonly Claim[], leaseMs: number): Promise<{ id: string; drvPath: string; attempts: number }[]> {
   if (claims.length === 0) return [];
   const r = await sql<{ id: string; drv_path: string; attempts: number }>`
+    with c as (
+      select * from unnest(${sql.val(claims.map((c) => c.stepId))}::bigint[], ${sql.val(claims.map((c) => c.owner))}::text[]) as c(id, owner)
+    ), locked as (
+      select steps.id from steps where steps.id in (select id from c) and steps.status = 'queued' order by steps.id for update
+    )
     update steps set status = 'running', lease_owner = c.owner, machine = c.owner, started_at = now(), not_before = null,
       lease_expires_at = now() + ${leaseMs} * interval '1 millisecond'
-    from unnest(${sql.val(claims.map((c) => c.stepId))}::bigint[], ${sql.val(claims.map((c) => c.owner))}::text[]) as c(id, owner)
-    where steps.id = c.id and steps.status = 'queued'
+    from c
+    where steps.id = c.id and steps.id in (select id from locked) and steps.status = 'queued'
     returning steps.id, steps.drv_path, steps.attempts`.execute(db);
   return r.rows.map((x) => ({ id: String(x.id), drvPath: x.drv_path, attempts: x.attempts }));
 }

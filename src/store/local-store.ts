@@ -684,13 +684,13 @@ export class LocalStore {
     try {
       return batchOf(items, this.#checkTexts(items), written);
     } catch (e) {
-      this.#abortQuietly(written);
+      this.abortTextsQuietly(written);
       throw e;
     }
   }
 
   /** `abortTexts` on the way out of an error: a failure to clean up must not hide that error (GC removes what is left). */
-  #abortQuietly(batch: Pick<PreparedBatch, "paths" | "tmpReals">): void {
+  abortTextsQuietly(batch: Pick<PreparedBatch, "paths" | "tmpReals">): void {
     try {
       this.abortTexts(batch);
     } catch {
@@ -754,7 +754,7 @@ export class LocalStore {
       // Each file is synced; their names need the directory synced too.
       if (fsyncEach && written.tmpReals.includes("")) fsyncPath(this.realStoreDir);
     } catch (e) {
-      this.#abortQuietly(written);
+      this.abortTextsQuietly(written);
       throw e;
     }
     written.synced = fsyncEach || written.paths.length === 0;
@@ -792,7 +792,7 @@ export class LocalStore {
       });
       return this.#registerRows(rows);
     } catch (e) {
-      this.#abortQuietly(batch);
+      this.abortTextsQuietly(batch);
       throw e;
     }
   }
@@ -1246,7 +1246,5 @@ function createReadOnlyFile(path: string, bytes: Uint8Array, fsync: boolean): "c
 }
 
 let narScratch: Uint8Array = new Uint8Array(64 * 1024);
-
-/** The NAR hash and size of a single non-executable regular file holding `bytes`. */
 
 export { asFerryError } from "../core/errors.js";

@@ -254,15 +254,9 @@ function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>,
   let ended = false;
   let running = false;
   let failed = false;
-  // A batch's files are removed once; a failure to remove them is not the error to report
-  // (they are unregistered leftovers for GC).
-  const cleanUp = (batch: Pick<PreparedBatch, "paths" | "tmpReals">) => {
-    try {
-      store.abortTexts(batch);
-    } catch {
-      /* leftovers for GC */
-    }
-  };
+  // A failure to remove a batch's files is not the error to report (they are unregistered
+  // leftovers for GC).
+  const cleanUp = (batch: Pick<PreparedBatch, "paths" | "tmpReals">) => store.abortTextsQuietly(batch);
   const fail = (e: unknown) => {
     failed = true;
     replyError(parent, e);

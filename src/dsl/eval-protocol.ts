@@ -171,35 +171,64 @@ export class FrameReader {
   }
 }
 
+/**
+ * Reads the JOB frame `buf[start, end)` field by field. A parent reads a hundred thousand jobs
+ * at the end of a large evaluation while the evaluator waits for it, so this allocates nothing
+ * but the strings it returns.
+ */
+class JobCursor {
+  #at: number;
+
+  constructor(
+    readonly buf: Buffer,
+    start: number,
+    readonly end: number,
+  ) {
+    this.#at = start;
+  }
+
+  get done(): boolean {
+    return this.#at === this.end;
+  }
+
+  u32(): number {
+    const at = this.#at;
+    if (this.end - at < 4) throw protocolError("a truncated job");
+    this.#at = at + 4;
+    return this.buf.readUInt32LE(at);
+  }
+
+  str(): string {
+    const n = this.u32();
+    const at = this.#at;
+    if (this.end - at < n) throw protocolError("a truncated job");
+    this.#at = at + n;
+    // Buffer's own UTF-8 decoder, without toString's argument handling (a third of the time here).
+    return (this.buf as Buffer & { utf8Slice(start: number, end: number): string }).utf8Slice(at, at + n);
+  }
+}
+
 /** The job in the JOB frame `buf[start, end)`; a frame that is not one is a protocol error. */
 export function decodeJob(buf: Buffer, start: number, end: number): JobMessage {
-  let at = start;
-  const u32 = (): number => {
-    if (end - at < 4) throw protocolError("a truncated job");
-    const v = buf.readUInt32LE(at);
-    at += 4;
-    return v;
-  };
-  const str = (): string => {
-    const n = u32();
-    if (end - at < n) throw protocolError("a truncated job");
-    at += n;
-    return buf.toString("utf8", at - n, at);
-  };
-  const attr = str();
-  const name = str();
-  const system = str();
-  const drvPath = str();
-  const count = u32();
+  const c = new JobCursor(buf, start, end);
+  const attr = c.str();
+  const name = c.str();
+  const system = c.str();
+  const drvPath = c.str();
+  const count = c.u32();
   const outputs: Record<string, string> = {};
   for (let k = 0; k < count; k++) {
-    const o = str();
+    const o = c.str();
+    if (!(o in outputs)) {
+      outputs[o] = c.str();
+      continue;
+    }
     if (Object.prototype.hasOwnProperty.call(outputs, o)) throw protocolError(`a job with two outputs named '${o}'`);
-    // Defined, not assigned: an output named like an Object.prototype member is an output too.
-    Object.defineProperty(outputs, o, { value: str(), enumerable: true, writable: true, configurable: true });
+    // Defined, not assigned: an output named like an Object.prototype member (`__proto__`) is an output too.
+    Object.defineProperty(outputs, o, { value: c.str(), enumerable: true, writable: true, configurable: true });
   }
-  const metaText = str();
-  if (at !== end) throw protocolError("a job with bytes after its meta");
+  const metaText = c.str();
+  if (!c.done) throw protocolError("a job with bytes after its meta");
   let meta: Record<string, unknown> = {};
   if (metaText) {
     try {

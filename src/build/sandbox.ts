@@ -7,6 +7,7 @@
  */
 import { spawnSync } from "node:child_process";
 import * as fs from "node:fs";
+import { dirname, resolve as resolvePath } from "node:path";
 import { FerryError } from "../core/errors.js";
 
 export const SANDBOX_BUILD_DIR = "/build";
@@ -43,7 +44,10 @@ export function bwrapArgs(spec: SandboxSpec): string[] {
     "--dev", "/dev",
     "--tmpfs", "/tmp",
   ];
-  for (const h of spec.hostPaths) if (fs.existsSync(h)) a.push("--ro-bind", h, h);
+  for (const h of spec.hostPaths) {
+    const m = hostMount(h, spec.hostPaths);
+    if (m) a.push(...m);
+  }
   a.push("--bind", spec.outputStoreReal, spec.storeDir);
   for (const i of spec.inputs) a.push("--ro-bind", i.real, i.logical);
   a.push("--bind", spec.buildDirReal, SANDBOX_BUILD_DIR);
@@ -52,6 +56,30 @@ export function bwrapArgs(spec: SandboxSpec): string[] {
   a.push("--chdir", SANDBOX_BUILD_DIR, "--", spec.builder, ...spec.args);
   return a;
 }
+
+/**
+ * How the host path `h` appears in the sandbox: bound read-only, or, when it is a symlink into
+ * another of `hostPaths` (the merged /usr of current distributions: /bin → usr/bin), the same
+ * symlink, which costs bubblewrap no mount (each mount makes it re-read the mount table, so
+ * every one counts for each build). Undefined when `h` does not exist. Host layouts do not
+ * change while Ferry runs, so each path is looked at once.
+ */
+function hostMount(h: string, hostPaths: readonly string[]): readonly string[] | undefined {
+  const known = hostMounts.get(h);
+  if (known !== undefined) return known ?? undefined;
+  let m: readonly string[] | null = null;
+  const st = fs.lstatSync(h, { throwIfNoEntry: false });
+  if (st?.isSymbolicLink()) {
+    const target = fs.readlinkSync(h);
+    const resolved = resolvePath(dirname(h), target);
+    const bound = hostPaths.some((d) => d !== h && (resolved === d || resolved.startsWith(d + "/")) && fs.lstatSync(d, { throwIfNoEntry: false })?.isDirectory());
+    m = bound ? ["--symlink", target, h] : fs.existsSync(h) ? ["--ro-bind", h, h] : null;
+  } else if (st) m = ["--ro-bind", h, h];
+  hostMounts.set(h, m);
+  return m ?? undefined;
+}
+
+const hostMounts = new Map<string, readonly string[] | null>();
 
 let bwrapChecked: { ok: boolean; why?: string } | undefined;
 

@@ -8,6 +8,7 @@ import * as fs from "node:fs";
 import { join } from "node:path";
 import { ferry, ferryOk, spawnFerry } from "../helpers/cli.js";
 import { tempDir } from "../helpers/fs-trees.js";
+import { bwrapArgs } from "../../src/build/sandbox.js";
 import { drvVectors, writeVectorPackageSet } from "../helpers/vector-fixture.js";
 
 function storeFlags(root: string, storeDir = "/ferry/store"): string[] {
@@ -106,6 +107,7 @@ describe("realiser", () => {
         "echo home=$HOME pwd=$(pwd) top=$NIX_BUILD_TOP tmp=$TMPDIR",
         "echo x > /ferry/store/intruder 2>/dev/null && echo wrote-store || echo store-closed",
         "echo interfaces: $(/usr/bin/tail -n +3 /proc/net/dev | /usr/bin/cut -d: -f1 | /usr/bin/tr -d ' ' | /usr/bin/tr '\\\\n' ' ')",
+        "[ -L /bin ] && echo bin-link=$(/usr/bin/readlink /bin) || echo bin-dir",
       ].join("; ")] });
       // A fixed output may reach the network (its result is checked by hash); kept with a wrong hash to look inside.
       export const fprobe = derivation({ name: "fprobe", system: "x86_64-linux", builder: "/bin/sh",
@@ -122,6 +124,8 @@ describe("realiser", () => {
     assert.doesNotMatch(text, /wrote-store\n.*intruder/);
     assert.ok(!fs.existsSync(join(root, "ferry", "store", "intruder")), "a builder cannot add to the real store");
     assert.match(text, /interfaces: lo\n/, "no network but loopback");
+    // A merged-/usr host's /bin is the same symlink inside (no mount of its own), and works.
+    assert.match(text, fs.lstatSync("/bin").isSymbolicLink() ? new RegExp(`bin-link=${fs.readlinkSync("/bin")}\n`) : /bin-dir\n/);
     const hostIfaces = fs.readFileSync("/proc/net/dev", "utf8").split("\n").slice(2).map((l) => l.split(":")[0]!.trim()).filter((x) => x);
     const f = ferry(["build", "--keep-failed", "--json", ...storeFlags(root), `${mod}#fprobe`]);
     assert.equal(f.status, 1);
@@ -129,6 +133,24 @@ describe("realiser", () => {
     const seen = fs.readFileSync(join(kept, "store", fs.readdirSync(join(kept, "store")).find((n) => n.endsWith("-fprobe"))!), "utf8");
     assert.equal(seen.trim(), `interfaces: ${hostIfaces.join(" ")}`, "a fixed-output build shares the host's network");
     fs.rmSync(kept, { recursive: true, force: true });
+  });
+
+  test("host paths that are symlinks into another host path become symlinks, not mounts", () => {
+    const host = join(dir, "host");
+    fs.mkdirSync(join(host, "usr", "bin"), { recursive: true });
+    fs.symlinkSync("usr/bin", join(host, "bin"));
+    fs.symlinkSync("/nonexistent/lib", join(host, "lib"));
+    fs.symlinkSync(join(host, "usr"), join(host, "usr-again"));
+    const args = bwrapArgs({
+      storeDir: "/ferry/store", outputStoreReal: "/tmp/out", inputs: [], buildDirReal: "/tmp/build", files: [], network: false, builder: "/bin/sh", args: [],
+      hostPaths: [join(host, "bin"), join(host, "usr"), join(host, "lib"), join(host, "usr-again"), join(host, "missing")],
+    });
+    const pairs = args.map((a, i) => `${a} ${args[i + 1]} ${args[i + 2]}`);
+    assert.ok(pairs.includes(`--symlink usr/bin ${join(host, "bin")}`), "a relative link into /usr");
+    assert.ok(pairs.includes(`--ro-bind ${join(host, "usr")} ${join(host, "usr")}`));
+    assert.ok(pairs.includes(`--symlink ${join(host, "usr")} ${join(host, "usr-again")}`), "an absolute link to a bound directory");
+    assert.ok(!args.includes(join(host, "lib")), "a dangling link is left out, like a missing path");
+    assert.ok(!args.includes(join(host, "missing")));
   });
 
   test("--max-silent-time and --timeout stop the whole process tree", () => {

@@ -159,11 +159,14 @@ describe("farm dispatcher", () => {
       assert.equal(w1.requests.length, 2, "the running step was not sent again");
       assert.deepEqual([...w1.acks.values()], [true, true]);
 
-      await sql`update steps set status = 'queued', scheduled = false, finished_at = null where drv_path = ${drv("slow1")}`.execute(fdb.db);
-      await sql`update builds set status = 'queued' where drv_path = ${drv("slow1")}`.execute(fdb.db);
-      // The restarted step is new to a fresh scheduler: close this farm and start another one.
+      // The restarted step is new to a fresh scheduler: close this farm, then restart the step
+      // and start another one. (Restarted while this farm still ran, the step could go to w1
+      // again just before it stopped, and come to the new farm as an expired lease: a second
+      // attempt.)
       await w1.stop();
       await farm.close();
+      await sql`update steps set status = 'queued', scheduled = false, finished_at = null where drv_path = ${drv("slow1")}`.execute(fdb.db);
+      await sql`update builds set status = 'queued' where drv_path = ${drv("slow1")}`.execute(fdb.db);
       const farm2 = await startFarm(fdb, join(engines.dir(), "logs-lease"));
       const w2 = startScriptedWorker({ url: farm2.url, token: "wtok", id: "w2", duration: () => 4000 });
       try {

@@ -44,10 +44,7 @@ export function bwrapArgs(spec: SandboxSpec): string[] {
     "--dev", "/dev",
     "--tmpfs", "/tmp",
   ];
-  for (const h of spec.hostPaths) {
-    const m = hostMount(h, spec.hostPaths);
-    if (m) a.push(...m);
-  }
+  a.push(...hostMounts(spec.hostPaths));
   a.push("--bind", spec.outputStoreReal, spec.storeDir);
   for (const i of spec.inputs) a.push("--ro-bind", i.real, i.logical);
   a.push("--bind", spec.buildDirReal, SANDBOX_BUILD_DIR);
@@ -58,28 +55,36 @@ export function bwrapArgs(spec: SandboxSpec): string[] {
 }
 
 /**
- * How the host path `h` appears in the sandbox: bound read-only, or, when it is a symlink into
- * another of `hostPaths` (the merged /usr of current distributions: /bin → usr/bin), the same
- * symlink, which costs bubblewrap no mount (each mount makes it re-read the mount table, so
- * every one counts for each build). Undefined when `h` does not exist. Host layouts do not
- * change while Ferry runs, so each path is looked at once.
+ * How `hostPaths` appear in the sandbox: each bound read-only, or, when it is a symlink into
+ * another of them (the merged /usr of current distributions: /bin → usr/bin), the same symlink,
+ * which costs bubblewrap no mount (each mount makes it re-read the mount table, so every one
+ * counts for each build). Paths that do not exist are left out. Host layouts do not change
+ * while Ferry runs, so each list is looked at once.
  */
-function hostMount(h: string, hostPaths: readonly string[]): readonly string[] | undefined {
-  const known = hostMounts.get(h);
-  if (known !== undefined) return known ?? undefined;
-  let m: readonly string[] | null = null;
-  const st = fs.lstatSync(h, { throwIfNoEntry: false });
-  if (st?.isSymbolicLink()) {
-    const target = fs.readlinkSync(h);
-    const resolved = resolvePath(dirname(h), target);
-    const bound = hostPaths.some((d) => d !== h && (resolved === d || resolved.startsWith(d + "/")) && fs.lstatSync(d, { throwIfNoEntry: false })?.isDirectory());
-    m = bound ? ["--symlink", target, h] : fs.existsSync(h) ? ["--ro-bind", h, h] : null;
-  } else if (st) m = ["--ro-bind", h, h];
-  hostMounts.set(h, m);
-  return m ?? undefined;
+function hostMounts(hostPaths: readonly string[]): readonly string[] {
+  const known = hostMountsOf.get(hostPaths);
+  if (known) return known;
+  const isDir = (d: string) => fs.lstatSync(d, { throwIfNoEntry: false })?.isDirectory() === true;
+  const a: string[] = [];
+  for (const h of hostPaths) {
+    const st = fs.lstatSync(h, { throwIfNoEntry: false });
+    if (!st) continue;
+    if (st.isSymbolicLink()) {
+      const target = fs.readlinkSync(h);
+      const resolved = resolvePath(dirname(h), target);
+      if (hostPaths.some((d) => d !== h && (resolved === d || resolved.startsWith(d + "/")) && isDir(d))) {
+        a.push("--symlink", target, h);
+        continue;
+      }
+      if (!fs.existsSync(h)) continue; // dangling
+    }
+    a.push("--ro-bind", h, h);
+  }
+  hostMountsOf.set(hostPaths, a);
+  return a;
 }
 
-const hostMounts = new Map<string, readonly string[] | null>();
+const hostMountsOf = new WeakMap<readonly string[], readonly string[]>();
 
 let bwrapChecked: { ok: boolean; why?: string } | undefined;
 

@@ -1,11 +1,11 @@
 /** The threads that write an evaluation's plan: batches, backlog and failures. */
-import { test } from "node:test";
+import { test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
 import { rmSync } from "node:fs";
 import { join } from "node:path";
 import { StoreWriterThread, planWriteError } from "../../src/store/writer-thread.js";
 import { LocalStore } from "../../src/store/local-store.js";
-import { resolveStoreLocation } from "../../src/store/config.js";
+import { resolveStoreLocation, type StoreLocation } from "../../src/store/config.js";
 import { encodeTextRecord, maxTextRecordSize, type TextRecordSource } from "../../src/store/text-records.js";
 import { textPathOfHex } from "../../src/core/store-path.js";
 import { sha256Hex } from "../../src/core/digest.js";
@@ -28,30 +28,38 @@ function batchOf(first: number, n: number, forge = false): Uint8Array {
   return new Uint8Array(buf.buffer, 0, at);
 }
 
-test("the writer counts the batches it has not committed yet, and says when fewer than a limit wait", async (t) => {
-  const dir = tempDir("writer");
+/** A new, empty store for one test (removed after it), and its location. */
+function newStore(t: TestContext, prefix: string): StoreLocation {
+  const dir = tempDir(prefix);
   t.after(() => rmSync(dir, { recursive: true, force: true }));
   const loc = resolveStoreLocation({ storeDir: STORE, stateDir: "/ferry/var", root: join(dir, "root") }, {});
   LocalStore.open(loc).close();
+  return loc;
+}
+
+/** The valid paths of the store at `loc`, read through a handle of its own. */
+function validPaths(loc: StoreLocation): string[] {
+  const s = LocalStore.open(loc);
+  try {
+    return s.allValidPaths();
+  } finally {
+    s.close();
+  }
+}
+
+test("the writer counts the batches it has not committed yet, and says when fewer than a limit wait", async (t) => {
+  const loc = newStore(t, "writer");
   const w = new StoreWriterThread(loc);
   for (let b = 0; b < 6; b++) w.addTextRecords(batchOf(b * 100, 100));
   assert.equal(w.backlog(), 6, "nothing is committed the moment it is handed over");
   await w.drained(1);
   assert.equal(w.backlog(), 0);
   await w.finish();
-  const s = LocalStore.open(loc);
-  try {
-    assert.equal(s.allValidPaths().length, 600);
-  } finally {
-    s.close();
-  }
+  assert.equal(validPaths(loc).length, 600);
 });
 
 test("a writer that fails releases whoever waits for its backlog, and reports the failure as it happens", async (t) => {
-  const dir = tempDir("writer-fail");
-  t.after(() => rmSync(dir, { recursive: true, force: true }));
-  const loc = resolveStoreLocation({ storeDir: STORE, stateDir: "/ferry/var", root: join(dir, "root") }, {});
-  LocalStore.open(loc).close();
+  const loc = newStore(t, "writer-fail");
   const w = new StoreWriterThread(loc);
   const failures: string[] = [];
   w.onFailure((e) => failures.push(e.code));
@@ -60,12 +68,7 @@ test("a writer that fails releases whoever waits for its backlog, and reports th
   await w.drained(1); // would wait for ever if a failed writer did not release it
   await assert.rejects(w.finish(), (e) => isFerryError(e) && e.code === "FERRY_STORE_PATH_MISMATCH");
   assert.deepEqual(failures, ["FERRY_STORE_PATH_MISMATCH"]);
-  const s = LocalStore.open(loc);
-  try {
-    assert.deepEqual(s.allValidPaths(), [], "nothing after the false batch is registered");
-  } finally {
-    s.close();
-  }
+  assert.deepEqual(validPaths(loc), [], "nothing after the false batch is registered");
 });
 
 test("a full file system while writing a plan is reported as such, with what to do; other errors keep their words", () => {

@@ -67,7 +67,8 @@ export async function realise(store: LocalStore, targets: readonly string[], opt
   const sandbox = opts.sandbox ?? true;
   if (sandbox) requireSandbox();
   const started = Date.now();
-  const readDrv = (p: string) => readStoreDerivation(store, p);
+  const drvs = new Map<string, Derivation>();
+  const readDrv = (p: string) => readStoreDerivation(store, p, drvs);
   const ports = { readDerivation: readDrv, isValid: (p: string) => store.isValid(p) };
   const substitutable = new Set<string>();
   if (opts.substituters?.length && !opts.check) {
@@ -125,7 +126,7 @@ export async function realise(store: LocalStore, targets: readonly string[], opt
           continue;
         }
         running++;
-        const work = node.kind === "substitute" ? substituteOne(store, node, opts.substituters ?? [], events) : buildOne(store, node, { ...opts, sandbox, events, check: checkSet.has(node.drvPath) });
+        const work = node.kind === "substitute" ? substituteOne(store, node, opts.substituters ?? [], events) : buildOne(store, node, { ...opts, sandbox, events, check: checkSet.has(node.drvPath), readDrv });
         work
           .catch((e: unknown) => ({ drvPath: node.drvPath, status: "failed" as const, error: asFerryError(e) }))
           .then((outcome) => {
@@ -150,17 +151,17 @@ export async function realise(store: LocalStore, targets: readonly string[], opt
   return list;
 }
 
-const drvCache = new WeakMap<LocalStore, Map<string, Derivation>>();
-
-/** Reads and parses a .drv from the store (memoised per store handle; .drv files never change). */
-export function readStoreDerivation(store: LocalStore, drvPath: string): Derivation {
-  let m = drvCache.get(store);
-  if (!m) drvCache.set(store, (m = new Map()));
-  let d = m.get(drvPath);
+/**
+ * Reads and parses a .drv from the store. `memo`, when given, keeps what was read (a .drv never
+ * changes): callers memoise per task, never per handle, so a long-lived coordinator or worker
+ * does not keep every derivation it ever read.
+ */
+export function readStoreDerivation(store: LocalStore, drvPath: string, memo?: Map<string, Derivation>): Derivation {
+  let d = memo?.get(drvPath);
   if (!d) {
     if (!store.isValid(drvPath)) throw new FerryError("FERRY_BUILD_NO_DRV", `derivation ${drvPath} is not in the store`, { hint: "evaluate the package set first (`ferry eval`)" });
     d = parseDerivation(fs.readFileSync(store.realPathOf(drvPath)), store.storeDir);
-    m.set(drvPath, d);
+    memo?.set(drvPath, d);
   }
   return d;
 }
@@ -199,6 +200,8 @@ interface BuildOneOptions extends RealiseOptions {
   readonly sandbox: boolean;
   readonly events: BuildEmitter;
   readonly check: boolean;
+  /** Reads a .drv (memoised for the realisation). */
+  readonly readDrv: (drvPath: string) => Derivation;
 }
 
 async function buildOne(store: LocalStore, node: PlanNode, opts: BuildOneOptions): Promise<BuildOutcome> {
@@ -266,7 +269,7 @@ async function buildOne(store: LocalStore, node: PlanNode, opts: BuildOneOptions
     }
 
     // What the builder may see, and the candidates for its references.
-    const closure = drv.builder === "builtin:fetchurl" ? [] : inputClosure(store, drv);
+    const closure = drv.builder === "builtin:fetchurl" ? [] : inputClosure(store, drv, opts.readDrv);
     if (drv.builder === "builtin:fetchurl") {
       const limits = [opts.signal, opts.timeout ? AbortSignal.timeout(opts.timeout * 1000) : undefined].filter((x): x is AbortSignal => !!x);
       await builtinFetchurl(drv, realOutputs.get("out")!, {
@@ -375,10 +378,10 @@ function orderByReferences<T extends { obj: NewObject }>(objects: T[], name: str
 }
 
 /** Everything the builder may see: the closure of its sources and of the input outputs it uses. */
-function inputClosure(store: LocalStore, drv: Derivation): string[] {
+function inputClosure(store: LocalStore, drv: Derivation, readDrv: (drvPath: string) => Derivation): string[] {
   const roots: string[] = [...drv.inputSrcs];
   for (const [inDrv, outs] of drv.inputDrvs) {
-    const d = readStoreDerivation(store, inDrv);
+    const d = readDrv(inDrv);
     for (const o of outs) roots.push(d.outputs.get(o)!.path);
   }
   return roots.length ? store.closure(roots) : [];

@@ -75,7 +75,26 @@ export function hostSystemOf(): string {
 
 const WORKER = fileURLToPath(new URL("./eval-worker.js", import.meta.url));
 
+/**
+ * Evaluates `opts.file`. The store port is finished when the plan is complete and aborted
+ * otherwise, whatever stops the evaluation, so a port that writes from threads never outlives it.
+ */
 export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
+  let settled = false;
+  const settle = async (complete: boolean): Promise<void> => {
+    if (settled) return;
+    settled = true;
+    await (complete ? opts.store?.finish?.() : opts.store?.abort?.());
+  };
+  try {
+    return await evaluateInto(opts, settle);
+  } catch (e) {
+    await settle(false);
+    throw e;
+  }
+}
+
+async function evaluateInto(opts: EvalOptions, settle: (complete: boolean) => Promise<void>): Promise<EvalResult> {
   const file = resolve(opts.file);
   if (!existsSync(file)) {
     throw new FerryError("FERRY_EVAL_NO_FILE", `the package set '${opts.file}' does not exist`, { hint: "give the path of a .ts or .js module that exports packages" });
@@ -98,7 +117,11 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
     child.kill("SIGKILL");
     (child.stdio[3] as Readable | null)?.resume();
   }, timeoutMs);
-  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((res) => child.on("exit", (code, signal) => res({ code, signal })));
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((res) => {
+    child.on("exit", (code, signal) => res({ code, signal }));
+    // A process that could not be started has no exit; it is an evaluator that stopped.
+    child.on("error", () => res({ code: null, signal: null }));
+  });
   const jobs: EvalJob[] = [];
   let texts = 0;
   let sources = 0;
@@ -203,8 +226,7 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
     if (failure && child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
   }
   const { code, signal } = await exited;
-  if (failure || timedOut || !finished) await opts.store?.abort?.();
-  else await opts.store?.finish?.();
+  await settle(!(failure || timedOut || !finished));
   if (failure) throw failure;
   if (timedOut) {
     throw new FerryError("FERRY_EVAL_TIMEOUT", `evaluating ${opts.file} took longer than ${opts.timeoutSeconds ?? 600} s and was stopped`, {

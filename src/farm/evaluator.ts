@@ -2,8 +2,8 @@
  * Evaluating a jobset: check out its branch (any URL git understands, local paths included;
  * checkouts are kept in `<dataDir>/checkouts`),
  * skip when the inputs did not change, run `ferry eval`'s evaluator (a sandboxed subprocess with
- * time and memory limits) into the coordinator's store, plan which derivations need building,
- * and ingest the evaluation. A failed checkout or evaluation is kept, with its error, for display.
+ * time and memory limits) into the coordinator's store, plan which derivations need building
+ * (plan-steps), and ingest the evaluation. A failed checkout or evaluation is kept, with its error, for display.
  * Either way an `evaluation:finished` event is written with it.
  *
  * Aggregate jobs (`aggregate()` in the package set) carry their constituents' derivations in
@@ -19,11 +19,10 @@ import { FerryError, asFerryError } from "../core/errors.js";
 import type { LocalStore } from "../store/local-store.js";
 import { evaluate, type EvalJob as DslJob } from "../dsl/evaluate.js";
 import { aggregateConstituents } from "../dsl/aggregate.js";
-import { storePort } from "../store/writer-thread.js";
-import { planBuild } from "../build/plan.js";
-import { readStoreDerivation } from "../build/realise.js";
+import { StoreWriterThread } from "../store/writer-thread.js";
+import { planStepsOffThread } from "./plan-steps.js";
 import type { FarmSchema } from "./db/index.js";
-import { ingestEvaluation, recordFailedEvaluation, type EvalJob, type EvalStep, type IngestResult } from "./db/ingest.js";
+import { ingestEvaluation, recordFailedEvaluation, type EvalJob, type IngestResult } from "./db/ingest.js";
 
 const run = promisify(execFile);
 
@@ -91,20 +90,6 @@ export function farmJobs(jobs: readonly DslJob[]): EvalJob[] {
   });
 }
 
-/** The derivations the jobs need built, with their edges (what is valid is left out). */
-export function planSteps(store: LocalStore, drvPaths: readonly string[]): EvalStep[] {
-  const plan = planBuild(drvPaths, { readDerivation: (p) => readStoreDerivation(store, p), isValid: (p) => store.isValid(p) });
-  return plan.nodes
-    .filter((n) => n.kind === "build")
-    .map((n) => ({
-      drvPath: n.drvPath,
-      name: n.name,
-      system: n.drv.system,
-      features: (n.drv.env.get("requiredSystemFeatures") ?? "").split(/\s+/).filter((f) => f !== ""),
-      dependsOn: n.waitsFor,
-    }));
-}
-
 export async function evaluateJobset(ctx: EvaluatorContext, js: JobsetSpec): Promise<EvaluationOutcome> {
   // One checkout per jobset and repository: a jobset moved to another URL starts afresh.
   const dir = join(ctx.dataDir, "checkouts", `${js.id}-${createHash("sha256").update(js.repo).digest("hex").slice(0, 12)}`);
@@ -118,15 +103,21 @@ export async function evaluateJobset(ctx: EvaluatorContext, js: JobsetSpec): Pro
       await sql`update jobsets set last_checked_at = now() where id = ${js.id}`.execute(ctx.db);
       return { kind: "unchanged", inputsHash, revision };
     }
+    // The .drv files are written and the steps planned on threads of their own: the
+    // coordinator's event loop keeps serving workers and the API through a large evaluation.
+    // The jobs' .drv files (and so their closures) are rooted by the coordinator's handle
+    // before the writer lets go of its own roots.
+    const drvPaths: string[] = [];
     const { jobs } = await evaluate({
       file: join(dir, js.file),
       attr: js.attr ?? undefined,
       storeDir: ctx.store.storeDir,
-      store: storePort(ctx.store),
+      store: new StoreWriterThread(ctx.store.loc, { beforeRelease: () => ctx.store.addTempRoots(drvPaths) }),
+      onJob: (j) => drvPaths.push(j.drvPath),
       timeoutSeconds: ctx.timeoutSeconds ?? 600,
       memoryMiB: ctx.memoryMiB ?? 4096,
     });
-    const steps = planSteps(ctx.store, jobs.map((j) => j.drvPath));
+    const steps = await planStepsOffThread(ctx.store.loc, drvPaths);
     if (ctx.publish && steps.length > 0) await ctx.publish(steps.map((s) => s.drvPath));
     const result = await ingestEvaluation(ctx.db, {
       jobsetId: js.id,

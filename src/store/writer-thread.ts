@@ -73,7 +73,16 @@ export class StoreWriterThread implements PlanWriter {
   /** Who waits for the backlog to shrink: the limit each waits for. */
   readonly #waiting: { limit: number; resolve: () => void }[] = [];
 
-  constructor(loc: StoreLocation) {
+  readonly #beforeRelease: (() => void) | undefined;
+
+  /**
+   * `beforeRelease`, when given, runs once everything is committed and before the preparing
+   * thread releases its temp roots (which protect the plan's paths from GC until then): a
+   * caller that must keep the paths (the farm keeps an evaluation's .drv files) roots them
+   * there with its own handle, so there is no moment where a GC could take them.
+   */
+  constructor(loc: StoreLocation, opts: { beforeRelease?: () => void } = {}) {
+    this.#beforeRelease = opts.beforeRelease;
     const { port1, port2 } = new MessageChannel();
     // A batch's strings live until it is committed: a young generation that holds a few
     // batches lets most of them die there (fewer, cheaper scavenges).
@@ -144,6 +153,7 @@ export class StoreWriterThread implements PlanWriter {
     this.#preparer.postMessage({ t: "end" } satisfies Msg);
     try {
       await this.#result;
+      this.#beforeRelease?.();
     } catch (e) {
       await this.abort();
       throw e;

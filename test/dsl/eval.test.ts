@@ -50,6 +50,11 @@ describe("ferry eval", () => {
     assert.match(t.stderr, new RegExp(`${thrown}:3: Error: boom in the package set`));
     const missing = ferry(["eval", "--dry-run", "-A", "nope", badName.replace("bad-name", "../vec-x/none")]);
     assert.match(missing.stderr, /FERRY_EVAL_NO_FILE/);
+    // Writing to a store: the writer threads started for the plan must not keep the command alive.
+    const store = ["--root", join(dir, "r-missing"), "--store-dir", "/nix/store", "--state-dir", "/nix/var"];
+    const missingWriting = ferry(["eval", ...store, join(dir, "none.ts")], { timeoutMs: 60_000 });
+    assert.equal(missingWriting.status, 1, `it exits with the error (${missingWriting.stderr})`);
+    assert.match(missingWriting.stderr, /FERRY_EVAL_NO_FILE/);
     const ok = write("ok.ts", `import { derivation } from "ferry";\nexport const x = derivation({ name: "x", system: "x86_64-linux", builder: "/bin/sh" });\n`);
     const noAttr = ferry(["eval", "--dry-run", "-A", "y", ok]);
     assert.match(noAttr.stderr, /FERRY_EVAL_NO_ATTR.*'y'/);

@@ -52,6 +52,11 @@ describe("jobset evaluation", () => {
       assert.deepEqual(heavy.rows[0], { system: "aarch64-linux", features: ["big-parallel"] });
       const edge = await sql<{ n: string }>`select count(*) as n from step_deps`.execute(db);
       assert.equal(Number(edge.rows[0]!.n), 1, "app waits for base");
+      // The .drv files were written by threads of their own; the coordinator's handle keeps them.
+      const drvs = await sql<{ drv_path: string }>`select drv_path from builds where evaluation_id = ${first.result.evaluationId}`.execute(db);
+      assert.equal(drvs.rows.length, 3);
+      assert.deepEqual(store.gc().deleted, [], "a GC after the evaluation keeps its derivations");
+      for (const r of drvs.rows) assert.ok(store.isValid(r.drv_path), r.drv_path);
 
       assert.equal((await evaluateJobset(ctx, await spec())).kind, "unchanged");
 

@@ -11,11 +11,13 @@ export interface RunResult {
   readonly stderr: string;
 }
 
-export function ferry(args: string[], opts: { input?: Uint8Array; env?: NodeJS.ProcessEnv } = {}): RunResult {
+export function ferry(args: string[], opts: { input?: Uint8Array; env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): RunResult {
   const r = spawnSync(process.execPath, [ferryBin, ...args], {
     input: opts.input,
     env: { ...process.env, ...opts.env },
     maxBuffer: 1 << 30,
+    // A command that has not exited by then is stopped, and its status is null.
+    ...(opts.timeoutMs ? { timeout: opts.timeoutMs } : {}),
   });
   return { status: r.status, stdout: r.stdout, stderr: r.stderr.toString() };
 }

@@ -58,6 +58,34 @@ test("the writer counts the batches it has not committed yet, and says when fewe
   assert.equal(validPaths(loc).length, 600);
 });
 
+test("a writer's paths stay rooted until it is finished: beforeRelease sees them committed and can root them itself", async (t) => {
+  const loc = newStore(t, "writer-release");
+  const keeper = LocalStore.open(loc);
+  t.after(() => keeper.close());
+  const plan = (w: StoreWriterThread, first: number) => {
+    for (let b = 0; b < 3; b++) w.addTextRecords(batchOf(first + b * 50, 50));
+  };
+  let seen: { valid: number; collected: number } | undefined;
+  const rooted = new StoreWriterThread(loc, {
+    beforeRelease: () => {
+      // Everything is committed, and the writer's own roots still hold: a GC now takes nothing.
+      seen = { valid: keeper.allValidPaths().length, collected: keeper.gc().deleted.length };
+      keeper.addTempRoots(keeper.allValidPaths());
+    },
+  });
+  plan(rooted, 0);
+  await rooted.finish();
+  assert.deepEqual(seen, { valid: 150, collected: 0 });
+  assert.deepEqual(keeper.gc().deleted, [], "the paths rooted in beforeRelease outlive the writer");
+
+  // Without the hook, the writer's roots go with it: its paths are anyone's to collect.
+  const plain = new StoreWriterThread(loc);
+  plan(plain, 1000);
+  await plain.finish();
+  assert.equal(keeper.gc().deleted.length, 150);
+  assert.equal(validPaths(loc).length, 150);
+});
+
 test("a writer that fails releases whoever waits for its backlog, and reports the failure as it happens", async (t) => {
   const loc = newStore(t, "writer-fail");
   const w = new StoreWriterThread(loc);

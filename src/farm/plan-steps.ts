@@ -27,7 +27,11 @@ export function planSteps(store: LocalStore, drvPaths: readonly string[]): EvalS
     }));
 }
 
-/** Steps cross from the planning thread in pieces of this many, so no single message holds up the receiving thread. */
+/**
+ * Steps cross from the planning thread in pieces of this many, each sent when the previous one
+ * has been taken: the receiving thread reads one piece at a time (a few milliseconds), with
+ * its event loop running in between, instead of all of them in one go.
+ */
 const STEPS_PER_MESSAGE = 5000;
 
 type Reply = { t: "steps"; steps: EvalStep[] } | { t: "done" } | { t: "error"; code: string; message: string; hint?: string };
@@ -52,8 +56,10 @@ export function planStepsOffThread(loc: StoreLocation, drvPaths: readonly string
     };
     const worker = new Worker(new URL(import.meta.url), { workerData: { role: "plan-steps", loc, drvPaths } satisfies Job });
     worker.on("message", (m: Reply) => {
-      if (m.t === "steps") for (const s of m.steps) steps.push(s);
-      else if (m.t === "done") settle(() => resolve(steps));
+      if (m.t === "steps") {
+        for (const s of m.steps) steps.push(s);
+        worker.postMessage("next");
+      } else if (m.t === "done") settle(() => resolve(steps));
       else settle(() => reject(new FerryError(m.code, m.message, m.hint ? { hint: m.hint } : {})));
     });
     worker.on("error", (e) => settle(() => reject(e)));
@@ -61,19 +67,37 @@ export function planStepsOffThread(loc: StoreLocation, drvPaths: readonly string
   });
 }
 
-const job = workerData as Job | undefined;
-if (!isMainThread && parentPort && job?.role === "plan-steps") {
-  const port = parentPort;
+/** On the planning thread: the steps, or undefined once the error is reported. */
+function planOrReport(port: NonNullable<typeof parentPort>, job: Job): EvalStep[] | undefined {
   let store: LocalStore | undefined;
   try {
     store = LocalStore.open(job.loc);
-    const steps = planSteps(store, job.drvPaths);
-    for (let i = 0; i < steps.length; i += STEPS_PER_MESSAGE) port.postMessage({ t: "steps", steps: steps.slice(i, i + STEPS_PER_MESSAGE) } satisfies Reply);
-    port.postMessage({ t: "done" } satisfies Reply);
+    return planSteps(store, job.drvPaths);
   } catch (e) {
     const fe = e instanceof FerryError ? e : new FerryError("FERRY_FARM_PLAN_FAILED", `planning the evaluation's steps failed: ${(e as Error).message}`);
     port.postMessage({ t: "error", code: fe.code, message: fe.message, ...(fe.hint ? { hint: fe.hint } : {}) } satisfies Reply);
+    return undefined;
   } finally {
     store?.close();
+  }
+}
+
+const job = workerData as Job | undefined;
+if (!isMainThread && parentPort && job?.role === "plan-steps") {
+  const port = parentPort;
+  const steps = planOrReport(port, job);
+  if (steps) {
+    // One piece now, the next each time the receiver asks for it ("next"), then "done".
+    let at = 0;
+    const send = () => {
+      if (at < steps.length) {
+        port.postMessage({ t: "steps", steps: steps.slice(at, (at += STEPS_PER_MESSAGE)) } satisfies Reply);
+        return;
+      }
+      port.postMessage({ t: "done" } satisfies Reply);
+      port.close();
+    };
+    port.on("message", send);
+    send();
   }
 }

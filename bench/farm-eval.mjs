@@ -9,7 +9,8 @@
  * 100 ms, and the process's peak RSS.
  * Usage (after `npm run build`): N=100000 node bench/farm-eval.mjs
  *   FERRY_DIST=/path/to/dist runs another build of Ferry (an older commit) with the same script;
- *   STALLS=1 prints each stall over 100 ms and when it happened; TMPDIR chooses where the store
+ *   PUBLISH=1 publishes the steps' derivations to an embedded farm cache, as a coordinator that
+ *   dispatches does; STALLS=1 prints each stall over 100 ms and when it happened; TMPDIR chooses where the store
  *   goes (a file system at rest: see eval-100k).
  */
 import * as fs from "node:fs";
@@ -26,6 +27,7 @@ const { openFarmDatabase, migrateFarmDatabase } = await load("src/farm/db/index.
 const { evaluateJobset } = await load("src/farm/evaluator.js");
 const { LocalStore } = await load("src/store/local-store.js");
 const { resolveStoreLocation } = await load("src/store/config.js");
+const { openFarmCache } = await load("src/farm/farm-cache.js");
 const { startPostgres } = await import(pathToFileURL(resolve(new URL("../dist/test/helpers/postgres.js", import.meta.url).pathname)).href);
 
 const SET = `import { derivation, type Package } from "ferry";
@@ -67,9 +69,12 @@ try {
     if (process.env.STALLS && stall > 100) console.error(`stall of ${Math.round(stall)} ms, ${((now - t0) / 1000).toFixed(1)} s into the evaluation`);
     last = now;
   }, 10);
-  const outcome = await evaluateJobset({ db: fdb.db, store, dataDir: dir }, { id: js.rows[0].id, repo, branch: "main", file: "packages.ts" });
+  const cache = process.env.PUBLISH ? await openFarmCache({ dataDir: dir, storeDir: store.storeDir }) : undefined;
+  const publish = cache ? (paths) => cache.publish(store, paths) : undefined;
+  const outcome = await evaluateJobset({ db: fdb.db, store, dataDir: dir, ...(publish ? { publish } : {}) }, { id: js.rows[0].id, repo, branch: "main", file: "packages.ts" });
   const secs = (performance.now() - t0) / 1000;
   clearInterval(timer);
+  await cache?.close();
   if (outcome.kind !== "evaluated") throw new Error(`the evaluation did not succeed: ${outcome.kind === "failed" ? outcome.error.message : outcome.kind}`);
   const sorted = [...stalls].sort((a, b) => a - b);
   const pct = (q) => sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];

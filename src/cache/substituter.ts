@@ -12,6 +12,7 @@
  *    references are valid or fetched too, references first. A path is never registered
  *    before its signature and hash check out and its references are present.
  */
+import { referencesFirst } from "../core/path-order.js";
 import { FerryError, isFerryError } from "../core/errors.js";
 import { TypedEmitter } from "../core/events.js";
 import { availableParallelism } from "node:os";
@@ -249,7 +250,7 @@ export class CacheSubstituter implements Substituter {
     try {
       const batch: { tmpReal: string; obj: NewObject; cache: string }[] = [];
       const registrable = new Set<string>();
-      for (const p of topoOrder([...fetched.keys()], (p) => fetched.get(p)!.found.info.references)) {
+      for (const p of referencesFirst([...fetched.keys()], (p) => fetched.get(p)!.found.info.references)) {
         const { tmpReal, found: f } = fetched.get(p)!;
         const missing = f.info.references.find((r) => r !== p && !registrable.has(r) && !store.isValid(r));
         if (missing !== undefined) {
@@ -358,32 +359,4 @@ function notSubstitutable(path: string, reasons: readonly string[]): FerryError 
       ? "trust the cache's key with --trusted-public-keys (or trusted-public-keys in the config) if you mean to"
       : "check the substituters setting, or build the path",
   });
-}
-
-/** Orders `paths` so that each comes after those of its references that are among them. */
-function topoOrder(paths: readonly string[], refsOf: (p: string) => readonly string[]): string[] {
-  const set = new Set(paths);
-  const out: string[] = [];
-  const state = new Map<string, 1 | 2>();
-  const visit = (root: string) => {
-    const stack: [string, number][] = [[root, 0]];
-    state.set(root, 1);
-    while (stack.length) {
-      const top = stack[stack.length - 1]!;
-      const refs = refsOf(top[0]);
-      if (top[1] < refs.length) {
-        const r = refs[top[1]++]!;
-        if (r !== top[0] && set.has(r) && !state.has(r)) {
-          state.set(r, 1);
-          stack.push([r, 0]);
-        }
-      } else {
-        state.set(top[0], 2);
-        out.push(top[0]);
-        stack.pop();
-      }
-    }
-  };
-  for (const p of paths) if (!state.has(p)) visit(p);
-  return out;
 }

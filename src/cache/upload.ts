@@ -14,7 +14,8 @@ import { printHash, hashEquals, printPrefixedHash } from "../core/hash.js";
 import { printCacheInfo, printNarInfo, type NarInfo } from "../core/narinfo.js";
 import { fingerprintPath, signMessage, type SecretKey } from "../core/signing.js";
 import { parseStorePath } from "../core/store-path.js";
-import { asFerryError, type ItemOutcome, type LocalStore } from "../store/local-store.js";
+import { referencesFirst } from "../core/path-order.js";
+import { asFerryError, type ItemOutcome, type LocalStore, type PathInfo } from "../store/local-store.js";
 import type { CacheBackend } from "./backend.js";
 import { HttpBackend } from "./http-backend.js";
 import { packNar } from "./pack.js";
@@ -46,7 +47,9 @@ export type UploadOutcome = ItemOutcome<{ uploaded: boolean }>;
 
 /** Uploads the closure of `paths`; one outcome per path of the closure. */
 export async function copyToCache(store: LocalStore, backend: CacheBackend, paths: readonly string[], opts: CopyToOptions = {}): Promise<UploadOutcome[]> {
-  const closure = store.topoSort(store.closure(paths.map((p) => store.requirePathInfo(store.parsePath(p)).path)));
+  // Each path's info is read once: the closure, its order and the uploads all use it.
+  const infos = closureInfos(store, paths);
+  const closure = referencesFirst([...infos.keys()].sort(), (p) => infos.get(p)!.references);
   const storeDir = store.storeDir;
   // A new cache gets its nix-cache-info first, as Nix's stores do: clients refuse a cache without one.
   if (!(await backend.stat("nix-cache-info"))) {
@@ -68,7 +71,7 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
 
   const uploadOne = async (path: string): Promise<void> => {
     const t0 = Date.now();
-    const info = store.requirePathInfo(path);
+    const info = infos.get(path)!;
     let ok = false;
     try {
       const packed = await packNar(store.realPathOf(path), compression, tmpDir, info.narSize);
@@ -135,6 +138,20 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
     fs.rmSync(tmpDir, { recursive: true, force: true });
   }
   return closure.map((p) => outcomes.get(p)!);
+}
+
+/** The closure of `paths` (which must be valid), each path with its info. */
+function closureInfos(store: LocalStore, paths: readonly string[]): Map<string, PathInfo> {
+  const infos = new Map<string, PathInfo>();
+  const stack = paths.map((p) => store.parsePath(p));
+  while (stack.length) {
+    const p = stack.pop()!;
+    if (infos.has(p)) continue;
+    const info = store.requirePathInfo(p);
+    infos.set(p, info);
+    for (const r of info.references) if (!infos.has(r)) stack.push(r);
+  }
+  return infos;
 }
 
 /**

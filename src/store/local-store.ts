@@ -11,6 +11,7 @@
  * the name is temp-rooted, made durable, then registered; until then it is just as invalid,
  * and a writer that finds the name taken falls back to a temporary name.
  */
+import { referencesFirst } from "../core/path-order.js";
 import * as fs from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
@@ -355,22 +356,9 @@ export class LocalStore {
     return (this.#stmt(SQL.allPaths).all() as { path: string }[]).map((r) => r.path);
   }
 
-  /** `paths` ordered so that every path comes after the ones it references (among `paths`). */
+  /** `paths` ordered so that every path comes after the ones it references (among `paths`), otherwise sorted. Every path must be valid. */
   topoSort(paths: readonly string[]): string[] {
-    const set = new Set(paths);
-    const out: string[] = [];
-    const state = new Map<string, 1 | 2>();
-    const visit = (p: string, trail: string[]) => {
-      const s = state.get(p);
-      if (s === 2) return;
-      if (s === 1) throw new Error(`reference cycle through ${[...trail, p].join(" -> ")}`);
-      state.set(p, 1);
-      for (const r of this.requirePathInfo(p).references) if (r !== p && set.has(r)) visit(r, [...trail, p]);
-      state.set(p, 2);
-      out.push(p);
-    };
-    for (const p of [...set].sort()) visit(p, []);
-    return out;
+    return referencesFirst([...new Set(paths)].sort(), (p) => this.requirePathInfo(p).references);
   }
 
   // ---- adding -------------------------------------------------------------------------------

@@ -50,15 +50,17 @@ export function printError(e: unknown): number {
   return 70;
 }
 
-/** A live progress line on a terminal; silent otherwise. */
-export function progressLine(): { update(text: string): void; done(): void } {
+/** A live progress line on a terminal (redrawn at most every 100 ms, unless `force`: a change of phase); silent otherwise. */
+export function progressLine(): { readonly active: boolean; update(text: string, force?: boolean): void; done(): void } {
   const tty = process.stderr.isTTY;
   let last = 0;
   return {
-    update(text: string) {
+    /** False when nothing is shown (not a terminal): callers need not make the text. */
+    active: tty,
+    update(text: string, force = false) {
       if (!tty) return;
       const now = Date.now();
-      if (now - last < 100) return;
+      if (!force && now - last < 100) return;
       last = now;
       process.stderr.write(`\r\x1b[K${text}`);
     },

@@ -57,9 +57,21 @@ export interface EvalOptions {
   readonly store?: EvalStorePort;
   /** Called for each job as it is found. */
   readonly onJob?: (job: EvalJob) => void;
+  /** Called as the plan arrives (once per read from the evaluator, not per derivation), and once the store is being finished. */
+  readonly onProgress?: (p: EvalProgress) => void;
   readonly textBatch?: number;
   /** Run the evaluator read-only and offline under bubblewrap when available (default true). */
   readonly sandbox?: boolean;
+}
+
+/** How far an evaluation is: what the evaluator has planned so far. */
+export interface EvalProgress {
+  /** .drv files (and other texts) planned. */
+  readonly derivations: number;
+  readonly sources: number;
+  readonly jobs: number;
+  /** The evaluator is done; the store is writing what is left of the plan. */
+  readonly writing: boolean;
 }
 
 export interface EvalResult {
@@ -199,6 +211,7 @@ async function evaluateInto(opts: EvalOptions, settle: (complete: boolean) => Pr
           fail(e);
           return;
         }
+        opts.onProgress?.({ derivations: texts, sources, jobs: jobs.length, writing: false });
         if (!paused && store?.backlog && store.drained && store.backlog() >= MAX_BACKLOG) {
           paused = true;
           input.pause();
@@ -226,7 +239,9 @@ async function evaluateInto(opts: EvalOptions, settle: (complete: boolean) => Pr
     if (failure && child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
   }
   const { code, signal } = await exited;
-  await settle(!(failure || timedOut || !finished));
+  const complete = !(failure || timedOut || !finished);
+  if (complete && opts.store) opts.onProgress?.({ derivations: texts, sources, jobs: jobs.length, writing: true });
+  await settle(complete);
   if (failure) throw failure;
   if (timedOut) {
     throw new FerryError("FERRY_EVAL_TIMEOUT", `evaluating ${opts.file} took longer than ${opts.timeoutSeconds ?? 600} s and was stopped`, {

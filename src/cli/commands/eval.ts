@@ -1,13 +1,14 @@
 /** `ferry eval` and `ferry derivation show|add`: package sets to .drv files, and .drv files themselves. */
 import { Command } from "commander";
 import * as fs from "node:fs";
+import { basename } from "node:path";
 import { FerryError } from "../../core/errors.js";
 import { checkDerivationOutputs, derivationToJson, parseDerivation, printDerivation, referencesOf, type Derivation } from "../../core/derivation.js";
-import { evaluate, type EvalJob, type EvalStorePort } from "../../dsl/evaluate.js";
+import { evaluate, type EvalJob, type EvalProgress, type EvalStorePort } from "../../dsl/evaluate.js";
 import { LocalStore } from "../../store/local-store.js";
 import { StoreWriterThread } from "../../store/writer-thread.js";
 import { storeLocation, withStore, withStoreOptions, type StoreFlags } from "../store-options.js";
-import { out, outJson, outLines } from "../output.js";
+import { out, outJson, outLines, progressLine } from "../output.js";
 
 export { storePort } from "../../store/writer-thread.js";
 
@@ -27,12 +28,29 @@ export function withEvalOptions(cmd: Command): Command {
 
 export async function evaluateToStore(file: string, attr: string | undefined, f: EvalFlags, onJob?: (j: EvalJob) => void): Promise<EvalJob[]> {
   const loc = storeLocation(f);
+  // On a terminal, a line says how far a long evaluation is.
+  const progress = progressLine();
+  const onProgress = (p: EvalProgress) => progress.update(evalProgressText(basename(file), p), p.writing);
   const run = (port?: EvalStorePort) =>
-    evaluate({ file, attr, storeDir: loc.storeDir, timeoutSeconds: f.evalTimeout, memoryMiB: f.evalMemory, ...(port ? { store: port } : {}), ...(onJob ? { onJob } : {}) });
-  if (f.dryRun) return (await run()).jobs;
-  // Opening the store here first creates it and reports an unusable one before evaluating.
-  LocalStore.open(loc).close();
-  return (await run(new StoreWriterThread(loc))).jobs;
+    evaluate({
+      file, attr, storeDir: loc.storeDir, timeoutSeconds: f.evalTimeout, memoryMiB: f.evalMemory,
+      ...(progress.active ? { onProgress } : {}), ...(port ? { store: port } : {}), ...(onJob ? { onJob } : {}),
+    });
+  try {
+    if (f.dryRun) return (await run()).jobs;
+    // Opening the store here first creates it and reports an unusable one before evaluating.
+    LocalStore.open(loc).close();
+    return (await run(new StoreWriterThread(loc))).jobs;
+  } finally {
+    progress.done();
+  }
+}
+
+/** The progress line of an evaluation of `name`. */
+export function evalProgressText(name: string, p: EvalProgress): string {
+  const n = (x: number) => x.toLocaleString("en-US");
+  if (p.writing) return `${name}: evaluated; writing the last of ${n(p.derivations)} .drv files to the store`;
+  return `${name}: evaluating, ${n(p.derivations)} derivations${p.sources ? `, ${n(p.sources)} sources` : ""}${p.jobs ? `, ${n(p.jobs)} jobs` : ""}`;
 }
 
 /** Reads a .drv from the store (the file, under the store's root). */

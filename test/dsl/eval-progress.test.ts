@@ -1,0 +1,39 @@
+/** How far an evaluation is, as `ferry eval` shows it on a terminal: counts that only grow, then the store's last writes. */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { evaluate, type EvalProgress } from "../../src/dsl/evaluate.js";
+import { evalProgressText } from "../../src/cli/commands/eval.js";
+import { StoreWriterThread } from "../../src/store/writer-thread.js";
+import { resolveStoreLocation } from "../../src/store/config.js";
+import { tempDir } from "../helpers/fs-trees.js";
+
+const N = 3000;
+
+test("progress counts what the evaluator planned, never backwards, and says when only the store's writes are left", async (t) => {
+  const dir = tempDir("ferry-eval-progress-");
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  writeFileSync(join(dir, "set.ts"), `import { derivation, type Package } from "ferry";
+const pkgs: Package[] = [];
+for (let i = 0; i < ${N}; i++) pkgs.push(derivation({ name: \`p\${i}\`, system: "x86_64-linux", builder: "/bin/sh", deps: i ? [pkgs[i - 1]!] : [] }));
+export default Object.fromEntries(pkgs.map((p, i) => [\`p\${i}\`, p]));
+`);
+  const seen: EvalProgress[] = [];
+  const dry = await evaluate({ file: join(dir, "set.ts"), storeDir: "/ferry/store", onProgress: (p) => seen.push(p) });
+  assert.equal(dry.jobs.length, N);
+  assert.ok(seen.length >= 1);
+  for (let i = 1; i < seen.length; i++) {
+    assert.ok(seen[i]!.derivations >= seen[i - 1]!.derivations && seen[i]!.jobs >= seen[i - 1]!.jobs, "counts only grow");
+  }
+  assert.deepEqual(seen.at(-1), { derivations: N, sources: 0, jobs: N, writing: false }, "a dry run has nothing left to write");
+
+  const loc = resolveStoreLocation({ storeDir: "/ferry/store", stateDir: "/ferry/var", root: join(dir, "root") }, {});
+  const writing: EvalProgress[] = [];
+  await evaluate({ file: join(dir, "set.ts"), storeDir: loc.storeDir, store: new StoreWriterThread(loc), onProgress: (p) => writing.push(p) });
+  assert.deepEqual(writing.at(-1), { derivations: N, sources: 0, jobs: N, writing: true });
+  assert.equal(writing.filter((p) => p.writing).length, 1);
+
+  assert.equal(evalProgressText("set.ts", { derivations: 45210, sources: 2, jobs: 0, writing: false }), "set.ts: evaluating, 45,210 derivations, 2 sources");
+  assert.equal(evalProgressText("set.ts", { derivations: 100000, sources: 0, jobs: 100000, writing: true }), "set.ts: evaluated; writing the last of 100,000 .drv files to the store");
+});

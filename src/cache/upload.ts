@@ -50,6 +50,7 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
   // Each path's info is read once: the closure, its order and the uploads all use it.
   const infos = closureInfos(store, paths);
   const closure = referencesFirst([...infos.keys()].sort(), (p) => infos.get(p)!.references);
+  const position = new Map(closure.map((p, k) => [p, k]));
   const storeDir = store.storeDir;
   // A new cache gets its nix-cache-info first, as Nix's stores do: clients refuse a cache without one.
   if (!(await backend.stat("nix-cache-info"))) {
@@ -91,8 +92,10 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
             await backend.write(key, fs.createReadStream(packed.file!, { highWaterMark: 256 * 1024 }), { contentType: contentTypeOf("nar") });
           }
         }
+        // References come earlier in the order; one that does not (a reference cycle, which only
+        // a corrupt database has) is not waited for, or the two would wait for each other.
         for (const r of info.references) {
-          if (r !== path && done.has(r) && !(await done.get(r))) {
+          if (r !== path && done.has(r) && position.get(r)! < position.get(path)! && !(await done.get(r))) {
             throw new FerryError("FERRY_CACHE_REFERENCE_FAILED", `not publishing ${path}: its reference ${r} could not be uploaded`, { hint: "fix the reference's error and copy again" });
           }
         }

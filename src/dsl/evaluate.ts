@@ -122,6 +122,7 @@ async function evaluateInto(opts: EvalOptions, settle: (complete: boolean) => Pr
   // world-readable .drv files): only what Node and the loader need.
   const env: NodeJS.ProcessEnv = { PATH: process.env.PATH ?? "/usr/bin:/bin", LANG: "C.UTF-8", TZ: "UTC" };
   const child = spawn(cmd, args, { stdio: ["ignore", 2, 2, "pipe"], env });
+  let startError: Error | undefined;
   const timeoutMs = (opts.timeoutSeconds ?? 600) * 1000;
   let timedOut = false;
   const timer = setTimeout(() => {
@@ -131,8 +132,11 @@ async function evaluateInto(opts: EvalOptions, settle: (complete: boolean) => Pr
   }, timeoutMs);
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((res) => {
     child.on("exit", (code, signal) => res({ code, signal }));
-    // A process that could not be started has no exit; it is an evaluator that stopped.
-    child.on("error", () => res({ code: null, signal: null }));
+    // A process that could not be started has no exit.
+    child.on("error", (e) => {
+      startError ??= e;
+      res({ code: null, signal: null });
+    });
   });
   const jobs: EvalJob[] = [];
   let texts = 0;
@@ -246,6 +250,11 @@ async function evaluateInto(opts: EvalOptions, settle: (complete: boolean) => Pr
   if (timedOut) {
     throw new FerryError("FERRY_EVAL_TIMEOUT", `evaluating ${opts.file} took longer than ${opts.timeoutSeconds ?? 600} s and was stopped`, {
       hint: "look for an endless loop in the package set, or raise --eval-timeout",
+    });
+  }
+  if (!finished && startError) {
+    throw new FerryError("FERRY_EVAL_START_FAILED", `could not start the evaluator (${cmd}): ${startError.message}`, {
+      hint: "check that Node and bubblewrap (bwrap) are installed and that this user may run them",
     });
   }
   if (!finished) {

@@ -156,7 +156,7 @@ export class StoreWriterThread implements PlanWriter {
       this.#beforeRelease?.();
     } catch (e) {
       await this.abort();
-      throw e;
+      throw planWriteError(e);
     }
     const closed = replyFrom(this.#preparer, "closed");
     this.#preparer.postMessage({ t: "close" } satisfies Msg);
@@ -165,13 +165,18 @@ export class StoreWriterThread implements PlanWriter {
   }
 
   /**
-   * Stops (after a failed evaluation): batches prepared but not committed are removed, then the
-   * threads end. Nothing half-registered is left either way: a batch commits whole or not at all.
+   * Stops (after a failed evaluation): batches prepared but not committed are removed, then both
+   * threads close their stores (the preparing thread's temp roots go: what was committed is
+   * anyone's to collect) and end. Nothing half-registered is left either way: a batch commits
+   * whole or not at all.
    */
   async abort(): Promise<void> {
     const aborted = replyFrom(this.#committer, "aborted");
     this.#preparer.postMessage({ t: "abort" } satisfies Msg);
     await aborted;
+    const closed = replyFrom(this.#preparer, "closed");
+    this.#preparer.postMessage({ t: "close" } satisfies Msg);
+    await closed;
     await this.#terminate();
   }
 
@@ -297,7 +302,7 @@ function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>,
         parent.postMessage({ t: "committed", batches: n } satisfies Reply);
       }
       if (ended && !failed) {
-        store.close();
+        close();
         parent.postMessage({ t: "done" } satisfies Reply);
       }
     } catch (e) {
@@ -306,10 +311,17 @@ function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>,
       running = false;
     }
   };
+  let closed = false;
+  const close = () => {
+    if (closed) return;
+    closed = true;
+    store.close();
+  };
   preparer.on("message", (m: Written) => {
     if (m.t === "abort") {
       failed = true;
       for (const q of queue.splice(0)) cleanUp(q.p);
+      close();
       parent.postMessage({ t: "aborted" } satisfies Reply);
       return;
     }

@@ -21,6 +21,7 @@ import { ferry, ferryOk } from "../helpers/cli.js";
 import { startFlakyServer } from "../helpers/flaky-http.js";
 import { startS3Server } from "../helpers/s3-server.js";
 import * as http from "node:http";
+import Database from "better-sqlite3";
 import { startCacheServer } from "../../src/cache/server.js";
 import { openBackend } from "../../src/cache/open.js";
 import { packNar } from "../../src/cache/pack.js";
@@ -92,6 +93,27 @@ describe("binary cache client", () => {
       await sub.close();
     } finally {
       dst.close();
+    }
+  });
+
+  test("a reference cycle (a database corrupted by hand) does not hang a copy: each path is uploaded once", async () => {
+    const root = join(dir, "cyclic");
+    const s = open(root);
+    try {
+      const a = addObject(s, "cyc-a", { f: "a" });
+      const b = addObject(s, "cyc-b", { f: "b @REFS@" }, [a]);
+      // b refers to a; make a refer to b as well, which no registration can do.
+      const db = new Database(join(root, "ferry/var/db/db.sqlite"));
+      try {
+        db.prepare("INSERT INTO Refs (referrer, reference) SELECT x.id, y.id FROM ValidPaths x, ValidPaths y WHERE x.path = ? AND y.path = ?").run(a, b);
+      } finally {
+        db.close();
+      }
+      assert.deepEqual(s.queryPathInfo(a)!.references, [b]);
+      const res = await copyToCache(s, FileBackend.open(join(dir, "c-cyclic")), [a], { secretKey: key });
+      assert.deepEqual(res.map((r) => r.status).sort(), ["ok", "ok"]);
+    } finally {
+      s.close();
     }
   });
 

@@ -86,6 +86,28 @@ test("a writer's paths stay rooted until it is finished: beforeRelease sees them
   assert.equal(validPaths(loc).length, 150);
 });
 
+test("an aborted writer keeps what it committed, but not rooted: its threads close their stores and their roots go", async (t) => {
+  const loc = newStore(t, "writer-abort");
+  const keeper = LocalStore.open(loc);
+  t.after(() => keeper.close());
+  const w = new StoreWriterThread(loc);
+  w.addTextRecords(batchOf(0, 50));
+  await w.drained(1);
+  await w.abort();
+  assert.equal(validPaths(loc).length, 50, "the committed batch stays registered");
+  assert.equal(keeper.gc().deleted.length, 50, "and nothing of the writer roots it any more");
+
+  // A beforeRelease that fails is the writer's failure, reported with a code; its roots go too.
+  const failing = new StoreWriterThread(loc, {
+    beforeRelease: () => {
+      throw new Error("the roots database is gone");
+    },
+  });
+  failing.addTextRecords(batchOf(100, 50));
+  await assert.rejects(failing.finish(), (e) => isFerryError(e) && e.code === "FERRY_EVAL_STORE" && e.message.includes("the roots database is gone"));
+  assert.equal(keeper.gc().deleted.length, 50);
+});
+
 test("a writer that fails releases whoever waits for its backlog, and reports the failure as it happens", async (t) => {
   const loc = newStore(t, "writer-fail");
   const w = new StoreWriterThread(loc);

@@ -1,4 +1,7 @@
-/** How far an evaluation is, as `ferry eval` shows it on a terminal: counts that only grow, then the store's last writes. */
+/**
+ * `evaluate()` as the CLI and the farm call it: how far an evaluation is (what `ferry eval`
+ * shows on a terminal), and an evaluator that cannot be started.
+ */
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { rmSync, writeFileSync } from "node:fs";
@@ -8,6 +11,8 @@ import { evalProgressText } from "../../src/cli/commands/eval.js";
 import { StoreWriterThread } from "../../src/store/writer-thread.js";
 import { resolveStoreLocation } from "../../src/store/config.js";
 import { tempDir } from "../helpers/fs-trees.js";
+import { sandboxAvailable } from "../../src/build/sandbox.js";
+import { isFerryError } from "../../src/core/errors.js";
 
 const N = 3000;
 
@@ -36,4 +41,21 @@ export default Object.fromEntries(pkgs.map((p, i) => [\`p\${i}\`, p]));
 
   assert.equal(evalProgressText("set.ts", { derivations: 45210, sources: 2, jobs: 0, writing: false }), "set.ts: evaluating, 45,210 derivations, 2 sources");
   assert.equal(evalProgressText("set.ts", { derivations: 100000, sources: 0, jobs: 100000, writing: true }), "set.ts: evaluated; writing the last of 100,000 .drv files to the store");
+});
+
+test("an evaluator that cannot be started is reported with the reason, and its store port is aborted", async (t) => {
+  if (!sandboxAvailable().ok) return t.skip("needs bubblewrap, to get past the sandbox check to the start");
+  const dir = tempDir("ferry-eval-start-");
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  writeFileSync(join(dir, "set.ts"), `import { derivation } from "ferry";\nexport const x = derivation({ name: "x", system: "x86_64-linux", builder: "/bin/sh" });\n`);
+  const before = process.env.FERRY_BWRAP;
+  process.env.FERRY_BWRAP = join(dir, "no-such-bwrap");
+  t.after(() => (before === undefined ? delete process.env.FERRY_BWRAP : (process.env.FERRY_BWRAP = before)));
+  const calls: string[] = [];
+  const port = { addSource: () => calls.push("source"), addTextRecords: () => calls.push("texts"), finish: async () => void calls.push("finish"), abort: async () => void calls.push("abort") };
+  await assert.rejects(
+    evaluate({ file: join(dir, "set.ts"), storeDir: "/ferry/store", store: port }),
+    (e) => isFerryError(e) && e.code === "FERRY_EVAL_START_FAILED" && e.message.includes("no-such-bwrap") && e.message.includes("ENOENT") && e.hint !== undefined,
+  );
+  assert.deepEqual(calls, ["abort"]);
 });

@@ -16,7 +16,7 @@ import { join } from "node:path";
 import { promisify } from "node:util";
 import { sql, type Kysely } from "kysely";
 import { FerryError, asFerryError } from "../core/errors.js";
-import type { LocalStore } from "../store/local-store.js";
+import { LocalStore } from "../store/local-store.js";
 import { evaluate, type EvalJob as DslJob } from "../dsl/evaluate.js";
 import { aggregateConstituents } from "../dsl/aggregate.js";
 import { StoreWriterThread } from "../store/writer-thread.js";
@@ -105,29 +105,35 @@ export async function evaluateJobset(ctx: EvaluatorContext, js: JobsetSpec): Pro
     }
     // The .drv files are written and the steps planned on threads of their own: the
     // coordinator's event loop keeps serving workers and the API through a large evaluation.
-    // The jobs' .drv files (and so their closures) are rooted by the coordinator's handle
-    // before the writer lets go of its own roots.
-    const drvPaths: string[] = [];
-    const { jobs } = await evaluate({
-      file: join(dir, js.file),
-      attr: js.attr ?? undefined,
-      storeDir: ctx.store.storeDir,
-      store: new StoreWriterThread(ctx.store.loc, { beforeRelease: () => ctx.store.addTempRoots(drvPaths) }),
-      onJob: (j) => drvPaths.push(j.drvPath),
-      timeoutSeconds: ctx.timeoutSeconds ?? 600,
-      memoryMiB: ctx.memoryMiB ?? 4096,
-    });
-    const steps = await planStepsOffThread(ctx.store.loc, drvPaths);
-    if (ctx.publish && steps.length > 0) await ctx.publish(steps.map((s) => s.drvPath));
-    const result = await ingestEvaluation(ctx.db, {
-      jobsetId: js.id,
-      inputsHash,
-      revision,
-      evalMs: Date.now() - t0,
-      jobs: farmJobs(jobs),
-      steps,
-    });
-    return { kind: "evaluated", inputsHash, revision, result };
+    // The jobs' .drv files (and so their closures) are rooted, before the writer lets go of its
+    // own roots, by a handle of this evaluation's own: they are needed until they are planned
+    // and published (workers fetch them from the farm cache), and are anyone's to collect after.
+    const roots = LocalStore.open(ctx.store.loc);
+    try {
+      const drvPaths: string[] = [];
+      const { jobs } = await evaluate({
+        file: join(dir, js.file),
+        attr: js.attr ?? undefined,
+        storeDir: ctx.store.storeDir,
+        store: new StoreWriterThread(ctx.store.loc, { beforeRelease: () => roots.addTempRoots(drvPaths) }),
+        onJob: (j) => drvPaths.push(j.drvPath),
+        timeoutSeconds: ctx.timeoutSeconds ?? 600,
+        memoryMiB: ctx.memoryMiB ?? 4096,
+      });
+      const steps = await planStepsOffThread(ctx.store.loc, drvPaths);
+      if (ctx.publish && steps.length > 0) await ctx.publish(steps.map((s) => s.drvPath));
+      const result = await ingestEvaluation(ctx.db, {
+        jobsetId: js.id,
+        inputsHash,
+        revision,
+        evalMs: Date.now() - t0,
+        jobs: farmJobs(jobs),
+        steps,
+      });
+      return { kind: "evaluated", inputsHash, revision, result };
+    } finally {
+      roots.close();
+    }
   } catch (e) {
     const error = asFerryError(e);
     const text = errorText(error);

@@ -149,6 +149,13 @@ describe("farm dispatcher", () => {
     ];
     await ingestEvaluation(fdb.db, { jobsetId, inputsHash: "h", jobs: steps.map((s) => ({ job: s.name, drvPath: s.drvPath, system: s.system, outputs: {} })), steps });
     const farm = await startFarm(fdb, join(engines.dir(), "logs-lease"));
+    // Closed in any case, so that a failure here does not leave a farm running into the next test.
+    let farmRunning = true;
+    const closeFarm = async () => {
+      if (!farmRunning) return;
+      farmRunning = false;
+      await farm.close();
+    };
     const w1 = startScriptedWorker({ url: farm.url, token: "wtok", id: "w1", duration: () => 1200 });
     try {
       await until("w1 to start slow1", () => w1.requests.length === 1);
@@ -157,6 +164,8 @@ describe("farm dispatcher", () => {
       await w1.welcomed(1);
       await until("w1 to finish both", async () => (await statusCounts(fdb.db, "builds")).succeeded === 2);
       assert.equal(w1.requests.length, 2, "the running step was not sent again");
+      // A result is recorded before it is acknowledged: the second ack may still be on its way.
+      await until("w1's results to be acknowledged", () => w1.acks.size === 2);
       assert.deepEqual([...w1.acks.values()], [true, true]);
 
       // The restarted step is new to a fresh scheduler: close this farm, then restart the step
@@ -164,7 +173,7 @@ describe("farm dispatcher", () => {
       // again just before it stopped, and come to the new farm as an expired lease: a second
       // attempt.)
       await w1.stop();
-      await farm.close();
+      await closeFarm();
       await sql`update steps set status = 'queued', scheduled = false, finished_at = null where drv_path = ${drv("slow1")}`.execute(fdb.db);
       await sql`update builds set status = 'queued' where drv_path = ${drv("slow1")}`.execute(fdb.db);
       const farm2 = await startFarm(fdb, join(engines.dir(), "logs-lease"));
@@ -194,6 +203,7 @@ describe("farm dispatcher", () => {
       }
     } finally {
       await w1.stop();
+      await closeFarm();
       await fdb.close();
     }
   });

@@ -7,7 +7,7 @@
 import { spawn } from "node:child_process";
 import * as fs from "node:fs";
 import { join } from "node:path";
-import { FerryError } from "../core/errors.js";
+import { FerryError, errorBody } from "../core/errors.js";
 import type { Derivation } from "../core/derivation.js";
 import { isFixedOutput, parseDerivation } from "../core/derivation.js";
 import { asFerryError, type LocalStore, type NewObject } from "../store/local-store.js";
@@ -188,7 +188,7 @@ async function substituteOne(store: LocalStore, node: PlanNode, substituters: re
       const error = new FerryError("FERRY_SUBSTITUTE_FAILED", `could not substitute ${out.path}${errors.length ? `: ${errors.join("; ")}` : ""}`, {
         hint: "the substituter announced it but could not deliver it; build it with the substituter disabled",
       });
-      ev.emit("build:failed", { drvPath: node.drvPath, name: node.name, error: { code: error.code, message: error.message, ...(error.hint ? { hint: error.hint } : {}) }, durationMs: Date.now() - t0 });
+      ev.emit("build:failed", { drvPath: node.drvPath, name: node.name, error: errorBody(error), durationMs: Date.now() - t0 });
       return { drvPath: node.drvPath, status: "failed", error };
     }
   }
@@ -211,7 +211,7 @@ async function buildOne(store: LocalStore, node: PlanNode, opts: BuildOneOptions
   const logPath = logPathOf(store.realStateDir, drvPath);
   const fail = (error: FerryError, extra: { keptBuildDir?: string; withLog?: boolean } = {}): BuildOutcome => {
     ev.emit("build:failed", {
-      drvPath, name, error: { code: error.code, message: error.message, ...(error.hint ? { hint: error.hint } : {}) },
+      drvPath, name, error: errorBody(error),
       ...(extra.withLog !== false ? { logPath } : {}), durationMs: Date.now() - t0, ...(extra.keptBuildDir ? { keptBuildDir: extra.keptBuildDir } : {}),
     });
     return { drvPath, status: "failed", error, ...(extra.withLog !== false ? { logPath } : {}), ...(extra.keptBuildDir ? { keptBuildDir: extra.keptBuildDir } : {}) };

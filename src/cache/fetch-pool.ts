@@ -3,7 +3,7 @@
  * least busy worker; a worker that dies fails its pending fetches with a coded error.
  */
 import { Worker } from "node:worker_threads";
-import { FerryError } from "../core/errors.js";
+import { FerryError, fromErrorBody } from "../core/errors.js";
 import type { NarInfo } from "../core/narinfo.js";
 import type { FetchReply, FetchRequest } from "./fetch-worker.js";
 
@@ -27,7 +27,7 @@ export class FetchPool {
         slot.pending.delete(m.id);
         if (!p) return;
         if (m.ok) p.resolve();
-        else p.reject(new FerryError(m.error.code, m.error.message, m.error.hint ? { hint: m.error.hint } : {}));
+        else p.reject(fromErrorBody(m.error));
       });
       const fail = (why: string) => {
         for (const p of slot.pending.values()) p.reject(new FerryError("FERRY_SUBSTITUTE_WORKER_FAILED", `a fetch worker stopped: ${why}`, { hint: "this is a bug in Ferry; please report it" }));

@@ -5,7 +5,7 @@
  */
 import { parentPort } from "node:worker_threads";
 import type { NarInfo } from "../core/narinfo.js";
-import { asFerryError } from "../core/errors.js";
+import { asFerryError, errorBody } from "../core/errors.js";
 import type { CacheBackend } from "./backend.js";
 import { fetchNarToTemp } from "./fetch-nar.js";
 import { openBackend } from "./open.js";
@@ -43,7 +43,7 @@ port.on("message", (m: FetchRequest | "close") => {
       return { id: m.id, ok: true };
     } catch (e) {
       const err = asFerryError(e);
-      return { id: m.id, ok: false, error: { code: err.code, message: err.message, ...(err.hint ? { hint: err.hint } : {}) } };
+      return { id: m.id, ok: false, error: errorBody(err) };
     }
   })().then((reply) => port.postMessage(reply));
 });

@@ -7,7 +7,7 @@
  */
 import * as fs from "node:fs";
 import * as os from "node:os";
-import { FerryError } from "../core/errors.js";
+import { FerryError, errorBody } from "../core/errors.js";
 import { TypedEmitter } from "../core/events.js";
 import { narInfoKey, narKey, contentTypeOf, type Compression } from "../core/cache-layout.js";
 import { printHash, hashEquals, printPrefixedHash } from "../core/hash.js";
@@ -128,7 +128,7 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
     } catch (e) {
       const error = asFerryError(e);
       outcomes.set(path, { status: "error", path, error });
-      opts.events?.emit("path:failed", { path, error: { code: error.code, message: error.message, ...(error.hint ? { hint: error.hint } : {}) } });
+      opts.events?.emit("path:failed", { path, error: errorBody(error) });
     } finally {
       ready.get(path)!(ok);
     }

@@ -24,6 +24,22 @@ export function isFerryError(e: unknown, code?: string): e is FerryError {
   return e instanceof FerryError && (code === undefined || e.code === code);
 }
 
+/** A FerryError as plain data: how one crosses a thread, a process or an HTTP response. */
+export interface ErrorBody {
+  readonly code: string;
+  readonly message: string;
+  readonly hint?: string;
+}
+
+export function errorBody(e: FerryError): ErrorBody {
+  return { code: e.code, message: e.message, ...(e.hint ? { hint: e.hint } : {}) };
+}
+
+/** The FerryError an ErrorBody describes (its stack is the receiver's). */
+export function fromErrorBody(b: ErrorBody): FerryError {
+  return new FerryError(b.code, b.message, b.hint ? { hint: b.hint } : {});
+}
+
 /** Any thrown value as a FerryError: coded errors pass through, others (system errors) become FERRY_IO. */
 export function asFerryError(e: unknown): FerryError {
   if (e instanceof FerryError) return e;

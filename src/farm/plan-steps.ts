@@ -5,7 +5,7 @@
  * of its own (`planStepsOffThread`), and its event loop keeps serving workers and the API.
  */
 import { Worker, isMainThread, parentPort, workerData } from "node:worker_threads";
-import { FerryError } from "../core/errors.js";
+import { FerryError, errorBody, fromErrorBody } from "../core/errors.js";
 import type { StoreLocation } from "../store/config.js";
 import { LocalStore } from "../store/local-store.js";
 import { planBuild } from "../build/plan.js";
@@ -60,7 +60,7 @@ export function planStepsOffThread(loc: StoreLocation, drvPaths: readonly string
         for (const s of m.steps) steps.push(s);
         worker.postMessage("next");
       } else if (m.t === "done") settle(() => resolve(steps));
-      else settle(() => reject(new FerryError(m.code, m.message, m.hint ? { hint: m.hint } : {})));
+      else settle(() => reject(fromErrorBody(m)));
     });
     worker.on("error", (e) => settle(() => reject(e)));
     worker.on("exit", (code) => settle(() => reject(new Error(`the thread planning the evaluation's steps stopped with code ${code}`))));
@@ -75,7 +75,7 @@ function planOrReport(port: NonNullable<typeof parentPort>, job: Job): EvalStep[
     return planSteps(store, job.drvPaths);
   } catch (e) {
     const fe = e instanceof FerryError ? e : new FerryError("FERRY_FARM_PLAN_FAILED", `planning the evaluation's steps failed: ${(e as Error).message}`);
-    port.postMessage({ t: "error", code: fe.code, message: fe.message, ...(fe.hint ? { hint: fe.hint } : {}) } satisfies Reply);
+    port.postMessage({ t: "error", ...errorBody(fe) } satisfies Reply);
     return undefined;
   } finally {
     store?.close();

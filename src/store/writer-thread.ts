@@ -6,7 +6,7 @@
  * Text batches arrive as transferred buffers of text records, so the sending thread copies and
  * decodes nothing. */
 import { MessageChannel, Worker, isMainThread, parentPort, workerData, type MessagePort } from "node:worker_threads";
-import { FerryError } from "../core/errors.js";
+import { FerryError, errorBody, fromErrorBody } from "../core/errors.js";
 import type { StoreLocation } from "./config.js";
 import { LocalStore, mergeBatches, type PreparedBatch, type WrittenTexts } from "./local-store.js";
 import { decodeTextClaims, decodeTextRecords } from "./text-records.js";
@@ -96,7 +96,7 @@ export class StoreWriterThread implements PlanWriter {
             this.#committed += r.batches;
             this.#wake(false);
           } else if (r.t === "done") resolve();
-          else if (r.t === "error") reject(new FerryError(r.code, r.message, r.hint ? { hint: r.hint } : {}));
+          else if (r.t === "error") reject(fromErrorBody(r));
         });
         w.on("error", reject);
         w.on("exit", (code) => code !== 0 && reject(new Error(`the store writer thread stopped with code ${code}`)));
@@ -220,7 +220,7 @@ export function planWriteError(e: unknown): FerryError {
 
 function replyError(port: NonNullable<typeof parentPort>, e: unknown): void {
   const fe = planWriteError(e);
-  port.postMessage({ t: "error", code: fe.code, message: fe.message, ...(fe.hint ? { hint: fe.hint } : {}) } satisfies Reply);
+  port.postMessage({ t: "error", ...errorBody(fe) } satisfies Reply);
 }
 
 /**

@@ -1,6 +1,6 @@
 /** `ferry copy --to URL PATH…` and `ferry copy --from URL PATH…`: closures to and from binary caches. */
 import { Command, Option } from "commander";
-import { FerryError } from "../../core/errors.js";
+import { FerryError, errorBody } from "../../core/errors.js";
 import { parseCompression } from "../../core/cache-layout.js";
 import { openBackend, parseCacheUrl } from "../../cache/open.js";
 import { copyToCache, UploadEmitter } from "../../cache/upload.js";
@@ -21,10 +21,6 @@ interface CopyFlags extends StoreFlags {
   requireSigs: boolean;
   jobs?: number;
   json?: boolean;
-}
-
-function errorJson(e: FerryError): Record<string, unknown> {
-  return { code: e.code, message: e.message, ...(e.hint ? { hint: e.hint } : {}) };
 }
 
 export function copyCommand(): Command {
@@ -100,7 +96,7 @@ export function copyCommand(): Command {
           }
         }
         if (f.json) {
-          out(JSON.stringify({ results: results.map((r) => (r.status === "error" ? { status: r.status, path: r.path, error: errorJson(r.error!) } : r)) }));
+          out(JSON.stringify({ results: results.map((r) => (r.status === "error" ? { status: r.status, path: r.path, error: errorBody(r.error!) } : r)) }));
         } else {
           for (const r of results) {
             if (r.status === "error") note(`error [${r.error!.code}]: ${r.error!.message}${r.error!.hint ? `\n  hint: ${r.error!.hint}` : ""}`);

@@ -8,7 +8,7 @@
  * compare the router's routes with the OpenAPI document.
  */
 import type * as http from "node:http";
-import { FerryError, isFerryError } from "../../core/errors.js";
+import { FerryError, errorBody, isFerryError, type ErrorBody } from "../../core/errors.js";
 import { firstEvent } from "../../core/events.js";
 import type { Role } from "./auth.js";
 
@@ -22,13 +22,7 @@ export class ApiError extends FerryError {
 }
 
 /** The JSON shape of an error, in responses and in per-item results. */
-export interface ErrorBody {
-  readonly code: string;
-  readonly message: string;
-  readonly hint?: string;
-}
-
-export const errorBody = (e: FerryError): ErrorBody => ({ code: e.code, message: e.message, ...(e.hint ? { hint: e.hint } : {}) });
+export { errorBody, type ErrorBody };
 
 /**
  * Who may call a route: `public` anyone; `read` anyone when reads are open, else a token

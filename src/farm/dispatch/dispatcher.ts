@@ -26,7 +26,7 @@ import { join } from "node:path";
 import { randomUUID } from "node:crypto";
 import { WebSocketServer, type WebSocket } from "ws";
 import { sql } from "kysely";
-import { FerryError, asFerryError } from "../../core/errors.js";
+import { FerryError, asFerryError, errorBody } from "../../core/errors.js";
 import { Scheduler, topoOrder, type SchedulerOptions, type StepSpec, type StepOutcome } from "../scheduler/index.js";
 import type { FarmDatabase } from "../db/index.js";
 import {
@@ -380,7 +380,7 @@ export function startDispatcher(opts: DispatcherOptions): Dispatcher {
       const known = ids.filter((id) => s.hasStep(id));
       const unknown = ids.filter((id) => !s.hasStep(id));
       const items: { id: string; ok: boolean; value?: unknown; error?: { code: string; message: string; hint?: string } }[] = [];
-      const errorItem = (id: string, e: FerryError) => items.push({ id, ok: false, error: { code: e.code, message: e.message, ...(e.hint ? { hint: e.hint } : {}) } });
+      const errorItem = (id: string, e: FerryError) => items.push({ id, ok: false, error: errorBody(e) });
       if (c.kind === "cancel") {
         const ended: string[] = [];
         const depFailed: { stepId: string; cause: string }[] = [];

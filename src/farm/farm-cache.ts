@@ -8,14 +8,14 @@
  */
 import * as fs from "node:fs";
 import { randomBytes } from "node:crypto";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import { FerryError } from "../core/errors.js";
 import { generateSecretKey, parseSecretKey, printPublicKey, printSecretKey, publicKeyOf, type SecretKey } from "../core/signing.js";
 import { FileBackend } from "../cache/file-backend.js";
 import { openBackend } from "../cache/open.js";
 import type { CacheBackend } from "../cache/backend.js";
 import { startCacheServer, type CacheServer } from "../cache/server.js";
-import { copyToCache, type UploadOutcome } from "../cache/upload.js";
+import { copyToCacheOffThread, type CopySummary } from "../cache/upload-thread.js";
 import type { LocalStore } from "../store/local-store.js";
 
 export interface FarmCache {
@@ -70,7 +70,7 @@ export async function openFarmCache(opts: FarmCacheOptions): Promise<FarmCache> 
       url: ext.url,
       ...(ext.token ? { token: ext.token } : {}),
       ...(ext.publicKey ? { publicKey: ext.publicKey } : {}),
-      publish: async (store, paths) => failIfAny(await copyToCache(store, backend, paths, { secretKey: ext.secretKey })),
+      publish: async (store, paths) => failIfAny(await copyToCacheOffThread(store.loc, { url: ext.url, token: ext.token }, paths, { secretKey: ext.secretKey })),
       readLog: (drvPath) => readLog(backend, drvPath),
       close: async () => undefined,
     };
@@ -93,7 +93,7 @@ export async function openFarmCache(opts: FarmCacheOptions): Promise<FarmCache> 
     token,
     publicKey: printPublicKey(publicKeyOf(secretKey)),
     publish: async (store, paths) => {
-      failIfAny(await copyToCache(store, backend, paths, { secretKey }));
+      failIfAny(await copyToCacheOffThread(store.loc, { url: resolve(backend.root) }, paths, { secretKey }));
       // The server remembers absent narinfos for a moment: tell it they exist now.
       for (const p of paths) server.forget(`${p.slice(store.storeDir.length + 1, store.storeDir.length + 33)}.narinfo`);
     },
@@ -107,9 +107,9 @@ async function readLog(backend: CacheBackend, drvPath: string): Promise<Uint8Arr
   return (await backend.readBytes(`log/${base}`)) ?? undefined;
 }
 
-function failIfAny(outcomes: readonly UploadOutcome[]): void {
-  const bad = outcomes.find((o) => o.status === "error");
-  if (bad && bad.status === "error") {
+function failIfAny(copied: CopySummary): void {
+  const bad = copied.failures[0];
+  if (bad) {
     throw new FerryError("FERRY_FARM_PUBLISH_FAILED", `publishing ${bad.path} to the farm cache failed: ${bad.error.message}`, {
       hint: "check the farm cache (its disk, its URL and token); the evaluation is kept and can be retried",
     });

@@ -1122,12 +1122,18 @@ export async function walkerReady(timeoutMs = 10_000): Promise<boolean> {
   return !walker.disabled && Atomics.load(walker.ctl, C.online) === 1;
 }
 
+/** The NAR writer's batch size, and the buffer of this thread's outermost walk. */
+const NAR_BATCH = 256 * 1024;
+let batchBuffer: Uint8Array | undefined;
+
 /** Streams the NAR of `path` into `sink`; returns the NAR size. */
 export function dumpPath(path: string, sink: NarSink, opts: DumpOptions = {}): number {
-  const w = new NarWriter(sink);
   // One walker worker per thread; a walk started from inside a sink runs on this thread alone.
   const walker = (shared ??= new Walker());
   const mine = !walker.busy;
+  // The outermost walk reuses the thread's batch buffer (sinks see views valid only during the
+  // call); a walk nested in a sink gets one of its own.
+  const w = new NarWriter(sink, mine ? (batchBuffer ??= new Uint8Array(NAR_BATCH)) : NAR_BATCH);
   walker.busy = true;
   try {
     new Dumper(w, mine ? walker : undefined, opts.copyTo ? Buffer.from(opts.copyTo) : undefined, opts).run(Buffer.from(path));

@@ -14,6 +14,7 @@ import { FileBackend } from "../../src/cache/file-backend.js";
 import { BinaryCache } from "../../src/cache/binary-cache.js";
 import { CacheSubstituter } from "../../src/cache/substituter.js";
 import { copyToCache } from "../../src/cache/upload.js";
+import { copyToCacheOffThread } from "../../src/cache/upload-thread.js";
 import { parseNarInfo, printNarInfo } from "../../src/core/narinfo.js";
 import { tempDir } from "../helpers/fs-trees.js";
 import { addObject } from "../helpers/store-objects.js";
@@ -94,6 +95,39 @@ describe("binary cache client", () => {
     } finally {
       dst.close();
     }
+  });
+
+  test("a copy on a thread of its own: the same cache contents, a summary with each failure and its code, and a cache that cannot be opened rejects", async () => {
+    const cacheDir = join(dir, "c-thread");
+    const sum = await copyToCacheOffThread(src.loc, { url: cacheDir }, [closure.top], { secretKey: key });
+    assert.deepEqual({ paths: sum.paths, uploaded: sum.uploaded, failures: sum.failures.length }, { paths: 3, uploaded: 3, failures: 0 });
+    const cache = await BinaryCache.open(`file://${cacheDir}`, { storeDir: STORE_DIR });
+    const dst = open(join(dir, "d-thread"));
+    try {
+      const sub = new CacheSubstituter(dst, [cache], { trustedKeys: trusted(key) });
+      assert.deepEqual((await sub.substituteClosure([closure.top])).filter((o) => o.status !== "ok"), [], "signed by the key given to the thread");
+      await sub.close();
+    } finally {
+      dst.close();
+    }
+    // A path changed on disk fails with its code; the path that references it is not published.
+    const root = join(dir, "s-thread");
+    const s = open(root);
+    try {
+      const a = addObject(s, "a", { f: "a" });
+      const b = addObject(s, "b", { f: "b uses @REFS@" }, [a]);
+      const file = join(s.realPathOf(a), "f");
+      fs.chmodSync(s.realPathOf(a), 0o755);
+      fs.chmodSync(file, 0o644);
+      fs.writeFileSync(file, "A");
+      const bad = await copyToCacheOffThread(s.loc, { url: join(dir, "c-thread-bad") }, [b]);
+      assert.deepEqual({ paths: bad.paths, uploaded: bad.uploaded }, { paths: 2, uploaded: 0 });
+      assert.deepEqual(bad.failures.map((f) => [f.path, f.error.code]), [[a, "FERRY_STORE_CORRUPT"], [b, "FERRY_CACHE_REFERENCE_FAILED"]]);
+      assert.ok(!fs.existsSync(join(dir, "c-thread-bad", `${b.slice(STORE_DIR.length + 1, STORE_DIR.length + 33)}.narinfo`)));
+    } finally {
+      s.close();
+    }
+    await assert.rejects(copyToCacheOffThread(src.loc, { url: "ftp://nowhere" }, [closure.top]), (e: unknown) => (e as { code?: string }).code === "FERRY_CACHE_BAD_URL");
   });
 
   test("a reference cycle (a database corrupted by hand) does not hang a copy: each path is uploaded once", async () => {

@@ -66,12 +66,17 @@ export class NarWriter {
   /** Last entry name per open directory, to enforce strict ascending order. */
   readonly #dirs: (Uint8Array | null)[] = [];
 
-  /** `bufferSize` is the batch size (at least 8 bytes, one length prefix); it never changes the output. */
-  constructor(sink: NarSink, bufferSize = 256 * 1024) {
-    if (!Number.isInteger(bufferSize) || bufferSize < 8) throw new Error(`NAR writer: a batch buffer of ${bufferSize} bytes cannot hold a length prefix`);
+  /**
+   * `buffer` is the batch buffer, or its size (at least 8 bytes, one length prefix); it never
+   * changes the output. A buffer given is the writer's until `end()` (one that writes many small
+   * NARs in turn reuses one instead of allocating 256 KiB for each).
+   */
+  constructor(sink: NarSink, buffer: number | Uint8Array = 256 * 1024) {
+    const size = typeof buffer === "number" ? buffer : buffer.length;
+    if (!Number.isInteger(size) || size < 8) throw new Error(`NAR writer: a batch buffer of ${size} bytes cannot hold a length prefix`);
     this.#sink = sink;
-    this.#buf = new Uint8Array(bufferSize);
-    this.#view = new DataView(this.#buf.buffer);
+    this.#buf = typeof buffer === "number" ? new Uint8Array(buffer) : buffer;
+    this.#view = new DataView(this.#buf.buffer, this.#buf.byteOffset, this.#buf.byteLength);
     this.#str(TOK.magic);
   }
 

@@ -39,6 +39,23 @@ export interface WriteOptions {
   readonly maxBytes?: number;
 }
 
+/** One small object to stage: its key and all its bytes. */
+export interface StageItem {
+  readonly key: string;
+  readonly body: Uint8Array;
+}
+
+/** Objects written and durable under temporary names, not visible yet (see `CacheBackend.stage`). */
+export interface StagedObjects {
+  /**
+   * Moves the staged objects `keys` into place, each atomically, in the order given; they are
+   * all durable when it resolves. Objects that must appear after others go in a later call.
+   */
+  publish(keys: readonly string[]): Promise<ObjectInfo[]>;
+  /** Removes what was staged and not published. */
+  discard(): Promise<void>;
+}
+
 export interface CacheBackend {
   /** The URL the backend was opened from, for messages. */
   readonly url: string;
@@ -47,6 +64,12 @@ export interface CacheBackend {
   /** Reads a small object whole (narinfo, nix-cache-info). */
   readBytes(key: string): Promise<Uint8Array | undefined>;
   write(key: string, body: Uint8Array | AsyncIterable<Uint8Array>, opts?: WriteOptions): Promise<ObjectInfo>;
+  /**
+   * Optional, for a backend whose every `write` waits for its disk (a directory): writes many
+   * small objects with one wait. Each is written under a temporary name and all are made
+   * durable together; none is visible until `publish`. On failure nothing staged is left.
+   */
+  stage?(items: readonly StageItem[]): Promise<StagedObjects>;
   /** True if something was deleted. */
   delete(key: string): Promise<boolean>;
   /** Every object whose key starts with `prefix` ("" for all), in no particular order. */

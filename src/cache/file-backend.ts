@@ -4,15 +4,16 @@
  * temporary file in `DIR/.ferry-tmp`, are fsync'ed and renamed into place; readers never see
  * a partial object. A write returns once its rename is durable too: the directory is fsync'ed
  * off the event loop, one fsync for all the renames into a directory made while the previous
- * one ran (group commit), so many writers share a few directory syncs.
+ * one ran (group commit), so many writers share a few directory syncs. Many small objects
+ * can be staged together instead (`stage`): one file-system sync for all of them.
  */
 import * as fs from "node:fs";
 import { join, dirname } from "node:path";
 import { Readable } from "node:stream";
 import { FerryError } from "../core/errors.js";
 import { checkRelativeKey } from "../core/cache-layout.js";
-import type { ByteRange, CacheBackend, ObjectInfo, ReadResult, WriteOptions } from "./backend.js";
-import { randomSuffix } from "../store/fs-util.js";
+import type { ByteRange, CacheBackend, ObjectInfo, ReadResult, StageItem, StagedObjects, WriteOptions } from "./backend.js";
+import { fsyncPath, randomSuffix, syncFilesystemAsync, writeAllSync } from "../store/fs-util.js";
 
 const TMP_DIR = ".ferry-tmp";
 
@@ -183,6 +184,78 @@ export class FileBackend implements CacheBackend {
       await fs.promises.rm(tmp, { force: true });
       throw ioError(e, `cannot write ${key} to ${this.url}`);
     }
+  }
+
+  /**
+   * Stages small objects for `publish`: each is written whole under a temporary name (in one go:
+   * they are small), then one sync of the file system makes them all durable, where `write`
+   * would fsync each. Publishing renames them into place and fsyncs each directory once.
+   */
+  async stage(items: readonly StageItem[]): Promise<StagedObjects> {
+    const tmpDir = join(this.root, TMP_DIR);
+    type Staged = { tmp: string; final: string; info?: ObjectInfo };
+    const staged = new Map<string, Staged>();
+    const published = new Map<string, ObjectInfo>();
+    const removeStaged = () => {
+      for (const s of staged.values()) fs.rmSync(s.tmp, { force: true });
+      staged.clear();
+    };
+    try {
+      this.#madeSync(tmpDir);
+      for (const it of items) {
+        if (staged.has(it.key)) continue; // one object per key
+        const s: Staged = { tmp: join(tmpDir, `${randomSuffix()}-${it.key.replace(/\//g, "_")}`), final: this.#path(it.key) };
+        staged.set(it.key, s); // before it exists: a failure removes it
+        const fd = fs.openSync(s.tmp, "wx", 0o644);
+        try {
+          writeAllSync(fd, it.body);
+          s.info = this.#info(it.key, fs.fstatSync(fd));
+        } finally {
+          fs.closeSync(fd);
+        }
+      }
+      if (staged.size) await syncFilesystemAsync(this.root);
+    } catch (e) {
+      removeStaged();
+      throw ioError(e, `cannot stage ${items.length} objects in ${this.url}`);
+    }
+    return {
+      publish: async (keys) => {
+        const infos: ObjectInfo[] = [];
+        const dirs = new Set<string>();
+        try {
+          for (const key of keys) {
+            const again = published.get(key);
+            if (again) {
+              infos.push(again);
+              continue;
+            }
+            const s = staged.get(key);
+            if (!s) throw new Error(`${key} is not staged`);
+            const dir = dirname(s.final);
+            this.#madeSync(dir);
+            // The rename keeps the inode, size and mtime: the object's info is the staged file's.
+            fs.renameSync(s.tmp, s.final);
+            staged.delete(key);
+            published.set(key, s.info!);
+            dirs.add(dir);
+            infos.push(s.info!);
+          }
+          for (const d of dirs) fsyncPath(d);
+        } catch (e) {
+          throw ioError(e, `cannot publish ${keys.length} objects in ${this.url}`);
+        }
+        return infos;
+      },
+      discard: async () => removeStaged(),
+    };
+  }
+
+  /** Makes `dir` unless it is known to exist. */
+  #madeSync(dir: string): void {
+    if (this.#dirs.has(dir)) return;
+    fs.mkdirSync(dir, { recursive: true });
+    this.#dirs.add(dir);
   }
 
   /** Runs `op`, which needs `dir` to exist; makes the directory first when it is not known to exist, or when `op` says it is missing. */

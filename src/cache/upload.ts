@@ -3,7 +3,9 @@
  * has are skipped (one parallel round of narinfo lookups); the others are packed and uploaded
  * in parallel, each NAR before its narinfo, and each narinfo only after those of its
  * references, so a cache never advertises a path whose closure it lacks. Over HTTP a NAR
- * upload resumes where an interrupted one stopped.
+ * upload resumes where an interrupted one stopped. A directory cache gets the closure staged,
+ * a few thousand paths at a time: a few file-system syncs for all of them instead of two fsyncs
+ * per path (a farm publishes a hundred thousand derivations per large evaluation).
  */
 import * as fs from "node:fs";
 import * as os from "node:os";
@@ -16,9 +18,9 @@ import { fingerprintPath, signMessage, type SecretKey } from "../core/signing.js
 import { parseStorePath } from "../core/store-path.js";
 import { referencesFirst } from "../core/path-order.js";
 import { asFerryError, type ItemOutcome, type LocalStore, type PathInfo } from "../store/local-store.js";
-import type { CacheBackend } from "./backend.js";
+import type { CacheBackend, StagedObjects } from "./backend.js";
 import { HttpBackend } from "./http-backend.js";
-import { packNar } from "./pack.js";
+import { packNar, type PackedNar } from "./pack.js";
 import { readLog } from "../build/logs.js";
 import { mapLimit } from "./parallel.js";
 
@@ -70,77 +72,201 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
   const ready = new Map<string, (ok: boolean) => void>();
   for (const p of toUpload) done.set(p, new Promise((res) => ready.set(p, res)));
 
+  const fail = (path: string, e: unknown) => {
+    const error = asFerryError(e);
+    outcomes.set(path, { status: "error", path, error });
+    opts.events?.emit("path:failed", { path, error: errorBody(error) });
+  };
+  const uploaded = (path: string, fileSize: number, t0: number) => {
+    outcomes.set(path, { status: "ok", path, value: { uploaded: true } });
+    opts.events?.emit("path:uploaded", { path, narSize: infos.get(path)!.narSize, fileSize, durationMs: Date.now() - t0 });
+  };
+  const narInfoText = (path: string, packed: PackedNar, key: string) => printNarInfo(storeDir, narInfoOf(path, infos.get(path)!, packed, key, opts.secretKey));
+  const narInfoKeyOf = (path: string) => narInfoKey(parseStorePath(storeDir, path).hashPart);
+  const jobs = opts.jobs ?? Math.max(8, os.availableParallelism());
+
   const uploadOne = async (path: string): Promise<void> => {
     const t0 = Date.now();
     const info = infos.get(path)!;
     let ok = false;
     try {
-      const packed = await packNar(store.realPathOf(path), compression, tmpDir, info.narSize);
+      const packed = await packChecked(store, path, info, compression, tmpDir);
       try {
-        if (packed.narSize !== info.narSize || !hashEquals(packed.narHash, info.narHash)) {
-          throw new FerryError("FERRY_STORE_CORRUPT", `'${path}' changed on disk: its NAR hash is ${printHash(packed.narHash, "sri")}, the store recorded ${printHash(info.narHash, "sri")}`, {
-            hint: "run `ferry store verify` to find every damaged path",
-          });
-        }
         const key = narKey(printHash(packed.fileHash, "nix32"), compression);
-        if (!(await backend.stat(key))) {
-          if (packed.bytes) {
-            await backend.write(key, packed.bytes, { contentType: contentTypeOf("nar") });
-          } else if (backend instanceof HttpBackend) {
-            await backend.uploadFile(key, packed.file!, packed.fileSize, { contentType: contentTypeOf("nar"), onResume: (offset) => opts.events?.emit("upload:resumed", { path, offset }) });
-          } else {
-            await backend.write(key, fs.createReadStream(packed.file!, { highWaterMark: 256 * 1024 }), { contentType: contentTypeOf("nar") });
-          }
-        }
+        if (!(await backend.stat(key))) await writeNar(backend, key, packed, (offset) => opts.events?.emit("upload:resumed", { path, offset }));
         // References come earlier in the order; one that does not (a reference cycle, which only
         // a corrupt database has) is not waited for, or the two would wait for each other.
         for (const r of info.references) {
-          if (r !== path && done.has(r) && position.get(r)! < position.get(path)! && !(await done.get(r))) {
-            throw new FerryError("FERRY_CACHE_REFERENCE_FAILED", `not publishing ${path}: its reference ${r} could not be uploaded`, { hint: "fix the reference's error and copy again" });
-          }
+          if (r !== path && done.has(r) && position.get(r)! < position.get(path)! && !(await done.get(r))) throw referenceFailed(path, r);
         }
-        const sigs = [...info.sigs];
-        if (opts.secretKey) {
-          const sig = signMessage(opts.secretKey, fingerprintPath(path, printPrefixedHash(info.narHash), info.narSize, info.references));
-          if (!sigs.includes(sig)) sigs.push(sig);
-        }
-        const narInfo: NarInfo = {
-          storePath: path,
-          url: key,
-          compression,
-          fileHash: packed.fileHash,
-          fileSize: packed.fileSize,
-          narHash: info.narHash,
-          narSize: info.narSize,
-          references: info.references,
-          ...(info.deriver ? { deriver: info.deriver } : {}),
-          sigs,
-          ...(info.ca ? { ca: info.ca } : {}),
-        };
-        await backend.write(narInfoKey(parseStorePath(storeDir, path).hashPart), new TextEncoder().encode(printNarInfo(storeDir, narInfo)), { contentType: contentTypeOf("narinfo") });
+        await backend.write(narInfoKeyOf(path), new TextEncoder().encode(narInfoText(path, packed, key)), { contentType: contentTypeOf("narinfo") });
         await uploadLog(store, backend, info.deriver);
         ok = true;
-        outcomes.set(path, { status: "ok", path, value: { uploaded: true } });
-        opts.events?.emit("path:uploaded", { path, narSize: info.narSize, fileSize: packed.fileSize, durationMs: Date.now() - t0 });
+        uploaded(path, packed.fileSize, t0);
       } finally {
         if (packed.file) fs.rmSync(packed.file, { force: true });
       }
     } catch (e) {
-      const error = asFerryError(e);
-      outcomes.set(path, { status: "error", path, error });
-      opts.events?.emit("path:failed", { path, error: errorBody(error) });
+      fail(path, e);
     } finally {
       ready.get(path)!(ok);
     }
   };
 
+  /**
+   * A backend that stages (a directory) gets each piece of the closure in a few syncs instead
+   * of two fsyncs per path: every NAR is packed; the small ones are staged and published
+   * together, large ones written one by one; then every narinfo is staged at once and
+   * published in rounds, each path in the round after its last reference's, so a narinfo
+   * never appears before those of its references.
+   */
+  const uploadStaged = async (piece: readonly string[], stage: NonNullable<CacheBackend["stage"]>): Promise<void> => {
+    const t0 = Date.now();
+    const packed = new Map<string, { packed: PackedNar; key: string }>();
+    try {
+      for (const path of piece) {
+        try {
+          const p = await packChecked(store, path, infos.get(path)!, compression, tmpDir);
+          packed.set(path, { packed: p, key: narKey(printHash(p.fileHash, "nix32"), compression) });
+        } catch (e) {
+          fail(path, e);
+        }
+      }
+      const inMemory = [...packed].filter(([, p]) => p.packed.bytes);
+      await mapLimit([...packed].filter(([, p]) => !p.packed.bytes), jobs, async ([path, p]) => {
+        try {
+          if (!(await backend.stat(p.key))) await writeNar(backend, p.key, p.packed, (offset) => opts.events?.emit("upload:resumed", { path, offset }));
+        } catch (e) {
+          fail(path, e);
+        }
+      });
+      await stagedRound(stage, inMemory.map(([path, p]) => ({ path, key: p.key, body: p.packed.bytes! })), [], fail);
+      for (const [path] of packed) {
+        if (outcomes.has(path)) continue;
+        try {
+          await uploadLog(store, backend, infos.get(path)!.deriver);
+        } catch (e) {
+          fail(path, e);
+        }
+      }
+      // Rounds: a path goes after the round of each reference uploaded in this piece (earlier
+      // pieces are published); one whose reference failed is not published. A reference later
+      // in the order (a cycle, which only a corrupt database has) is not waited for.
+      const round = new Map<string, number>();
+      const rounds: { path: string; key: string; body: Uint8Array }[][] = [];
+      for (const path of piece) {
+        const p = packed.get(path);
+        if (!p || outcomes.has(path)) continue;
+        let r = 0;
+        let failedRef: string | undefined;
+        for (const ref of infos.get(path)!.references) {
+          if (ref === path) continue;
+          if (outcomes.get(ref)?.status === "error") failedRef ??= ref;
+          const before = round.get(ref);
+          if (before !== undefined) r = Math.max(r, before + 1);
+        }
+        if (failedRef !== undefined) {
+          fail(path, referenceFailed(path, failedRef));
+          continue;
+        }
+        round.set(path, r);
+        (rounds[r] ??= []).push({ path, key: narInfoKeyOf(path), body: new TextEncoder().encode(narInfoText(path, p.packed, p.key)) });
+      }
+      await stagedRound(stage, rounds.flat(), rounds.map((items) => items.map((i) => i.key)), fail);
+      for (const path of round.keys()) if (!outcomes.has(path)) uploaded(path, packed.get(path)!.packed.fileSize, t0);
+    } finally {
+      for (const p of packed.values()) if (p.packed.file) fs.rmSync(p.packed.file, { force: true });
+    }
+  };
+
   try {
-    // Uploads mostly wait (on the disk or the network): more at once than there are cores.
-    await mapLimit(toUpload, opts.jobs ?? Math.max(8, os.availableParallelism()), uploadOne);
+    if (backend.stage) {
+      for (let at = 0; at < toUpload.length; at += STAGE_PATHS) await uploadStaged(toUpload.slice(at, at + STAGE_PATHS), backend.stage.bind(backend));
+    } else {
+      // Uploads mostly wait (on the disk or the network): more at once than there are cores.
+      await mapLimit(toUpload, jobs, uploadOne);
+    }
   } finally {
     fs.rmSync(tmpDir, { recursive: true, force: true });
   }
   return closure.map((p) => outcomes.get(p)!);
+}
+
+/** Paths a staging backend gets in one piece (their packed NARs and narinfos are in memory meanwhile). */
+const STAGE_PATHS = 4000;
+
+/**
+ * Stages `items` and publishes them: in the rounds given (lists of keys, each published after
+ * the one before is durable), or all at once. A failure fails every item not published yet.
+ */
+async function stagedRound(
+  stage: NonNullable<CacheBackend["stage"]>,
+  items: readonly { path: string; key: string; body: Uint8Array }[],
+  rounds: readonly (readonly string[])[],
+  fail: (path: string, e: unknown) => void,
+): Promise<void> {
+  if (items.length === 0) return;
+  const published = new Set<string>();
+  let staged: StagedObjects | undefined;
+  try {
+    staged = await stage(items);
+    for (const keys of rounds.length ? rounds : [items.map((i) => i.key)]) {
+      await staged.publish(keys);
+      for (const k of keys) published.add(k);
+    }
+  } catch (e) {
+    await staged?.discard().catch(() => undefined);
+    for (const i of items) if (!published.has(i.key)) fail(i.path, e);
+  }
+}
+
+/** Packs `path` and checks the NAR against what the store recorded. */
+async function packChecked(store: LocalStore, path: string, info: PathInfo, compression: Compression, tmpDir: string): Promise<PackedNar> {
+  const packed = await packNar(store.realPathOf(path), compression, tmpDir, info.narSize);
+  if (packed.narSize !== info.narSize || !hashEquals(packed.narHash, info.narHash)) {
+    if (packed.file) fs.rmSync(packed.file, { force: true });
+    throw new FerryError("FERRY_STORE_CORRUPT", `'${path}' changed on disk: its NAR hash is ${printHash(packed.narHash, "sri")}, the store recorded ${printHash(info.narHash, "sri")}`, {
+      hint: "run `ferry store verify` to find every damaged path",
+    });
+  }
+  return packed;
+}
+
+/** Writes a packed NAR under `key`: from memory, or streamed from its file (resumable over HTTP). */
+async function writeNar(backend: CacheBackend, key: string, packed: PackedNar, onResume: (offset: number) => void): Promise<void> {
+  if (packed.bytes) {
+    await backend.write(key, packed.bytes, { contentType: contentTypeOf("nar") });
+  } else if (backend instanceof HttpBackend) {
+    await backend.uploadFile(key, packed.file!, packed.fileSize, { contentType: contentTypeOf("nar"), onResume });
+  } else {
+    await backend.write(key, fs.createReadStream(packed.file!, { highWaterMark: 256 * 1024 }), { contentType: contentTypeOf("nar") });
+  }
+}
+
+/** The narinfo of `path` for its packed NAR at `key`, signed with `secretKey` too when given. */
+function narInfoOf(path: string, info: PathInfo, packed: PackedNar, key: string, secretKey: SecretKey | undefined): NarInfo {
+  const sigs = [...info.sigs];
+  if (secretKey) {
+    const sig = signMessage(secretKey, fingerprintPath(path, printPrefixedHash(info.narHash), info.narSize, info.references));
+    if (!sigs.includes(sig)) sigs.push(sig);
+  }
+  return {
+    storePath: path,
+    url: key,
+    compression: packed.compression,
+    fileHash: packed.fileHash,
+    fileSize: packed.fileSize,
+    narHash: info.narHash,
+    narSize: info.narSize,
+    references: info.references,
+    ...(info.deriver ? { deriver: info.deriver } : {}),
+    sigs,
+    ...(info.ca ? { ca: info.ca } : {}),
+  };
+}
+
+function referenceFailed(path: string, ref: string): FerryError {
+  return new FerryError("FERRY_CACHE_REFERENCE_FAILED", `not publishing ${path}: its reference ${ref} could not be uploaded`, { hint: "fix the reference's error and copy again" });
 }
 
 /** The closure of `paths` (which must be valid), each path with its info. */

@@ -90,6 +90,13 @@ export function syncFilesystem(dir: string): void {
   if (r.status !== 0) throw syncError(dir, r.stderr?.toString() || r.error?.message || `exit code ${r.status}`);
 }
 
+/** `syncFilesystem` without blocking the thread, for a one-off sync. */
+export function syncFilesystemAsync(dir: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    childProcess().execFile("sync", ["-f", dir], (e, _out, stderr) => (e ? reject(syncError(dir, String(stderr).trim() || e.message)) : resolve()));
+  });
+}
+
 /**
  * Like `syncFilesystem`, without blocking the thread: the syncs run in one long-lived shell, so
  * a writer that syncs every batch starts one process, not one per sync. A sync asked for while

@@ -97,6 +97,59 @@ describe("binary cache client", () => {
     }
   });
 
+  test("a directory cache gets a closure staged: each narinfo published in a round after its references', identical NARs shared, a failed stage leaves nothing", async () => {
+    const root = join(dir, "s-staged");
+    const s = open(root);
+    try {
+      // A diamond and a chain, with two objects whose NARs are identical (one NAR file for both).
+      const leaf = addObject(s, "leaf", { f: "leaf" });
+      const same1 = addObject(s, "same", { f: "same" });
+      const same2 = addObject(s, "same", { f: "same" });
+      const left = addObject(s, "left", { f: "left @REFS@" }, [leaf, same1]);
+      const right = addObject(s, "right", { f: "right @REFS@" }, [leaf, same2]);
+      const top = addObject(s, "top", { f: "top @REFS@" }, [left, right]);
+      const cacheDir = join(dir, "c-staged");
+      const be = FileBackend.open(cacheDir);
+      const rounds: string[][] = [];
+      const stage = be.stage.bind(be);
+      be.stage = async (items) => {
+        const staged = await stage(items);
+        return { ...staged, publish: async (keys) => (rounds.push([...keys]), staged.publish(keys)) };
+      };
+      const res = await copyToCache(s, be, [top], { secretKey: key });
+      assert.deepEqual(res.filter((r) => r.status !== "ok"), []);
+      assert.equal(res.length, 6);
+      const roundOf = (p: string) => rounds.findIndex((keys) => keys.includes(`${p.slice(STORE_DIR.length + 1, STORE_DIR.length + 33)}.narinfo`));
+      for (const p of [leaf, same1, same2, left, right, top]) {
+        for (const r of s.queryPathInfo(p)!.references) assert.ok(roundOf(r) < roundOf(p), `${r} is published before ${p}`);
+      }
+      assert.deepEqual([leaf, left, top].map(roundOf).map((r) => r - roundOf(leaf)), [0, 1, 2], "one round per level, not one per path");
+      const narUrl = (p: string) => parseNarInfo(STORE_DIR, fs.readFileSync(join(cacheDir, `${p.slice(STORE_DIR.length + 1, STORE_DIR.length + 33)}.narinfo`), "utf8")).url;
+      assert.equal(narUrl(same1), narUrl(same2));
+      assert.deepEqual(fs.readdirSync(join(cacheDir, ".ferry-tmp")), [], "nothing staged is left");
+      const dst = open(join(dir, "d-staged"));
+      try {
+        const sub = new CacheSubstituter(dst, [await BinaryCache.open(`file://${cacheDir}`, { storeDir: STORE_DIR })], { trustedKeys: trusted(key) });
+        assert.deepEqual((await sub.substituteClosure([top])).filter((o) => o.status !== "ok"), []);
+        await sub.close();
+      } finally {
+        dst.close();
+      }
+      // A cache whose staging area cannot be made: every path fails with the cache's error, no narinfo appears.
+      const broken = join(dir, "c-staged-broken");
+      fs.mkdirSync(broken);
+      const be2 = FileBackend.open(broken);
+      fs.rmSync(join(broken, ".ferry-tmp"), { recursive: true });
+      fs.writeFileSync(join(broken, ".ferry-tmp"), "not a directory");
+      fs.copyFileSync(join(cacheDir, "nix-cache-info"), join(broken, "nix-cache-info"));
+      const failed = await copyToCache(s, be2, [top]);
+      assert.deepEqual(new Set(failed.map((r) => r.status === "error" && r.error.code)), new Set(["FERRY_CACHE_IO"]));
+      assert.deepEqual(fs.readdirSync(broken).filter((f) => f.endsWith(".narinfo")), []);
+    } finally {
+      s.close();
+    }
+  });
+
   test("a copy on a thread of its own: the same cache contents, a summary with each failure and its code, and a cache that cannot be opened rejects", async () => {
     const cacheDir = join(dir, "c-thread");
     const sum = await copyToCacheOffThread(src.loc, { url: cacheDir }, [closure.top], { secretKey: key });

@@ -114,34 +114,22 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
   };
 
   /**
-   * A backend that stages (a directory) gets each piece of the closure in a few syncs instead
-   * of two fsyncs per path: every NAR is packed; the small ones are staged and published
-   * together, large ones written one by one; then every narinfo is staged at once and
-   * published in rounds, each path in the round after its last reference's, so a narinfo
-   * never appears before those of its references.
+   * A backend that stages (a directory) gets the closure in pieces, each in a few syncs instead
+   * of two fsyncs per path: every NAR is packed; a large one is written at once (and its
+   * temporary file removed), the small ones are staged and published together; then the
+   * piece's narinfos are staged at once and published in rounds, each path in the round after
+   * its last reference's, so a narinfo never appears before those of its references.
    */
-  const uploadStaged = async (piece: readonly string[], stage: NonNullable<CacheBackend["stage"]>): Promise<void> => {
-    const t0 = Date.now();
-    const packed = new Map<string, { packed: PackedNar; key: string }>();
-    try {
-      for (const path of piece) {
-        try {
-          const p = await packChecked(store, path, infos.get(path)!, compression, tmpDir);
-          packed.set(path, { packed: p, key: narKey(printHash(p.fileHash, "nix32"), compression) });
-        } catch (e) {
-          fail(path, e);
-        }
-      }
-      const inMemory = [...packed].filter(([, p]) => p.packed.bytes);
-      await mapLimit([...packed].filter(([, p]) => !p.packed.bytes), jobs, async ([path, p]) => {
-        try {
-          if (!(await backend.stat(p.key))) await writeNar(backend, p.key, p.packed, (offset) => opts.events?.emit("upload:resumed", { path, offset }));
-        } catch (e) {
-          fail(path, e);
-        }
-      });
-      await stagedRound(stage, inMemory.map(([path, p]) => ({ path, key: p.key, body: p.packed.bytes! })), [], fail);
-      for (const [path] of packed) {
+  const uploadStaged = async (stage: NonNullable<CacheBackend["stage"]>): Promise<void> => {
+    let piece: { path: string; packed: PackedNar; key: string }[] = [];
+    let bytes = 0;
+    let t0 = Date.now();
+    const flush = async () => {
+      const current = piece;
+      piece = [];
+      bytes = 0;
+      await stagedRound(stage, current.filter((p) => p.packed.bytes).map((p) => ({ path: p.path, key: p.key, body: p.packed.bytes! })), [], fail);
+      for (const { path } of current) {
         if (outcomes.has(path)) continue;
         try {
           await uploadLog(store, backend, infos.get(path)!.deriver);
@@ -154,9 +142,8 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
       // in the order (a cycle, which only a corrupt database has) is not waited for.
       const round = new Map<string, number>();
       const rounds: { path: string; key: string; body: Uint8Array }[][] = [];
-      for (const path of piece) {
-        const p = packed.get(path);
-        if (!p || outcomes.has(path)) continue;
+      for (const { path, packed, key } of current) {
+        if (outcomes.has(path)) continue;
         let r = 0;
         let failedRef: string | undefined;
         for (const ref of infos.get(path)!.references) {
@@ -170,19 +157,36 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
           continue;
         }
         round.set(path, r);
-        (rounds[r] ??= []).push({ path, key: narInfoKeyOf(path), body: new TextEncoder().encode(narInfoText(path, p.packed, p.key)) });
+        (rounds[r] ??= []).push({ path, key: narInfoKeyOf(path), body: new TextEncoder().encode(narInfoText(path, packed, key)) });
       }
       await stagedRound(stage, rounds.flat(), rounds.map((items) => items.map((i) => i.key)), fail);
-      for (const path of round.keys()) if (!outcomes.has(path)) uploaded(path, packed.get(path)!.packed.fileSize, t0);
-    } finally {
-      for (const p of packed.values()) if (p.packed.file) fs.rmSync(p.packed.file, { force: true });
+      for (const { path, packed } of current) if (round.has(path) && !outcomes.has(path)) uploaded(path, packed.fileSize, t0);
+      t0 = Date.now();
+    };
+    for (const path of toUpload) {
+      try {
+        const packed = await packChecked(store, path, infos.get(path)!, compression, tmpDir);
+        const key = narKey(printHash(packed.fileHash, "nix32"), compression);
+        if (packed.file) {
+          try {
+            if (!(await backend.stat(key))) await writeNar(backend, key, packed, (offset) => opts.events?.emit("upload:resumed", { path, offset }));
+          } finally {
+            fs.rmSync(packed.file, { force: true });
+          }
+        }
+        piece.push({ path, packed, key });
+        bytes += packed.bytes?.length ?? 0;
+      } catch (e) {
+        fail(path, e);
+      }
+      if (piece.length >= STAGE_PATHS || bytes >= STAGE_BYTES) await flush();
     }
+    await flush();
   };
 
   try {
-    if (backend.stage) {
-      for (let at = 0; at < toUpload.length; at += STAGE_PATHS) await uploadStaged(toUpload.slice(at, at + STAGE_PATHS), backend.stage.bind(backend));
-    } else {
+    if (backend.stage) await uploadStaged(backend.stage.bind(backend));
+    else {
       // Uploads mostly wait (on the disk or the network): more at once than there are cores.
       await mapLimit(toUpload, jobs, uploadOne);
     }
@@ -192,8 +196,9 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
   return closure.map((p) => outcomes.get(p)!);
 }
 
-/** Paths a staging backend gets in one piece (their packed NARs and narinfos are in memory meanwhile). */
+/** A piece for a staging backend ends at this many paths or this many bytes of small NARs (held in memory meanwhile). */
 const STAGE_PATHS = 4000;
+const STAGE_BYTES = 64 << 20;
 
 /**
  * Stages `items` and publishes them: in the rounds given (lists of keys, each published after

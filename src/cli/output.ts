@@ -50,22 +50,55 @@ export function printError(e: unknown): number {
   return 70;
 }
 
-/** A live progress line on a terminal (redrawn at most every 100 ms, unless `force`: a change of phase); silent otherwise. */
-export function progressLine(): { readonly active: boolean; update(text: string, force?: boolean): void; done(): void } {
-  const tty = process.stderr.isTTY;
+/** A live progress line on a terminal, and the output it has to share the terminal with. */
+export interface ProgressLine {
+  /** False when nothing is shown (not a terminal): callers need not make the text. */
+  readonly active: boolean;
+  /** Redraws the line (at most every 100 ms, unless `force`: a change of phase). */
+  update(text: string, force?: boolean): void;
+  /** Prints other output (a subprocess's) above the line, which is drawn again after it. */
+  print(chunk: Uint8Array | string): void;
+  done(): void;
+}
+
+/** A progress line on `stream` when it is a terminal; silent otherwise (`print` still prints). */
+export function progressLine(stream: Pick<NodeJS.WriteStream, "isTTY" | "write"> = process.stderr): ProgressLine {
+  const tty = stream.isTTY === true;
   let last = 0;
+  let text = "";
+  /** The line is on the screen; output ended mid-line (the line waits for its end). */
+  let shown = false;
+  let midLine = false;
+  const draw = () => {
+    stream.write(`\r\x1b[K${text}`);
+    shown = true;
+  };
   return {
-    /** False when nothing is shown (not a terminal): callers need not make the text. */
     active: tty,
-    update(text: string, force = false) {
+    update(t: string, force = false) {
       if (!tty) return;
+      text = t;
       const now = Date.now();
-      if (!force && now - last < 100) return;
+      if (midLine || (!force && now - last < 100)) return;
       last = now;
-      process.stderr.write(`\r\x1b[K${text}`);
+      draw();
+    },
+    print(chunk: Uint8Array | string) {
+      if (chunk.length === 0) return;
+      if (!tty) {
+        stream.write(chunk);
+        return;
+      }
+      if (shown) stream.write("\r\x1b[K");
+      shown = false;
+      stream.write(chunk);
+      const lastByte = typeof chunk === "string" ? chunk.charCodeAt(chunk.length - 1) : chunk[chunk.length - 1];
+      midLine = lastByte !== 0x0a;
+      if (!midLine && text) draw();
     },
     done() {
-      if (tty) process.stderr.write("\r\x1b[K");
+      if (tty && shown) stream.write("\r\x1b[K");
+      shown = false;
     },
   };
 }

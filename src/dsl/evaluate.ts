@@ -42,6 +42,9 @@ export interface EvalStorePort {
  */
 const MAX_BACKLOG = 4;
 
+/** How long the evaluator's output may stay open after it exited. */
+const OUTPUT_GRACE_MS = 1000;
+
 export type EvalJob = JobMessage;
 
 export interface EvalOptions {
@@ -59,6 +62,12 @@ export interface EvalOptions {
   readonly onJob?: (job: EvalJob) => void;
   /** Called as the plan arrives (once per read from the evaluator, not per derivation), and once the store is being finished. */
   readonly onProgress?: (p: EvalProgress) => void;
+  /**
+   * Gets what the evaluator prints (the package set's own output, Node's fatal errors), for a
+   * caller that draws on the terminal itself; all of it arrives before `evaluate` settles.
+   * Without it the evaluator writes straight to this process's stderr.
+   */
+  readonly onOutput?: (chunk: Buffer) => void;
   readonly textBatch?: number;
   /** Run the evaluator read-only and offline under bubblewrap when available (default true). */
   readonly sandbox?: boolean;
@@ -121,7 +130,9 @@ async function evaluateInto(opts: EvalOptions, settle: (complete: boolean) => Pr
   // Package code sees no secrets from the caller's environment (they could end up in
   // world-readable .drv files): only what Node and the loader need.
   const env: NodeJS.ProcessEnv = { PATH: process.env.PATH ?? "/usr/bin:/bin", LANG: "C.UTF-8", TZ: "UTC" };
-  const child = spawn(cmd, args, { stdio: ["ignore", 2, 2, "pipe"], env });
+  const onOutput = opts.onOutput;
+  const child = spawn(cmd, args, { stdio: ["ignore", onOutput ? "pipe" : 2, onOutput ? "pipe" : 2, "pipe"], env });
+  const printed = onOutput ? Promise.all([child.stdout, child.stderr].map((s) => new Promise<void>((res) => s!.on("data", onOutput).on("end", res).on("error", () => res()).on("close", res)))) : undefined;
   let startError: Error | undefined;
   const timeoutMs = (opts.timeoutSeconds ?? 600) * 1000;
   let timedOut = false;
@@ -243,6 +254,11 @@ async function evaluateInto(opts: EvalOptions, settle: (complete: boolean) => Pr
     if (failure && child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
   }
   const { code, signal } = await exited;
+  // What it printed last (a fatal error) is shown before the result; a process it started
+  // that keeps the output open (only possible without the sandbox) is not waited for long.
+  if (printed) await Promise.race([printed, new Promise((res) => setTimeout(res, OUTPUT_GRACE_MS))]);
+  child.stdout?.destroy();
+  child.stderr?.destroy();
   const complete = !(failure || timedOut || !finished);
   if (complete && opts.store) opts.onProgress?.({ derivations: texts, sources, jobs: jobs.length, writing: true });
   await settle(complete);

@@ -8,6 +8,7 @@ import { rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { evaluate, type EvalProgress } from "../../src/dsl/evaluate.js";
 import { evalProgressText } from "../../src/cli/commands/eval.js";
+import { progressLine } from "../../src/cli/output.js";
 import { StoreWriterThread } from "../../src/store/writer-thread.js";
 import { resolveStoreLocation } from "../../src/store/config.js";
 import { tempDir } from "../helpers/fs-trees.js";
@@ -58,4 +59,57 @@ test("an evaluator that cannot be started is reported with the reason, and its s
     (e) => isFerryError(e) && e.code === "FERRY_EVAL_START_FAILED" && e.message.includes("no-such-bwrap") && e.message.includes("ENOENT") && e.hint !== undefined,
   );
   assert.deepEqual(calls, ["abort"]);
+});
+
+test("the package set's own output reaches a caller that shows it, all of it before evaluate settles, even when evaluation fails", async (t) => {
+  const dir = tempDir("ferry-eval-output-");
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const big = 200_000; // more than a pipe holds: the evaluator must not block on it
+  writeFileSync(join(dir, "set.ts"), `import { derivation } from "ferry";
+console.log("hello from the package set");
+console.error("x".repeat(${big}));
+export const a = derivation({ name: "a", system: "x86_64-linux", builder: "/bin/sh" });
+`);
+  const chunks: Buffer[] = [];
+  const r = await evaluate({ file: join(dir, "set.ts"), storeDir: "/ferry/store", onOutput: (c) => chunks.push(c) });
+  assert.equal(r.jobs.length, 1);
+  const out = Buffer.concat(chunks).toString();
+  assert.match(out, /^hello from the package set\n/);
+  assert.equal(out.split("x").length - 1, big);
+
+  writeFileSync(join(dir, "bad.ts"), `console.error("about to fail");\nthrow new Error("broken set");\n`);
+  const failed: Buffer[] = [];
+  await assert.rejects(evaluate({ file: join(dir, "bad.ts"), storeDir: "/ferry/store", onOutput: (c) => failed.push(c) }), /broken set/);
+  assert.equal(Buffer.concat(failed).toString(), "about to fail\n");
+});
+
+test("a progress line on a terminal makes way for other output and is drawn again after each whole line", () => {
+  const written: string[] = [];
+  const term = { isTTY: true, write: (c: Uint8Array | string) => (written.push(String(c)), true) };
+  const p = progressLine(term);
+  assert.ok(p.active);
+  p.update("evaluating, 10 derivations", true);
+  p.print("a line from the package set\n");
+  p.print("half a line");
+  p.update("evaluating, 20 derivations", true); // not drawn over the half line
+  p.print(" ends here\n");
+  p.done();
+  assert.deepEqual(written, [
+    "\r\x1b[Kevaluating, 10 derivations",
+    "\r\x1b[K",
+    "a line from the package set\n",
+    "\r\x1b[Kevaluating, 10 derivations",
+    "\r\x1b[K",
+    "half a line",
+    " ends here\n",
+    "\r\x1b[Kevaluating, 20 derivations",
+    "\r\x1b[K",
+  ]);
+  // Not a terminal: nothing of the line, the output as it is.
+  const plain: string[] = [];
+  const q = progressLine({ isTTY: false, write: (c: Uint8Array | string) => (plain.push(String(c)), true) });
+  q.update("evaluating", true);
+  q.print("output\n");
+  q.done();
+  assert.deepEqual(plain, ["output\n"]);
 });

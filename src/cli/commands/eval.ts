@@ -34,7 +34,8 @@ export async function evaluateToStore(file: string, attr: string | undefined, f:
   const run = (port?: EvalStorePort) =>
     evaluate({
       file, attr, storeDir: loc.storeDir, timeoutSeconds: f.evalTimeout, memoryMiB: f.evalMemory,
-      ...(progress.active ? { onProgress } : {}), ...(port ? { store: port } : {}), ...(onJob ? { onJob } : {}),
+      // On a terminal the package set's own output goes above the progress line, not through it.
+      ...(progress.active ? { onProgress, onOutput: (c: Buffer) => progress.print(c) } : {}), ...(port ? { store: port } : {}), ...(onJob ? { onJob } : {}),
     });
   try {
     if (f.dryRun) return (await run()).jobs;

@@ -16,6 +16,8 @@ import type { ByteRange, CacheBackend, ObjectInfo, ReadResult, StageItem, Staged
 import { fsyncPath, randomSuffix, syncFilesystemAsync, writeAllSync } from "../store/fs-util.js";
 
 const TMP_DIR = ".ferry-tmp";
+/** A temporary file this old was left by a process that died. */
+const STALE_TMP_MS = 24 * 3600 * 1000;
 
 function ioError(e: unknown, what: string): FerryError {
   if (e instanceof FerryError) return e;
@@ -87,12 +89,26 @@ export class FileBackend implements CacheBackend {
     this.url = `file://${root}`;
   }
 
-  /** Opens (creating) the directory. */
+  /**
+   * Opens (creating) the directory. Temporary files older than a day are removed: what a
+   * process that died while writing or staging left (a live writer's files are newer).
+   */
   static open(root: string): FileBackend {
+    const tmpDir = join(root, TMP_DIR);
     try {
-      fs.mkdirSync(join(root, TMP_DIR), { recursive: true });
+      fs.mkdirSync(tmpDir, { recursive: true });
     } catch (e) {
       throw ioError(e, `cannot create the cache directory ${root}`);
+    }
+    const before = Date.now() - STALE_TMP_MS;
+    try {
+      for (const name of fs.readdirSync(tmpDir)) {
+        const p = join(tmpDir, name);
+        const st = fs.lstatSync(p, { throwIfNoEntry: false });
+        if (st && st.mtimeMs < before) fs.rmSync(p, { force: true, recursive: true });
+      }
+    } catch {
+      /* leftovers are only disk space: never a reason not to open the cache */
     }
     return new FileBackend(root);
   }
@@ -196,17 +212,24 @@ export class FileBackend implements CacheBackend {
     type Staged = { tmp: string; final: string; info?: ObjectInfo };
     const staged = new Map<string, Staged>();
     const published = new Map<string, ObjectInfo>();
+    // Removal is best effort: it must not hide the error that made it necessary (what it
+    // misses, open() removes a day later).
     const removeStaged = () => {
-      for (const s of staged.values()) fs.rmSync(s.tmp, { force: true });
+      for (const s of staged.values()) {
+        try {
+          fs.rmSync(s.tmp, { force: true });
+        } catch {
+          /* left for open() */
+        }
+      }
       staged.clear();
     };
     try {
-      this.#madeSync(tmpDir);
       for (const it of items) {
         if (staged.has(it.key)) continue; // one object per key
         const s: Staged = { tmp: join(tmpDir, `${randomSuffix()}-${it.key.replace(/\//g, "_")}`), final: this.#path(it.key) };
         staged.set(it.key, s); // before it exists: a failure removes it
-        const fd = fs.openSync(s.tmp, "wx", 0o644);
+        const fd = this.#inDirSync(tmpDir, () => fs.openSync(s.tmp, "wx", 0o644));
         try {
           writeAllSync(fd, it.body);
           s.info = this.#info(it.key, fs.fstatSync(fd));
@@ -233,9 +256,8 @@ export class FileBackend implements CacheBackend {
             const s = staged.get(key);
             if (!s) throw new Error(`${key} is not staged`);
             const dir = dirname(s.final);
-            this.#madeSync(dir);
             // The rename keeps the inode, size and mtime: the object's info is the staged file's.
-            fs.renameSync(s.tmp, s.final);
+            this.#inDirSync(dir, () => fs.renameSync(s.tmp, s.final));
             staged.delete(key);
             published.set(key, s.info!);
             dirs.add(dir);
@@ -251,11 +273,19 @@ export class FileBackend implements CacheBackend {
     };
   }
 
-  /** Makes `dir` unless it is known to exist. */
-  #madeSync(dir: string): void {
-    if (this.#dirs.has(dir)) return;
-    fs.mkdirSync(dir, { recursive: true });
-    this.#dirs.add(dir);
+  /** `#inDir` for a synchronous `op`: makes `dir` first unless it is known to exist, and again if `op` finds it missing. */
+  #inDirSync<T>(dir: string, op: () => T): T {
+    if (!this.#dirs.has(dir)) {
+      fs.mkdirSync(dir, { recursive: true });
+      this.#dirs.add(dir);
+    }
+    try {
+      return op();
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
+      fs.mkdirSync(dir, { recursive: true });
+      return op();
+    }
   }
 
   /** Runs `op`, which needs `dir` to exist; makes the directory first when it is not known to exist, or when `op` says it is missing. */

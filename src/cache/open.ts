@@ -8,6 +8,7 @@
  * the caller in `params` and not passed to the backend.
  */
 import { resolve } from "node:path";
+import { pathToFileURL } from "node:url";
 import { FerryError } from "../core/errors.js";
 import type { CacheBackend } from "./backend.js";
 import { FileBackend } from "./file-backend.js";
@@ -27,12 +28,18 @@ export interface ParsedCacheUrl {
 const CLIENT_PARAMS = new Set(["priority", "trusted", "want-mass-query", "compression", "secret-key"]);
 
 export function parseCacheUrl(text: string): ParsedCacheUrl {
-  if (text.startsWith("/")) return { scheme: "file", url: `file://${resolve(text)}`, params: new Map() };
   let u: URL;
-  try {
-    u = new URL(text);
-  } catch {
-    throw badUrl(text);
+  if (text.startsWith("/")) {
+    // A directory, escaped (its name may hold '#', '%' or spaces); settings may follow a '?'.
+    const q = text.indexOf("?");
+    u = pathToFileURL(resolve(q < 0 ? text : text.slice(0, q)));
+    if (q >= 0) u.search = text.slice(q);
+  } else {
+    try {
+      u = new URL(text);
+    } catch {
+      throw badUrl(text);
+    }
   }
   const params = new Map<string, string>();
   for (const [k, v] of [...u.searchParams]) {

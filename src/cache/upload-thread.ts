@@ -72,7 +72,7 @@ export function copyToCacheOffThread(loc: StoreLocation, target: CopyTarget, pat
       if (m.t === "done") settle(() => resolve({ paths: m.paths, uploaded: m.uploaded, failures: m.failures.map((f) => ({ path: f.path, error: fromErrorBody(f.error) })) }));
       else settle(() => reject(fromErrorBody(m)));
     });
-    worker.on("error", (e) => settle(() => reject(e)));
+    worker.on("error", (e) => settle(() => reject(new FerryError("FERRY_CACHE_IO", `the thread copying to ${target.url} failed: ${e.message}`, { hint: "check the cache and the memory of this machine; no narinfo is published without those of its references", cause: e }))));
     worker.on("exit", (code) => settle(() => reject(new Error(`the thread copying to ${target.url} stopped with code ${code}`))));
   });
 }

@@ -156,8 +156,15 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
           fail(path, referenceFailed(path, failedRef));
           continue;
         }
+        let body: Uint8Array;
+        try {
+          body = new TextEncoder().encode(narInfoText(path, packed, key));
+        } catch (e) {
+          fail(path, e);
+          continue;
+        }
         round.set(path, r);
-        (rounds[r] ??= []).push({ path, key: narInfoKeyOf(path), body: new TextEncoder().encode(narInfoText(path, packed, key)) });
+        (rounds[r] ??= []).push({ path, key: narInfoKeyOf(path), body });
       }
       await stagedRound(stage, rounds.flat(), rounds.map((items) => items.map((i) => i.key)), fail);
       for (const { path, packed } of current) if (round.has(path) && !outcomes.has(path)) uploaded(path, packed.fileSize, t0);

@@ -98,7 +98,10 @@ export function progressLine(stream: Pick<NodeJS.WriteStream, "isTTY" | "write">
     },
     done() {
       if (tty && shown) stream.write("\r\x1b[K");
+      // What comes next starts on a line of its own, not after a half-written one.
+      if (tty && midLine) stream.write("\n");
       shown = false;
+      midLine = false;
     },
   };
 }

@@ -132,7 +132,9 @@ async function evaluateInto(opts: EvalOptions, settle: (complete: boolean) => Pr
   const env: NodeJS.ProcessEnv = { PATH: process.env.PATH ?? "/usr/bin:/bin", LANG: "C.UTF-8", TZ: "UTC" };
   const onOutput = opts.onOutput;
   const child = spawn(cmd, args, { stdio: ["ignore", onOutput ? "pipe" : 2, onOutput ? "pipe" : 2, "pipe"], env });
-  const printed = onOutput ? Promise.all([child.stdout, child.stderr].map((s) => new Promise<void>((res) => s!.on("data", onOutput).on("end", res).on("error", () => res()).on("close", res)))) : undefined;
+  // (A process that could not be started may have no pipes.)
+  const pipes = onOutput ? [child.stdout, child.stderr].filter((s): s is Readable => s !== null) : [];
+  const printed = Promise.all(pipes.map((s) => new Promise<void>((res) => s.on("data", onOutput!).on("end", res).on("error", () => res()).on("close", res))));
   let startError: Error | undefined;
   const timeoutMs = (opts.timeoutSeconds ?? 600) * 1000;
   let timedOut = false;
@@ -256,7 +258,9 @@ async function evaluateInto(opts: EvalOptions, settle: (complete: boolean) => Pr
   const { code, signal } = await exited;
   // What it printed last (a fatal error) is shown before the result; a process it started
   // that keeps the output open (only possible without the sandbox) is not waited for long.
-  if (printed) await Promise.race([printed, new Promise((res) => setTimeout(res, OUTPUT_GRACE_MS))]);
+  let grace: NodeJS.Timeout | undefined;
+  await Promise.race([printed, new Promise((res) => (grace = setTimeout(res, OUTPUT_GRACE_MS)))]);
+  clearTimeout(grace);
   child.stdout?.destroy();
   child.stderr?.destroy();
   const complete = !(failure || timedOut || !finished);

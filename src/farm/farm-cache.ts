@@ -9,6 +9,7 @@
 import * as fs from "node:fs";
 import { randomBytes } from "node:crypto";
 import { join, resolve } from "node:path";
+import { pathToFileURL } from "node:url";
 import { FerryError } from "../core/errors.js";
 import { generateSecretKey, parseSecretKey, printPublicKey, printSecretKey, publicKeyOf, type SecretKey } from "../core/signing.js";
 import { FileBackend } from "../cache/file-backend.js";
@@ -93,7 +94,7 @@ export async function openFarmCache(opts: FarmCacheOptions): Promise<FarmCache> 
     token,
     publicKey: printPublicKey(publicKeyOf(secretKey)),
     publish: async (store, paths) => {
-      failIfAny(await copyToCacheOffThread(store.loc, { url: resolve(backend.root) }, paths, { secretKey }));
+      failIfAny(await copyToCacheOffThread(store.loc, { url: pathToFileURL(resolve(backend.root)).href }, paths, { secretKey }));
       // The server remembers absent narinfos for a moment: tell it they exist now.
       for (const p of paths) server.forget(`${p.slice(store.storeDir.length + 1, store.storeDir.length + 33)}.narinfo`);
     },

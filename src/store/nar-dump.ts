@@ -1137,10 +1137,11 @@ export function dumpPath(path: string, sink: NarSink, opts: DumpOptions = {}): n
   walker.busy = true;
   try {
     new Dumper(w, mine ? walker : undefined, opts.copyTo ? Buffer.from(opts.copyTo) : undefined, opts).run(Buffer.from(path));
+    // Inside: the last flush hands the sink a view of the batch buffer too.
+    return w.end();
   } finally {
     if (mine) walker.busy = false;
   }
-  return w.end();
 }
 
 export interface NarHashResult {

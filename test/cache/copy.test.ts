@@ -7,6 +7,7 @@ import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import { join } from "node:path";
+import { pathToFileURL } from "node:url";
 import { LocalStore } from "../../src/store/local-store.js";
 import { resolveStoreLocation } from "../../src/store/config.js";
 import { generateSecretKey, publicKeyOf, printPublicKey, printSecretKey, type SecretKey } from "../../src/core/signing.js";
@@ -127,6 +128,13 @@ describe("binary cache client", () => {
       const narUrl = (p: string) => parseNarInfo(STORE_DIR, fs.readFileSync(join(cacheDir, `${p.slice(STORE_DIR.length + 1, STORE_DIR.length + 33)}.narinfo`), "utf8")).url;
       assert.equal(narUrl(same1), narUrl(same2));
       assert.deepEqual(fs.readdirSync(join(cacheDir, ".ferry-tmp")), [], "nothing staged is left");
+      // What a process that died left is removed when the cache is next opened; a live writer's file is not.
+      fs.writeFileSync(join(cacheDir, ".ferry-tmp", "dead-writer"), "x");
+      fs.utimesSync(join(cacheDir, ".ferry-tmp", "dead-writer"), new Date(Date.now() - 2 * 86400_000), new Date(Date.now() - 2 * 86400_000));
+      fs.writeFileSync(join(cacheDir, ".ferry-tmp", "live-writer"), "x");
+      FileBackend.open(cacheDir);
+      assert.deepEqual(fs.readdirSync(join(cacheDir, ".ferry-tmp")), ["live-writer"]);
+      fs.rmSync(join(cacheDir, ".ferry-tmp", "live-writer"));
       const dst = open(join(dir, "d-staged"));
       try {
         const sub = new CacheSubstituter(dst, [await BinaryCache.open(`file://${cacheDir}`, { storeDir: STORE_DIR })], { trustedKeys: trusted(key) });
@@ -151,10 +159,12 @@ describe("binary cache client", () => {
   });
 
   test("a copy on a thread of its own: the same cache contents, a summary with each failure and its code, and a cache that cannot be opened rejects", async () => {
-    const cacheDir = join(dir, "c-thread");
-    const sum = await copyToCacheOffThread(src.loc, { url: cacheDir }, [closure.top], { secretKey: key });
+    // A directory whose name a URL must escape (the farm passes its cache as a file: URL).
+    const cacheDir = join(dir, "c-thread #1 50%");
+    const sum = await copyToCacheOffThread(src.loc, { url: pathToFileURL(cacheDir).href }, [closure.top], { secretKey: key });
     assert.deepEqual({ paths: sum.paths, uploaded: sum.uploaded, failures: sum.failures.length }, { paths: 3, uploaded: 3, failures: 0 });
-    const cache = await BinaryCache.open(`file://${cacheDir}`, { storeDir: STORE_DIR });
+    assert.ok(fs.existsSync(join(cacheDir, `${closure.top.slice(STORE_DIR.length + 1, STORE_DIR.length + 33)}.narinfo`)), "written where the URL points");
+    const cache = await BinaryCache.open(cacheDir, { storeDir: STORE_DIR });
     const dst = open(join(dir, "d-thread"));
     try {
       const sub = new CacheSubstituter(dst, [cache], { trustedKeys: trusted(key) });

@@ -112,4 +112,11 @@ test("a progress line on a terminal makes way for other output and is drawn agai
   q.print("output\n");
   q.done();
   assert.deepEqual(plain, ["output\n"]);
+  // Output that ends mid-line: whatever comes after the line starts on a line of its own.
+  const after: string[] = [];
+  const r = progressLine({ isTTY: true, write: (c: Uint8Array | string) => (after.push(String(c)), true) });
+  r.print("no newline at the end");
+  r.update("writing", true);
+  r.done();
+  assert.deepEqual(after, ["no newline at the end", "\n"]);
 });

@@ -143,6 +143,14 @@ describe("binary cache client", () => {
       } finally {
         dst.close();
       }
+      // Directories removed behind the backend's back (it remembers making them) are made again.
+      const reused = FileBackend.open(join(dir, "c-staged-vanish"));
+      assert.deepEqual((await copyToCache(s, reused, [left])).filter((r) => r.status !== "ok"), []);
+      fs.rmSync(join(dir, "c-staged-vanish", "nar"), { recursive: true });
+      fs.rmSync(join(dir, "c-staged-vanish", ".ferry-tmp"), { recursive: true });
+      const again = await copyToCache(s, reused, [right]);
+      assert.deepEqual(again.filter((r) => r.status !== "ok"), []);
+      assert.ok(again.some((r) => r.status === "ok" && r.value.uploaded));
       // A cache whose staging area cannot be made: every path fails with the cache's error, no narinfo appears.
       const broken = join(dir, "c-staged-broken");
       fs.mkdirSync(broken);

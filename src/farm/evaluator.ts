@@ -81,11 +81,22 @@ export async function checkout(dir: string, repo: string, branch: string): Promi
 
 /** The evaluator's jobs as the farm stores them: aggregates name their member jobs. */
 export function farmJobs(jobs: readonly DslJob[]): EvalJob[] {
-  const byDrv = new Map<string, string[]>();
-  for (const j of jobs) byDrv.set(j.drvPath, [...(byDrv.get(j.drvPath) ?? []), j.attr]);
+  // The jobs by derivation, made only when an aggregate asks (most jobsets have none).
+  let byDrv: Map<string, string[]> | undefined;
+  const jobsOf = (drvPath: string): string[] => {
+    if (!byDrv) {
+      byDrv = new Map();
+      for (const j of jobs) {
+        const attrs = byDrv.get(j.drvPath);
+        if (attrs) attrs.push(j.attr);
+        else byDrv.set(j.drvPath, [j.attr]);
+      }
+    }
+    return byDrv.get(drvPath) ?? [];
+  };
   return jobs.map((j) => {
     const constituents = aggregateConstituents(j.meta);
-    const members = constituents?.flatMap((d) => byDrv.get(d) ?? []).filter((m) => m !== j.attr);
+    const members = constituents?.flatMap(jobsOf).filter((m) => m !== j.attr);
     return { job: j.attr, drvPath: j.drvPath, system: j.system, outputs: j.outputs, ...(members?.length ? { members } : {}) };
   });
 }

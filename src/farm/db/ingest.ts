@@ -62,6 +62,24 @@ function chunks<T>(items: readonly T[], size = CHUNK): T[][] {
 
 type Tx = Transaction<FarmSchema> | Kysely<FarmSchema>;
 
+/** Inserts rows of two ids (`a[k]`, `b[k]`), a chunk per statement; rows that exist are kept. */
+async function insertIdPairs(tx: Tx, table: string, [colA, colB]: readonly [string, string], a: readonly string[], b: readonly string[]): Promise<void> {
+  for (let i = 0; i < a.length; i += CHUNK) {
+    await insertColumns(tx, table, { [colA]: { type: "bigint", values: a.slice(i, i + CHUNK) }, [colB]: { type: "bigint", values: b.slice(i, i + CHUNK) } }, "on conflict do nothing");
+  }
+}
+
+/**
+ * Calls `f` on each item, letting the event loop run every `every` items: the coordinator's
+ * loop also serves the workers and the API while a jobset of a hundred thousand jobs goes in.
+ */
+async function eachLettingLoopRun<T>(items: readonly T[], f: (item: T) => void, every = 20_000): Promise<void> {
+  for (let i = 0; i < items.length; i++) {
+    if (i > 0 && i % every === 0) await new Promise<void>((resolve) => setImmediate(resolve));
+    f(items[i]!);
+  }
+}
+
 /** Inserts rows with one array parameter per column (unnest), whatever their number. */
 async function insertColumns(tx: Tx, table: string, columns: Record<string, { type: string; values: readonly unknown[] }>, suffix = ""): Promise<number> {
   const names = Object.keys(columns);
@@ -100,18 +118,28 @@ export async function ingestEvaluation(db: Kysely<FarmSchema>, input: IngestInpu
     // then sees (and settles) the builds it adds; one that finished before is read as finished.
     const ids = new Map<string, string>();
     const finished = new Map<string, string>();
-    for (const part of chunks([...new Set([...input.steps.map((s) => s.drvPath), ...input.jobs.map((j) => j.drvPath)])])) {
+    const drvPaths = new Set<string>();
+    await eachLettingLoopRun(input.steps, (s) => drvPaths.add(s.drvPath));
+    await eachLettingLoopRun(input.jobs, (j) => drvPaths.add(j.drvPath));
+    for (const part of chunks([...drvPaths])) {
       const rows = await sql<{ id: string; drv_path: string; status: string }>`select id::text as id, drv_path, status from steps where drv_path = any(${sql.val(part)}::text[]) order by id for share`.execute(tx);
       for (const r of rows.rows) {
         ids.set(r.drv_path, r.id);
         if (r.status !== "queued" && r.status !== "running") finished.set(r.drv_path, r.status);
       }
     }
-    const edges: [string, string][] = [];
-    for (const s of input.steps) for (const d of s.dependsOn) if (ids.has(d)) edges.push([ids.get(s.drvPath)!, ids.get(d)!]);
-    for (const part of chunks(edges)) {
-      await insertColumns(tx, "step_deps", { step_id: { type: "bigint", values: part.map((e) => e[0]) }, depends_on: { type: "bigint", values: part.map((e) => e[1]) } }, "on conflict do nothing");
-    }
+    // The edges as two columns (hundreds of thousands of pairs would be as many arrays).
+    const edgeFrom: string[] = [];
+    const edgeTo: string[] = [];
+    await eachLettingLoopRun(input.steps, (s) => {
+      for (const d of s.dependsOn) {
+        const to = ids.get(d);
+        if (to === undefined) continue;
+        edgeFrom.push(ids.get(s.drvPath)!);
+        edgeTo.push(to);
+      }
+    });
+    await insertIdPairs(tx, "step_deps", ["step_id", "depends_on"], edgeFrom, edgeTo);
 
     const buildIds = new Map<string, string>();
     for (const part of chunks(input.jobs)) {
@@ -124,14 +152,17 @@ export async function ingestEvaluation(db: Kysely<FarmSchema>, input: IngestInpu
         returning id, job`.execute(tx);
       for (const r of rows.rows) buildIds.set(r.job, r.id);
     }
-    const links = input.jobs.filter((j) => ids.has(j.drvPath)).map((j) => [buildIds.get(j.job)!, ids.get(j.drvPath)!] as const);
-    for (const part of chunks(links)) {
-      await insertColumns(tx, "build_steps", { build_id: { type: "bigint", values: part.map((l) => l[0]) }, step_id: { type: "bigint", values: part.map((l) => l[1]) } }, "on conflict do nothing");
-    }
+    const linkBuild: string[] = [];
+    const linkStep: string[] = [];
+    await eachLettingLoopRun(input.jobs, (j) => {
+      const step = ids.get(j.drvPath);
+      if (step === undefined) return;
+      linkBuild.push(buildIds.get(j.job)!);
+      linkStep.push(step);
+    });
+    await insertIdPairs(tx, "build_steps", ["build_id", "step_id"], linkBuild, linkStep);
     const members = input.jobs.flatMap((j) => (j.members ?? []).filter((m) => buildIds.has(m)).map((m) => [buildIds.get(j.job)!, buildIds.get(m)!] as const));
-    for (const part of chunks(members)) {
-      await insertColumns(tx, "aggregate_members", { aggregate_id: { type: "bigint", values: part.map((l) => l[0]) }, member_id: { type: "bigint", values: part.map((l) => l[1]) } }, "on conflict do nothing");
-    }
+    await insertIdPairs(tx, "aggregate_members", ["aggregate_id", "member_id"], members.map((m) => m[0]), members.map((m) => m[1]));
     await sql`update jobsets set last_checked_at = now(), last_inputs_hash = ${input.inputsHash}, error = null where id = ${input.jobsetId}`.execute(tx);
     await recordEvent(tx, "evaluation:finished", {
       evaluationId,

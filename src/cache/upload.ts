@@ -52,7 +52,6 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
   // Each path's info is read once: the closure, its order and the uploads all use it.
   const infos = closureInfos(store, paths);
   const closure = referencesFirst([...infos.keys()].sort(), (p) => infos.get(p)!.references);
-  const position = new Map(closure.map((p, k) => [p, k]));
   const storeDir = store.storeDir;
   // A new cache gets its nix-cache-info first, as Nix's stores do: clients refuse a cache without one.
   if (!(await backend.stat("nix-cache-info"))) {
@@ -63,14 +62,10 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
   opts.events?.emit("copy:planned", { paths: closure.length, toUpload: toUpload.length, present: closure.length - toUpload.length });
   const compression = opts.compression ?? "zstd";
   const tmpDir = fs.mkdtempSync(`${opts.tmpDir ?? os.tmpdir()}/ferry-copy-`);
-  // A narinfo is written once those of its references are (or were already) in the cache.
-  const done = new Map<string, Promise<boolean>>();
   const outcomes = new Map<string, UploadOutcome>();
   closure.forEach((p, k) => {
     if (present[k]) outcomes.set(p, { status: "ok", path: p, value: { uploaded: false } });
   });
-  const ready = new Map<string, (ok: boolean) => void>();
-  for (const p of toUpload) done.set(p, new Promise((res) => ready.set(p, res)));
 
   const fail = (path: string, e: unknown) => {
     const error = asFerryError(e);
@@ -83,34 +78,45 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
   };
   const narInfoText = (path: string, packed: PackedNar, key: string) => printNarInfo(storeDir, narInfoOf(path, infos.get(path)!, packed, key, opts.secretKey));
   const narInfoKeyOf = (path: string) => narInfoKey(parseStorePath(storeDir, path).hashPart);
-  const jobs = opts.jobs ?? Math.max(8, os.availableParallelism());
 
-  const uploadOne = async (path: string): Promise<void> => {
-    const t0 = Date.now();
-    const info = infos.get(path)!;
-    let ok = false;
-    try {
-      const packed = await packChecked(store, path, info, compression, tmpDir);
+  /**
+   * Any other backend gets the paths one by one, many at once: each NAR before its narinfo, and
+   * each narinfo once those of its references are (or were already) in the cache.
+   */
+  const uploadEach = async (): Promise<void> => {
+    const position = new Map(closure.map((p, k) => [p, k]));
+    const done = new Map<string, Promise<boolean>>();
+    const ready = new Map<string, (ok: boolean) => void>();
+    for (const p of toUpload) done.set(p, new Promise((res) => ready.set(p, res)));
+    const uploadOne = async (path: string): Promise<void> => {
+      const t0 = Date.now();
+      const info = infos.get(path)!;
+      let ok = false;
       try {
-        const key = narKey(printHash(packed.fileHash, "nix32"), compression);
-        if (!(await backend.stat(key))) await writeNar(backend, key, packed, (offset) => opts.events?.emit("upload:resumed", { path, offset }));
-        // References come earlier in the order; one that does not (a reference cycle, which only
-        // a corrupt database has) is not waited for, or the two would wait for each other.
-        for (const r of info.references) {
-          if (r !== path && done.has(r) && position.get(r)! < position.get(path)! && !(await done.get(r))) throw referenceFailed(path, r);
+        const packed = await packChecked(store, path, info, compression, tmpDir);
+        try {
+          const key = narKey(printHash(packed.fileHash, "nix32"), compression);
+          if (!(await backend.stat(key))) await writeNar(backend, key, packed, (offset) => opts.events?.emit("upload:resumed", { path, offset }));
+          // References come earlier in the order; one that does not (a reference cycle, which only
+          // a corrupt database has) is not waited for, or the two would wait for each other.
+          for (const r of info.references) {
+            if (r !== path && done.has(r) && position.get(r)! < position.get(path)! && !(await done.get(r))) throw referenceFailed(path, r);
+          }
+          await backend.write(narInfoKeyOf(path), new TextEncoder().encode(narInfoText(path, packed, key)), { contentType: contentTypeOf("narinfo") });
+          await uploadLog(store, backend, info.deriver);
+          ok = true;
+          uploaded(path, packed.fileSize, t0);
+        } finally {
+          if (packed.file) fs.rmSync(packed.file, { force: true });
         }
-        await backend.write(narInfoKeyOf(path), new TextEncoder().encode(narInfoText(path, packed, key)), { contentType: contentTypeOf("narinfo") });
-        await uploadLog(store, backend, info.deriver);
-        ok = true;
-        uploaded(path, packed.fileSize, t0);
+      } catch (e) {
+        fail(path, e);
       } finally {
-        if (packed.file) fs.rmSync(packed.file, { force: true });
+        ready.get(path)!(ok);
       }
-    } catch (e) {
-      fail(path, e);
-    } finally {
-      ready.get(path)!(ok);
-    }
+    };
+    // Uploads mostly wait (on the disk or the network): more at once than there are cores.
+    await mapLimit(toUpload, opts.jobs ?? Math.max(8, os.availableParallelism()), uploadOne);
   };
 
   /**
@@ -128,7 +134,7 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
       const current = piece;
       piece = [];
       bytes = 0;
-      await stagedRound(stage, current.filter((p) => p.packed.bytes).map((p) => ({ path: p.path, key: p.key, body: p.packed.bytes! })), [], fail);
+      await stagedRounds(stage, [current.filter((p) => p.packed.bytes).map((p) => ({ path: p.path, key: p.key, body: p.packed.bytes! }))], fail);
       for (const { path } of current) {
         if (outcomes.has(path)) continue;
         try {
@@ -166,7 +172,7 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
         round.set(path, r);
         (rounds[r] ??= []).push({ path, key: narInfoKeyOf(path), body });
       }
-      await stagedRound(stage, rounds.flat(), rounds.map((items) => items.map((i) => i.key)), fail);
+      await stagedRounds(stage, rounds, fail);
       for (const { path, packed } of current) if (round.has(path) && !outcomes.has(path)) uploaded(path, packed.fileSize, t0);
       t0 = Date.now();
     };
@@ -192,11 +198,7 @@ export async function copyToCache(store: LocalStore, backend: CacheBackend, path
   };
 
   try {
-    if (backend.stage) await uploadStaged(backend.stage.bind(backend));
-    else {
-      // Uploads mostly wait (on the disk or the network): more at once than there are cores.
-      await mapLimit(toUpload, jobs, uploadOne);
-    }
+    await (backend.stage ? uploadStaged(backend.stage.bind(backend)) : uploadEach());
   } finally {
     fs.rmSync(tmpDir, { recursive: true, force: true });
   }
@@ -208,21 +210,22 @@ const STAGE_PATHS = 4000;
 const STAGE_BYTES = 64 << 20;
 
 /**
- * Stages `items` and publishes them: in the rounds given (lists of keys, each published after
- * the one before is durable), or all at once. A failure fails every item not published yet.
+ * Stages every item of `rounds` at once, then publishes round after round (each once the one
+ * before is durable). A failure fails every item not published yet.
  */
-async function stagedRound(
+async function stagedRounds(
   stage: NonNullable<CacheBackend["stage"]>,
-  items: readonly { path: string; key: string; body: Uint8Array }[],
-  rounds: readonly (readonly string[])[],
+  rounds: readonly (readonly { path: string; key: string; body: Uint8Array }[])[],
   fail: (path: string, e: unknown) => void,
 ): Promise<void> {
+  const items = rounds.flat();
   if (items.length === 0) return;
   const published = new Set<string>();
   let staged: StagedObjects | undefined;
   try {
     staged = await stage(items);
-    for (const keys of rounds.length ? rounds : [items.map((i) => i.key)]) {
+    for (const round of rounds) {
+      const keys = round.map((i) => i.key);
       await staged.publish(keys);
       for (const k of keys) published.add(k);
     }

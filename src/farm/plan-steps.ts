@@ -5,7 +5,7 @@
  * of its own (`planStepsOffThread`), and its event loop keeps serving workers and the API.
  */
 import { Worker, isMainThread, parentPort, workerData } from "node:worker_threads";
-import { FerryError, errorBody, fromErrorBody } from "../core/errors.js";
+import { FerryError, errorBody, fromErrorBody, type ErrorBody } from "../core/errors.js";
 import type { StoreLocation } from "../store/config.js";
 import { LocalStore } from "../store/local-store.js";
 import { planBuild } from "../build/plan.js";
@@ -34,7 +34,7 @@ export function planSteps(store: LocalStore, drvPaths: readonly string[]): EvalS
  */
 const STEPS_PER_MESSAGE = 5000;
 
-type Reply = { t: "steps"; steps: EvalStep[] } | { t: "done" } | { t: "error"; code: string; message: string; hint?: string };
+type Reply = { t: "steps"; steps: EvalStep[] } | { t: "done" } | ({ t: "error" } & ErrorBody);
 interface Job {
   readonly role: "plan-steps";
   readonly loc: StoreLocation;

@@ -200,6 +200,49 @@ export function mergeBatches(batches: readonly PreparedBatch[]): PreparedBatch {
   };
 }
 
+/** What opening a store found of registrations of an earlier boot whose files may not have reached the disk. */
+export interface UnsyncedRecovery {
+  /** Paths whose files were checked. */
+  readonly checked: number;
+  /** Paths unregistered (sorted): those whose files were lost, and every path that refers to one. */
+  readonly lost: readonly string[];
+}
+
+interface UnsyncedMarker {
+  readonly rowid: number;
+  readonly boot: string;
+  readonly firstId: number;
+  readonly lastId: number;
+  readonly registeredAt: number;
+}
+
+/** Unsynced registrations of this boot older than this are synced and forgotten by the next open. */
+const SETTLE_UNSYNCED_AFTER_S = 60;
+
+let cachedBootId: string | null | undefined;
+
+/** This boot of the machine (Linux's random boot id), or undefined where it cannot be told. */
+export function bootId(): string | undefined {
+  if (cachedBootId === undefined) {
+    try {
+      cachedBootId = fs.readFileSync("/proc/sys/kernel/random/boot_id", "utf8").trim() || null;
+    } catch {
+      cachedBootId = null;
+    }
+  }
+  return cachedBootId ?? undefined;
+}
+
+/** Whether the object at `real` has the NAR hash `hash` (`sha256:<base16>`, as the database keeps it). */
+function contentMatches(real: string, hash: string): boolean {
+  try {
+    const h = parseHash(hash);
+    return hashEquals(hashPath(real, h.algo as HashAlgo).hash, h);
+  } catch {
+    return false;
+  }
+}
+
 const TMP_PREFIX = ".ferry-tmp-";
 /** Batches up to this size fsync each file; larger ones sync the file system once. */
 const SYNC_BATCH_MIN = 16;
@@ -228,6 +271,8 @@ export class LocalStore {
   #syncer: FileSystemSyncer | undefined;
   /** The temp-roots database, opened when first needed (see TEMP_ROOTS_SCHEMA). */
   #rootsDb: Database.Database | undefined;
+  /** Set by `open` when it settled registrations of an earlier boot whose files may have been lost. */
+  recovered: UnsyncedRecovery | undefined;
   /** Text batches aborted, by their `tmpReals` array (which a checked batch shares with what was written). */
   readonly #aborted = new WeakSet<readonly string[]>();
 
@@ -274,7 +319,68 @@ export class LocalStore {
     db.pragma("cache_size = -65536");
     db.pragma("foreign_keys = ON");
     migrate(db);
-    return new LocalStore(loc, db);
+    const store = new LocalStore(loc, db);
+    try {
+      store.#settleUnsynced();
+    } catch (e) {
+      db.close();
+      throw e;
+    }
+    return store;
+  }
+
+  /**
+   * Settles the registrations committed before their files were durable (`commitBatch` with
+   * `deferSync`), whichever process opens the store next. Those of this boot are in the page
+   * cache or on the disk: once they are a minute old, one file-system sync makes sure and their
+   * records go. Those of an earlier boot may have been lost when the machine stopped: every
+   * file is checked against its NAR hash, and a path whose file is wrong or missing is
+   * unregistered together with every path that refers to it (`recovered` says which).
+   */
+  #settleUnsynced(): void {
+    const markers = this.#stmt(SQL.allUnsynced).all() as UnsyncedMarker[];
+    if (!markers.length) return;
+    const boot = bootId();
+    const now = Math.floor(Date.now() / 1000);
+    const settled = markers.filter((m) => m.boot === boot && m.registeredAt <= now - SETTLE_UNSYNCED_AFTER_S);
+    if (settled.length) {
+      syncFilesystem(this.realStoreDir);
+      this.#db.transaction(() => {
+        for (const m of settled) this.#stmt(SQL.deleteUnsynced).run(m.rowid);
+      }).immediate();
+    }
+    if (markers.some((m) => m.boot !== boot)) this.recovered = this.#recoverEarlierBoots(boot);
+  }
+
+  /** The part of `#settleUnsynced` for earlier boots, under the write lock (another process may have done it meanwhile). */
+  #recoverEarlierBoots(boot: string | undefined): UnsyncedRecovery {
+    let trash: string | undefined;
+    const result = this.#db.transaction((): UnsyncedRecovery => {
+      const markers = (this.#stmt(SQL.allUnsynced).all() as UnsyncedMarker[]).filter((m) => m.boot !== boot);
+      const bad: number[] = [];
+      let checked = 0;
+      for (const m of markers) {
+        for (const row of this.#stmt(SQL.pathsInIdRange).all(m.firstId, m.lastId) as { id: number; path: string; hash: string }[]) {
+          checked++;
+          if (!contentMatches(this.realPathOf(row.path), row.hash)) bad.push(row.id);
+        }
+      }
+      const lost = bad.length ? (this.#stmt(SQL.referrerClosure).all(JSON.stringify(bad)) as { id: number; path: string }[]) : [];
+      for (const { id } of lost) this.#stmt(SQL.deleteRefsFrom).run(id);
+      for (const { id } of lost) this.#stmt(SQL.deletePath).run(id);
+      if (lost.length) this.#stmt(SQL.bumpGcGeneration).run();
+      for (const m of markers) this.#stmt(SQL.deleteUnsynced).run(m.rowid);
+      // Their files go under the lock, into a trash removed after the commit (as GC does).
+      if (lost.length) {
+        trash = join(this.realStoreDir, `${TRASH_PREFIX}${randomSuffix()}`);
+        fs.mkdirSync(trash);
+        for (const { path } of lost) renameIfPresent(this.realPathOf(path), join(trash, path.slice(this.storeDir.length + 1)));
+        fsyncPath(this.realStoreDir);
+      }
+      return { checked, lost: lost.map((l) => l.path).sort() };
+    }).immediate();
+    if (trash) removeTree(trash);
+    return result;
   }
 
   close(): void {
@@ -429,8 +535,12 @@ export class LocalStore {
     return this.#registerRows(rows);
   }
 
-  /** `registerObjects` for rows whose paths and references are canonical already. */
-  #registerRows(rows: readonly RegistrationRow[]): boolean[] {
+  /**
+   * `registerObjects` for rows whose paths and references are canonical already. With
+   * `unsyncedBoot`, the rows' files may not be durable yet: the ids inserted are recorded, in
+   * the same transaction, as unsynced registrations of that boot (see `#settleUnsynced`).
+   */
+  #registerRows(rows: readonly RegistrationRow[], unsyncedBoot?: string): boolean[] {
     const insert = this.#stmt(SQL.insertPath);
     const idStmt = this.#stmt(SQL.idByPath);
     const refStmt = this.#stmt(SQL.insertRef);
@@ -469,6 +579,8 @@ export class LocalStore {
         return id;
       };
       const now = Math.floor(Date.now() / 1000);
+      let firstId: number | undefined;
+      let lastId = 0;
       const added = rows.map((row) => {
         const { path, tmpReal } = row;
         if (!row.created && idOf(path) !== undefined) return false;
@@ -492,11 +604,16 @@ export class LocalStore {
         }
         const id = Number(info.lastInsertRowid);
         this.#idMemo.set(path, id);
+        firstId ??= id;
+        lastId = id;
         for (const r of row.references) refStmt.run(id, r === path ? id : idOf(r)!);
         return true;
       });
       // Renamed names are durable before their rows commit.
       if (renamed) fsyncPath(this.realStoreDir);
+      // Ids only grow, and nobody else inserts while this transaction holds the write lock:
+      // the range holds exactly the rows inserted here.
+      if (unsyncedBoot !== undefined && firstId !== undefined) this.#stmt(SQL.insertUnsynced).run(unsyncedBoot, firstId, lastId, now);
       return added;
     };
     try {
@@ -757,16 +874,26 @@ export class LocalStore {
   }
 
   /**
-   * Second half: syncs the files if that is not done yet, then registers the batch in one
-   * write transaction (renaming the files written under temporary names into place). Its
+   * Second half: syncs the files if that is not done yet (unless `deferSync`: see below), then
+   * registers the batch in one write transaction (renaming the files written under temporary
+   * names into place). Its
    * paths were rooted when it was prepared, by the handle that prepared it, which must stay
    * open until now. Its references are checked against the database (a text's path was
    * computed from them, so a string that is not a valid path fails there). Removes the
    * batch's files on failure. Returns, per entry, whether it was added.
+   *
+   * With `deferSync` the batch is registered before its files are durable, with a record of
+   * the boot it happened in: a registered path is then either intact or, after the machine
+   * stopped before the kernel wrote it back, unregistered by the next open (with every path
+   * that refers to it). For evaluations, whose .drv files anyone can make again.
    */
-  commitBatch(batch: PreparedBatch): boolean[] {
+  commitBatch(batch: PreparedBatch, opts: { deferSync?: boolean } = {}): boolean[] {
     try {
-      if (!batch.synced) {
+      // Deferred: the files reach the disk when the kernel writes them back; if the machine
+      // stops before that, the next open finds the registrations of an earlier boot and checks
+      // their files. Where the boot cannot be told, the files are synced as usual.
+      const unsyncedBoot = !batch.synced && opts.deferSync ? bootId() : undefined;
+      if (!batch.synced && unsyncedBoot === undefined) {
         syncFilesystem(this.realStoreDir);
         batch.synced = true;
       }
@@ -778,7 +905,7 @@ export class LocalStore {
           references: refs === "" ? [] : refs.split("\n"), tmpReal: tmpReal === "" ? undefined : tmpReal, created: tmpReal === "",
         };
       });
-      return this.#registerRows(rows);
+      return this.#registerRows(rows, unsyncedBoot);
     } catch (e) {
       this.abortTextsQuietly(batch);
       throw e;

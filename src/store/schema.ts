@@ -60,6 +60,17 @@ export const MIGRATIONS: readonly string[] = [
   ALTER TABLE RefsByKey RENAME TO Refs;
   CREATE INDEX IndexReference ON Refs(reference);
   `,
+  // 7: registrations committed before their files were durable (an evaluation's .drv files),
+  // as ranges of ValidPaths ids with the boot they were made in: the next open after a crash
+  // checks their files (LocalStore's settling of unsynced registrations)
+  `
+  CREATE TABLE UnsyncedRegistrations (
+    boot         TEXT NOT NULL,
+    firstId      INTEGER NOT NULL,
+    lastId       INTEGER NOT NULL,
+    registeredAt INTEGER NOT NULL
+  );
+  `,
 ];
 
 /**
@@ -88,6 +99,13 @@ export const SQL = {
   allTempRoots: `SELECT owner, paths FROM TempRoots`,
   /** Ids of those of a JSON array of paths that are valid. */
   validAmong: `SELECT v.path, v.id FROM json_each(?) j JOIN ValidPaths v ON v.path = j.value`,
+  insertUnsynced: `INSERT INTO UnsyncedRegistrations (boot, firstId, lastId, registeredAt) VALUES (?, ?, ?, ?)`,
+  allUnsynced: `SELECT rowid, boot, firstId, lastId, registeredAt FROM UnsyncedRegistrations`,
+  deleteUnsynced: `DELETE FROM UnsyncedRegistrations WHERE rowid = ?`,
+  /** The valid paths with ids in [?, ?], with their NAR hashes. */
+  pathsInIdRange: `SELECT id, path, hash FROM ValidPaths WHERE id BETWEEN ? AND ?`,
+  /** The ids of the paths in a JSON array of ids and of every path that refers to them, transitively. */
+  referrerClosure: `WITH RECURSIVE c(id) AS (SELECT value FROM json_each(?) UNION SELECT r.referrer FROM Refs r JOIN c ON r.reference = c.id) SELECT c.id, v.path FROM c JOIN ValidPaths v ON v.id = c.id`,
   gcGeneration: `SELECT generation FROM GcGeneration WHERE id = 0`,
   bumpGcGeneration: `UPDATE GcGeneration SET generation = generation + 1 WHERE id = 0`,
 } as const;

@@ -54,7 +54,7 @@ const GROUP_COMMIT_ROWS = 20_000;
 
 /** How long `finish` and `abort` wait for the threads to close their stores before terminating them. */
 const SHUTDOWN_MS = 10_000;
-type Role = { loc: StoreLocation; role: "prepare" | "commit"; port: MessagePort };
+type Role = { loc: StoreLocation; role: "prepare" | "commit"; port: MessagePort; deferSync: boolean };
 
 /**
  * Writes a plan on two threads: one writes each batch's files under the paths its records
@@ -80,15 +80,21 @@ export class StoreWriterThread implements PlanWriter {
    * thread releases its temp roots (which protect the plan's paths from GC until then): a
    * caller that must keep the paths (the farm keeps an evaluation's .drv files) roots them
    * there with its own handle, so there is no moment where a GC could take them.
+   *
+   * With `deferSync`, batches are registered without waiting for their files to reach the
+   * disk (`LocalStore.commitBatch`): an evaluation whose results only this machine's store
+   * holds, and which could be made again, need not wait for the disk; the store unregisters
+   * what a stop of the machine lost. Without it, every file is durable before its row commits.
    */
-  constructor(loc: StoreLocation, opts: { beforeRelease?: () => void } = {}) {
+  constructor(loc: StoreLocation, opts: { beforeRelease?: () => void; deferSync?: boolean } = {}) {
     this.#beforeRelease = opts.beforeRelease;
     const { port1, port2 } = new MessageChannel();
     // A batch's strings live until it is committed: a young generation that holds a few
     // batches lets most of them die there (fewer, cheaper scavenges).
     const resourceLimits = { maxYoungGenerationSizeMb: 64 };
-    this.#preparer = new Worker(new URL(import.meta.url), { workerData: { loc, role: "prepare", port: port1 } satisfies Role, transferList: [port1], resourceLimits });
-    this.#committer = new Worker(new URL(import.meta.url), { workerData: { loc, role: "commit", port: port2 } satisfies Role, transferList: [port2], resourceLimits });
+    const deferSync = opts.deferSync ?? false;
+    this.#preparer = new Worker(new URL(import.meta.url), { workerData: { loc, role: "prepare", port: port1, deferSync } satisfies Role, transferList: [port1], resourceLimits });
+    this.#committer = new Worker(new URL(import.meta.url), { workerData: { loc, role: "commit", port: port2, deferSync } satisfies Role, transferList: [port2], resourceLimits });
     this.#result = new Promise((resolve, reject) => {
       for (const w of [this.#preparer, this.#committer]) {
         w.on("message", (r: Reply) => {
@@ -261,10 +267,10 @@ function runPreparer(store: LocalStore, parent: NonNullable<typeof parentPort>, 
  * The committing thread: starts each batch's file-system sync (another process) as soon as it
  * arrives, checks the batch's texts against the paths they claim while the sync runs, and
  * commits batches in order once their sync is done, so files are always durable before their
- * rows commit. Once it has failed or is told to abort, every batch not committed (queued or
+ * rows commit (with `deferSync`, nothing is synced: batches commit as soon as they are checked). Once it has failed or is told to abort, every batch not committed (queued or
  * arriving later) has its files removed.
  */
-function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>, preparer: MessagePort): void {
+function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>, preparer: MessagePort, deferSync: boolean): void {
   const queue: { p: PreparedBatch; w: WrittenTexts; synced: Promise<void> }[] = [];
   let ended = false;
   let running = false;
@@ -290,15 +296,15 @@ function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>,
           throw e;
         }
         if (failed) return; // aborted meanwhile: the queue, this batch included, is cleaned up
-        // Batches that are durable by now go in the same transaction (a commit rewrites the
+        // Batches that are durable by now (or need not be) go in the same transaction (a commit rewrites the
         // pages it touches, and a path index touches most of its pages): when commits fall
         // behind, they catch up in fewer, larger transactions.
         let n = 1;
         let rows = head.p.paths.length;
-        while (n < queue.length && queue[n]!.w.synced && rows + queue[n]!.p.paths.length <= GROUP_COMMIT_ROWS) rows += queue[n++]!.p.paths.length;
+        while (n < queue.length && (deferSync || queue[n]!.w.synced) && rows + queue[n]!.p.paths.length <= GROUP_COMMIT_ROWS) rows += queue[n++]!.p.paths.length;
         const group = queue.splice(0, n).map((q) => q.p);
-        for (const p of group) p.synced = true;
-        store.commitBatch(mergeBatches(group));
+        if (!deferSync) for (const p of group) p.synced = true;
+        store.commitBatch(mergeBatches(group), { deferSync });
         parent.postMessage({ t: "committed", batches: n } satisfies Reply);
       }
       if (ended && !failed) {
@@ -330,7 +336,7 @@ function runCommitter(store: LocalStore, parent: NonNullable<typeof parentPort>,
       return;
     }
     if (m.t === "written") {
-      const synced = store.syncPrepared(m.w);
+      const synced = deferSync ? Promise.resolve() : store.syncPrepared(m.w);
       synced.catch(() => undefined); // reported when the batch's turn comes
       let p: PreparedBatch;
       try {
@@ -349,5 +355,5 @@ const role = workerData as Role | undefined;
 if (!isMainThread && parentPort && role?.loc?.storeDir) {
   const store = LocalStore.open(role.loc);
   if (role.role === "prepare") runPreparer(store, parentPort, role.port);
-  else runCommitter(store, parentPort, role.port);
+  else runCommitter(store, parentPort, role.port, role.deferSync);
 }

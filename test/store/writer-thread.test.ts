@@ -1,11 +1,12 @@
 /** The threads that write an evaluation's plan: batches, backlog and failures. */
 import { test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
-import { rmSync } from "node:fs";
+import { chmodSync, existsSync, rmSync, truncateSync } from "node:fs";
+import Database from "better-sqlite3";
 import { join } from "node:path";
 import { StoreWriterThread, planWriteError } from "../../src/store/writer-thread.js";
-import { LocalStore } from "../../src/store/local-store.js";
-import { resolveStoreLocation, type StoreLocation } from "../../src/store/config.js";
+import { LocalStore, bootId } from "../../src/store/local-store.js";
+import { realPath, resolveStoreLocation, type StoreLocation } from "../../src/store/config.js";
 import { encodeTextRecord, maxTextRecordSize, type TextRecordSource } from "../../src/store/text-records.js";
 import { textPathOfHex } from "../../src/core/store-path.js";
 import { sha256Hex } from "../../src/core/digest.js";
@@ -131,4 +132,120 @@ test("a full file system while writing a plan is reported as such, with what to 
   const other = planWriteError(new Error("something else"));
   assert.equal(other.code, "FERRY_EVAL_STORE");
   assert.match(other.message, /something else/);
+});
+
+/**
+ * Texts 0..n-1 in two interleaved chains: text i refers to text i-2. Returns the batches (of
+ * `per` records) and every text's path.
+ */
+function chains(n: number, per: number, tag = "chained"): { batches: Uint8Array[]; paths: string[] } {
+  const paths: string[] = [];
+  const batches: Uint8Array[] = [];
+  for (let first = 0; first < n; first += per) {
+    const texts: TextRecordSource[] = [];
+    for (let i = first; i < Math.min(n, first + per); i++) {
+      const text = `${tag} text ${i}`;
+      const references = i >= 2 ? [paths[i - 2]!] : [];
+      paths.push(textPathOfHex(STORE, `c${i}.drv`, sha256Hex(text), references));
+      texts.push({ storePath: paths[i]!, name: `c${i}.drv`, text, references });
+    }
+    const buf = Buffer.alloc(texts.reduce((k, t) => k + maxTextRecordSize(t), 0));
+    let at = 0;
+    for (const t of texts) at = encodeTextRecord(buf, at, t);
+    batches.push(new Uint8Array(buf.buffer, 0, at));
+  }
+  return { batches, paths };
+}
+
+/** Runs `fn` on the database of the store at `loc`, opened directly (not through a store handle). */
+function withDatabase<T>(loc: StoreLocation, fn: (db: Database.Database) => T): T {
+  const db = new Database(join(realPath(loc, loc.stateDir), "db", "db.sqlite"));
+  try {
+    return fn(db);
+  } finally {
+    db.close();
+  }
+}
+
+/** The unsynced-registration records of the store at `loc`. */
+function unsyncedRecords(loc: StoreLocation): { boot: string; firstId: number; lastId: number; registeredAt: number }[] {
+  return withDatabase(loc, (db) => db.prepare("SELECT boot, firstId, lastId, registeredAt FROM UnsyncedRegistrations ORDER BY firstId").all() as { boot: string; firstId: number; lastId: number; registeredAt: number }[]);
+}
+
+function editDatabase(loc: StoreLocation, sql: string): void {
+  withDatabase(loc, (db) => db.exec(sql));
+}
+
+test("a writer that defers the sync registers its batches with a record of this boot, which an open forgets once it is a minute old", async (t) => {
+  const loc = newStore(t, "writer-defer");
+  const { batches, paths } = chains(300, 100);
+  const w = new StoreWriterThread(loc, { deferSync: true });
+  for (const b of batches) w.addTextRecords(b);
+  await w.finish();
+  assert.equal(validPaths(loc).length, 300);
+  const records = unsyncedRecords(loc);
+  assert.ok(records.length >= 1 && records.length <= 3, `one record per transaction (${records.length})`);
+  assert.ok(records.every((r) => r.boot === bootId()), "made in this boot");
+  const covered = records.reduce((k, r) => k + r.lastId - r.firstId + 1, 0);
+  assert.equal(covered, 300, "the records cover exactly the rows the writer inserted");
+
+  // An open in the same boot leaves young records alone (nothing is lost while the machine runs)...
+  const s = LocalStore.open(loc);
+  assert.equal(s.recovered, undefined);
+  s.close();
+  assert.equal(unsyncedRecords(loc).length, records.length);
+  // ...and syncs and forgets those a minute old.
+  editDatabase(loc, `UPDATE UnsyncedRegistrations SET registeredAt = registeredAt - 61`);
+  LocalStore.open(loc).close();
+  assert.deepEqual(unsyncedRecords(loc), []);
+  assert.equal(validPaths(loc).length, 300);
+
+  // A writer that syncs leaves no record.
+  const synced = new StoreWriterThread(loc);
+  for (const b of chains(40, 20, "synced").batches) synced.addTextRecords(b);
+  await synced.finish();
+  assert.deepEqual(unsyncedRecords(loc), []);
+  assert.equal(validPaths(loc).length, paths.length + 40);
+});
+
+test("after a stop of the machine, the next open checks what was registered unsynced: a lost file is unregistered with every path that refers to it", async (t) => {
+  const loc = newStore(t, "writer-recover");
+  const { batches, paths } = chains(200, 50);
+  const w = new StoreWriterThread(loc, { deferSync: true });
+  for (const b of batches) w.addTextRecords(b);
+  await w.finish();
+  // A path registered the usual way (synced) that refers to one of them.
+  const keeper = LocalStore.open(loc);
+  const outside = keeper.addText("outside.drv", "refers to c10", [paths[10]!]).path;
+  keeper.close();
+  // The machine stopped: the records are of an earlier boot, and the kernel had written back
+  // some files only. ext4 leaves a new file that was never written back empty.
+  editDatabase(loc, `UPDATE UnsyncedRegistrations SET boot = 'an earlier boot'`);
+  const real = (p: string) => realPath(loc, p);
+  chmodSync(real(paths[10]!), 0o644);
+  truncateSync(real(paths[10]!), 0);
+  rmSync(real(paths[151]!));
+
+  const s = LocalStore.open(loc);
+  t.after(() => s.close());
+  const lostEvens = paths.filter((_, i) => i >= 10 && i % 2 === 0);
+  const lostOdds = paths.filter((_, i) => i >= 151 && i % 2 === 1);
+  assert.deepEqual(s.recovered, { checked: 200, lost: [...lostEvens, ...lostOdds, outside].sort() });
+  const valid = new Set(s.allValidPaths());
+  assert.equal(valid.size, 200 - lostEvens.length - lostOdds.length);
+  for (const p of [...lostEvens, ...lostOdds, outside]) {
+    assert.ok(!valid.has(p), `${p} is no longer registered`);
+    assert.ok(!existsSync(real(p)), `and its file is gone`);
+  }
+  assert.deepEqual(s.verify().filter((v) => v.status !== "ok"), [], "what stays is intact");
+  assert.deepEqual(unsyncedRecords(loc), [], "the records are settled");
+  // The next open has nothing to do.
+  const again = LocalStore.open(loc);
+  assert.equal(again.recovered, undefined);
+  again.close();
+  // Evaluating again makes the lost paths again.
+  const redo = new StoreWriterThread(loc, { deferSync: true });
+  for (const b of chains(200, 50).batches) redo.addTextRecords(b); // (a batch handed over is detached)
+  await redo.finish();
+  assert.equal(validPaths(loc).length, 200, "all 200 texts (the synced path that referred to one is not remade)");
 });

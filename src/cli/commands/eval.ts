@@ -7,7 +7,7 @@ import { checkDerivationOutputs, derivationToJson, parseDerivation, printDerivat
 import { evaluate, type EvalJob, type EvalProgress, type EvalStorePort } from "../../dsl/evaluate.js";
 import { LocalStore } from "../../store/local-store.js";
 import { StoreWriterThread } from "../../store/writer-thread.js";
-import { storeLocation, withStore, withStoreOptions, type StoreFlags } from "../store-options.js";
+import { openStore, storeLocation, withStore, withStoreOptions, type StoreFlags } from "../store-options.js";
 import { out, outJson, outLines, progressLine } from "../output.js";
 
 export { storePort } from "../../store/writer-thread.js";
@@ -40,8 +40,11 @@ export async function evaluateToStore(file: string, attr: string | undefined, f:
   try {
     if (f.dryRun) return (await run()).jobs;
     // Opening the store here first creates it and reports an unusable one before evaluating.
-    LocalStore.open(loc).close();
-    return (await run(new StoreWriterThread(loc))).jobs;
+    openStore(f).close();
+    // The .drv files reach the disk after the evaluation, as the kernel writes them back: a
+    // machine that stops before then loses them, and the store unregisters them when it is
+    // next opened (`ferry eval` makes them again).
+    return (await run(new StoreWriterThread(loc, { deferSync: true }))).jobs;
   } finally {
     progress.done();
   }

@@ -8,7 +8,7 @@ import { resolve } from "node:path";
 import { Command, Option } from "commander";
 import { FerryError } from "../../core/errors.js";
 import { LocalStore } from "../../store/local-store.js";
-import { withStoreOptions, storeLocation, type StoreFlags } from "../store-options.js";
+import { openStore, withStoreOptions, storeLocation, type StoreFlags } from "../store-options.js";
 import { parseListen } from "../listen.js";
 import { note, out, outBytes } from "../output.js";
 import { untilStopSignal } from "../signals.js";
@@ -58,7 +58,7 @@ async function serve(f: ServeFlags): Promise<void> {
     });
   }
   for (const r of migrated.results ?? []) note(`ferry farm: migration ${r.migrationName}: ${r.status}`);
-  const store = LocalStore.open(storeLocation(f));
+  const store = openStore(f);
   const c = await startCoordinator({
     db,
     store,

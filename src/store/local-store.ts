@@ -273,6 +273,8 @@ export class LocalStore {
   #rootsDb: Database.Database | undefined;
   /** Set by `open` when it settled registrations of an earlier boot whose files may have been lost. */
   recovered: UnsyncedRecovery | undefined;
+  /** Whether the last batch of texts written was mostly valid already (see `#writeTexts`). */
+  #lastTextsMostlyValid = false;
   /** Text batches aborted, by their `tmpReals` array (which a checked batch shares with what was written). */
   readonly #aborted = new WeakSet<readonly string[]>();
 
@@ -381,6 +383,16 @@ export class LocalStore {
     }).immediate();
     if (trash) removeTree(trash);
     return result;
+  }
+
+  /**
+   * Turns off SQLite's foreign-key checks for this handle, for a handle that only registers
+   * (a plan writer's committing thread): registration looks every reference up itself and
+   * refuses a missing one, so SQLite's second look is wasted there (a tenth of a large
+   * registration). Nothing may delete through such a handle.
+   */
+  onlyRegisters(): void {
+    this.#db.pragma("foreign_keys = OFF");
   }
 
   close(): void {
@@ -828,38 +840,78 @@ export class LocalStore {
    * Roots `paths` (one temp-root row), then writes each item whose path is not valid, once,
    * under its final name, created exclusively (or under a temporary name when the final one
    * is taken). On failure removes what it wrote.
+   *
+   * A new evaluation creates every name, so looking the paths up first would be wasted: names
+   * are created first and only those already taken are looked up. A batch that follows one
+   * mostly valid already (an evaluation made again) looks its paths up first instead, and
+   * creates only the missing ones.
    */
   #writeTexts(items: readonly { readonly bytes: Uint8Array }[], paths: readonly string[]): WrittenTexts {
     const distinct = [...new Set(paths)];
     // Rooted before the validity check: a path found valid stays valid (GC keeps it), and GC
     // leaves alone the names written below until this handle closes.
     this.addTempRoots(distinct);
-    const skip = new Set(this.#validIds(distinct).keys());
+    const lookUpFirst = this.#lastTextsMostlyValid;
+    const validFirst = lookUpFirst ? this.#validIds(distinct) : undefined;
     const fsyncEach = items.length <= SYNC_BATCH_MIN;
-    const written: WrittenTexts = { indices: [], paths: [], tmpReals: [], synced: false };
     const storeDirLength = this.storeDir.length;
+    // Per item: created under its final name by this writer, its name taken by something else,
+    // or nothing to write (valid, or a repeat of an earlier item).
+    const state = new Array<"created" | "taken" | undefined>(items.length);
+    const written: WrittenTexts = { indices: [], paths: [], tmpReals: [], synced: false };
     try {
+      const seen = new Set<string>();
+      const taken: string[] = [];
       for (let k = 0; k < items.length; k++) {
         const path = paths[k]!;
-        if (skip.has(path)) continue;
-        skip.add(path);
-        const bytes = items[k]!.bytes;
-        const created = createReadOnlyFile(this.realStoreDir + path.slice(storeDirLength), bytes, fsyncEach);
-        // Recorded before anything can fail, so that abortTexts removes what was started: the
-        // final name when this writer created it (completely or not), else the temporary one.
-        const tmpReal = created === "exists" ? this.newTempPath() : "";
+        if (seen.has(path) || validFirst?.has(path)) continue;
+        seen.add(path);
+        const created = createReadOnlyFile(this.realStoreDir + path.slice(storeDirLength), items[k]!.bytes, fsyncEach);
+        if (created === "exists") {
+          state[k] = "taken";
+          taken.push(path);
+          continue;
+        }
+        // Recorded before anything can fail, so that a failure removes what was started.
+        state[k] = "created";
+        if (created !== "created") throw created;
+      }
+      const valid = validFirst ?? (taken.length ? this.#validIds(taken) : undefined);
+      this.#lastTextsMostlyValid = (valid?.size ?? 0) * 2 > distinct.length;
+      // In order: a batch is registered in the order it was written.
+      for (let k = 0; k < items.length; k++) {
+        const s = state[k];
+        if (s === undefined) continue;
+        if (s === "taken" && valid?.has(paths[k]!)) {
+          state[k] = undefined;
+          continue;
+        }
+        const tmpReal = s === "taken" ? this.newTempPath() : "";
         written.indices.push(k);
-        written.paths.push(path);
+        written.paths.push(paths[k]!);
         written.tmpReals.push(tmpReal);
-        if (created === "created") continue;
-        if (created !== "exists") throw created;
-        const again = createReadOnlyFile(tmpReal, bytes, fsyncEach);
+        if (s === "created") continue;
+        const again = createReadOnlyFile(tmpReal, items[k]!.bytes, fsyncEach);
         if (again !== "created") throw again === "exists" ? new Error(`the temporary name ${tmpReal} is taken`) : again;
       }
       // Each file is synced; their names need the directory synced too.
       if (fsyncEach && written.tmpReals.includes("")) fsyncPath(this.realStoreDir);
     } catch (e) {
-      this.abortTextsQuietly(written);
+      // What this writer created under final names, and the temporary copies it started.
+      const made = { paths: [] as string[], tmpReals: [] as string[] };
+      state.forEach((s, k) => {
+        if (s === "created") {
+          made.paths.push(paths[k]!);
+          made.tmpReals.push("");
+        }
+      });
+      written.tmpReals.forEach((t, j) => {
+        if (t) {
+          made.paths.push(written.paths[j]!);
+          made.tmpReals.push(t);
+        }
+      });
+      this.abortTextsQuietly(made);
       throw e;
     }
     written.synced = fsyncEach || written.paths.length === 0;

@@ -355,5 +355,8 @@ const role = workerData as Role | undefined;
 if (!isMainThread && parentPort && role?.loc?.storeDir) {
   const store = LocalStore.open(role.loc);
   if (role.role === "prepare") runPreparer(store, parentPort, role.port);
-  else runCommitter(store, parentPort, role.port, role.deferSync);
+  else {
+    store.onlyRegisters();
+    runCommitter(store, parentPort, role.port, role.deferSync);
+  }
 }

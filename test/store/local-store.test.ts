@@ -340,6 +340,35 @@ describe("local store", () => {
     }
   });
 
+  test("a batch of texts skips the valid ones and gives a taken name a temporary copy, whether it creates first or looks up first", () => {
+    const s = openStore(join(dir, "root-batches"));
+    const other = openStore(join(dir, "root-batches"));
+    try {
+      const texts = (n: number) => Array.from({ length: n }, (_, i) => ({ name: `b${i}.txt`, bytes: Buffer.from(`batch text ${i}`), references: [] as string[] }));
+      other.commitTexts(other.prepareTexts(texts(30)));
+      // A leftover (unregistered, wrong) under the name of text 35.
+      const p35 = s.prepareTexts(texts(55).slice(35, 36));
+      s.abortTexts(p35.batch);
+      fs.writeFileSync(s.realPathOf(p35.paths[0]!), "wrong leftover");
+      // A new batch (this handle creates first): 30 valid are skipped, the leftover's name is taken.
+      const first = s.prepareTexts(texts(55));
+      assert.equal(first.batch.paths.length, 25, "only the 25 texts not valid are written");
+      assert.deepEqual(first.batch.tmpReals.map((t, j) => (t ? first.batch.paths[j] : "")).filter(Boolean), [p35.paths[0]], "the taken name gets a temporary copy");
+      assert.deepEqual(s.commitTexts(first).filter((r) => r.added).length, 25);
+      assert.equal(fs.readFileSync(s.realPathOf(p35.paths[0]!), "utf8"), "batch text 35");
+      // The batch before was mostly valid: this one looks up first, and writes only the 25 new.
+      const second = s.prepareTexts(texts(80));
+      assert.deepEqual(second.batch.paths, second.paths.slice(55));
+      s.commitTexts(second);
+      assert.equal(s.allValidPaths().length, 80);
+      assert.deepEqual(s.verify().filter((v) => v.status !== "ok"), []);
+      assert.deepEqual(fs.readdirSync(s.realPathOf(s.storeDir)).filter((n) => n.startsWith(".ferry-")), []);
+    } finally {
+      s.close();
+      other.close();
+    }
+  });
+
   test("texts written under the paths they claim are checked before they are registered: a false claim is refused and its file removed", () => {
     const s = openStore(join(dir, "root-claims"));
     try {

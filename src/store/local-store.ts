@@ -389,10 +389,14 @@ export class LocalStore {
    * Turns off SQLite's foreign-key checks for this handle, for a handle that only registers
    * (a plan writer's committing thread): registration looks every reference up itself and
    * refuses a missing one, so SQLite's second look is wasted there (a tenth of a large
-   * registration). Nothing may delete through such a handle.
+   * registration). Nothing may delete through such a handle. With `deferSync` (every commit
+   * through it is `commitBatch`'s deferred kind), its commits do not wait for the disk either:
+   * a commit lost to a stop of the machine loses only registrations that could have been
+   * undone anyway, and the database stays consistent (WAL with synchronous=NORMAL).
    */
-  onlyRegisters(): void {
+  onlyRegisters(opts: { deferSync?: boolean } = {}): void {
     this.#db.pragma("foreign_keys = OFF");
+    if (opts.deferSync) this.#db.pragma("synchronous = NORMAL");
   }
 
   close(): void {

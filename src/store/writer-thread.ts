@@ -356,7 +356,7 @@ if (!isMainThread && parentPort && role?.loc?.storeDir) {
   const store = LocalStore.open(role.loc);
   if (role.role === "prepare") runPreparer(store, parentPort, role.port);
   else {
-    store.onlyRegisters();
+    store.onlyRegisters({ deferSync: role.deferSync });
     runCommitter(store, parentPort, role.port, role.deferSync);
   }
 }

@@ -368,17 +368,9 @@ export class LocalStore {
         }
       }
       const lost = bad.length ? (this.#stmt(SQL.referrerClosure).all(JSON.stringify(bad)) as { id: number; path: string }[]) : [];
-      for (const { id } of lost) this.#stmt(SQL.deleteRefsFrom).run(id);
-      for (const { id } of lost) this.#stmt(SQL.deletePath).run(id);
-      if (lost.length) this.#stmt(SQL.bumpGcGeneration).run();
       for (const m of markers) this.#stmt(SQL.deleteUnsynced).run(m.rowid);
       // Their files go under the lock, into a trash removed after the commit (as GC does).
-      if (lost.length) {
-        trash = join(this.realStoreDir, `${TRASH_PREFIX}${randomSuffix()}`);
-        fs.mkdirSync(trash);
-        for (const { path } of lost) renameIfPresent(this.realPathOf(path), join(trash, path.slice(this.storeDir.length + 1)));
-        fsyncPath(this.realStoreDir);
-      }
+      if (lost.length) trash = this.#unregister(lost);
       return { checked, lost: lost.map((l) => l.path).sort() };
     }).immediate();
     if (trash) removeTree(trash);
@@ -1263,20 +1255,29 @@ export class LocalStore {
     for (const p of dead) bytes += this.queryPathInfo(p)!.narSize;
     if (opts.dryRun) return { dead, bytes, leftovers, roots: rootPaths.sort(), trash: undefined };
     const idStmt = this.#stmt(SQL.idByPath);
-    const ids = dead.map((p) => (idStmt.get(p) as { id: number }).id);
-    for (const id of ids) this.#stmt(SQL.deleteRefsFrom).run(id);
-    for (const id of ids) this.#stmt(SQL.deletePath).run(id);
-    if (ids.length) this.#stmt(SQL.bumpGcGeneration).run();
-    // Unlink under the lock: rename into a trash dir (cheap), delete the trash afterwards. If
-    // a rename fails, everything goes back before the rows are restored by the rollback; if
-    // the process dies here, the next GC moves valid paths back out of its trash.
+    const trash = this.#unregister(dead.map((p) => ({ id: (idStmt.get(p) as { id: number }).id, path: p })), leftovers);
+    return { dead, bytes, leftovers, roots: rootPaths.sort(), trash };
+  }
+
+  /**
+   * Unregisters `paths` (ids and paths; every path referring to one must be among them) and
+   * moves their files, and the store entries `leftovers`, into a new trash directory, which
+   * is returned for the caller to remove once the transaction (which the caller holds) has
+   * committed. Unlinking under the lock is renaming (cheap); if a rename fails, what was
+   * moved goes back before the rollback restores the rows; if the process dies before the
+   * commit, the next GC moves valid paths back out of its trash.
+   */
+  #unregister(paths: readonly { readonly id: number; readonly path: string }[], leftovers: readonly string[] = []): string {
+    for (const { id } of paths) this.#stmt(SQL.deleteRefsFrom).run(id);
+    for (const { id } of paths) this.#stmt(SQL.deletePath).run(id);
+    if (paths.length) this.#stmt(SQL.bumpGcGeneration).run();
     const trash = join(this.realStoreDir, `${TRASH_PREFIX}${randomSuffix()}`);
     fs.mkdirSync(trash);
     const moved: [string, string][] = [];
     try {
-      for (const p of dead) {
-        const real = this.realPathOf(p);
-        const to = join(trash, p.slice(this.storeDir.length + 1));
+      for (const { path } of paths) {
+        const real = this.realPathOf(path);
+        const to = join(trash, path.slice(this.storeDir.length + 1));
         if (renameIfPresent(real, to)) moved.push([real, to]);
       }
       for (const n of leftovers) renameIfPresent(join(this.realStoreDir, n), join(trash, n));
@@ -1285,7 +1286,7 @@ export class LocalStore {
       for (const [from, to] of moved.reverse()) fs.renameSync(to, from);
       throw e;
     }
-    return { dead, bytes, leftovers, roots: rootPaths.sort(), trash };
+    return trash;
   }
 
   /**

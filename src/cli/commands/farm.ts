@@ -7,7 +7,6 @@ import * as fs from "node:fs";
 import { resolve } from "node:path";
 import { Command, Option } from "commander";
 import { FerryError } from "../../core/errors.js";
-import { LocalStore } from "../../store/local-store.js";
 import { openStore, withStoreOptions, storeLocation, type StoreFlags } from "../store-options.js";
 import { parseListen } from "../listen.js";
 import { note, out, outBytes } from "../output.js";

@@ -209,7 +209,7 @@ export interface UnsyncedRecovery {
 }
 
 interface UnsyncedMarker {
-  readonly rowid: number;
+  readonly id: number;
   readonly boot: string;
   readonly firstId: number;
   readonly lastId: number;
@@ -342,20 +342,35 @@ export class LocalStore {
   #settleUnsynced(): void {
     const markers = this.#stmt(SQL.allUnsynced).all() as UnsyncedMarker[];
     if (!markers.length) return;
+    // A process that cannot tell the boot (no /proc) cannot tell a record of a stop from a
+    // fresh one: it leaves them all to one that can.
     const boot = bootId();
+    if (boot === undefined) return;
     const now = Math.floor(Date.now() / 1000);
     const settled = markers.filter((m) => m.boot === boot && m.registeredAt <= now - SETTLE_UNSYNCED_AFTER_S);
     if (settled.length) {
-      syncFilesystem(this.realStoreDir);
-      this.#db.transaction(() => {
-        for (const m of settled) this.#stmt(SQL.deleteUnsynced).run(m.rowid);
-      }).immediate();
+      try {
+        syncFilesystem(this.realStoreDir);
+        this.#db.transaction(() => {
+          for (const m of settled) this.#stmt(SQL.deleteUnsynced).run(m.id);
+        }).immediate();
+      } catch {
+        /* the records stay, and the next open tries again: nothing is lost while the machine runs */
+      }
     }
-    if (markers.some((m) => m.boot !== boot)) this.recovered = this.#recoverEarlierBoots(boot);
+    if (markers.some((m) => m.boot !== boot)) {
+      try {
+        this.recovered = this.#recoverEarlierBoots(boot);
+      } catch (e) {
+        throw new FerryError("FERRY_STORE_RECOVERY_FAILED", `the store could not check the .drv files registered before the machine last stopped: ${(e as Error).message}`, {
+          hint: "fix what the message names (permissions, a full disk) and run the command again; nothing was changed",
+        });
+      }
+    }
   }
 
   /** The part of `#settleUnsynced` for earlier boots, under the write lock (another process may have done it meanwhile). */
-  #recoverEarlierBoots(boot: string | undefined): UnsyncedRecovery {
+  #recoverEarlierBoots(boot: string): UnsyncedRecovery {
     let trash: string | undefined;
     const result = this.#db.transaction((): UnsyncedRecovery => {
       const markers = (this.#stmt(SQL.allUnsynced).all() as UnsyncedMarker[]).filter((m) => m.boot !== boot);
@@ -368,7 +383,7 @@ export class LocalStore {
         }
       }
       const lost = bad.length ? (this.#stmt(SQL.referrerClosure).all(JSON.stringify(bad)) as { id: number; path: string }[]) : [];
-      for (const m of markers) this.#stmt(SQL.deleteUnsynced).run(m.rowid);
+      for (const m of markers) this.#stmt(SQL.deleteUnsynced).run(m.id);
       // Their files go under the lock, into a trash removed after the commit (as GC does).
       if (lost.length) trash = this.#unregister(lost);
       return { checked, lost: lost.map((l) => l.path).sort() };
@@ -855,6 +870,7 @@ export class LocalStore {
     // or nothing to write (valid, or a repeat of an earlier item).
     const state = new Array<"created" | "taken" | undefined>(items.length);
     const written: WrittenTexts = { indices: [], paths: [], tmpReals: [], synced: false };
+    let skippedValid = false;
     try {
       const seen = new Set<string>();
       const taken: string[] = [];
@@ -873,6 +889,7 @@ export class LocalStore {
         if (created !== "created") throw created;
       }
       const valid = validFirst ?? (taken.length ? this.#validIds(taken) : undefined);
+      skippedValid = (valid?.size ?? 0) > 0;
       this.#lastTextsMostlyValid = (valid?.size ?? 0) * 2 > distinct.length;
       // In order: a batch is registered in the order it was written.
       for (let k = 0; k < items.length; k++) {
@@ -910,7 +927,11 @@ export class LocalStore {
       this.abortTextsQuietly(made);
       throw e;
     }
-    written.synced = fsyncEach || written.paths.length === 0;
+    // A path found valid may be one a deferring writer registered before its file reached the
+    // disk (`commitBatch`'s deferSync): then this batch is synced as a whole, so that a writer
+    // that syncs never hands on a path the disk could still lose.
+    const leansOnUnsynced = skippedValid && this.#stmt(SQL.anyUnsynced).get() !== undefined;
+    written.synced = (fsyncEach || written.paths.length === 0) && !leansOnUnsynced;
     return written;
   }
 

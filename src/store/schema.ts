@@ -65,6 +65,7 @@ export const MIGRATIONS: readonly string[] = [
   // checks their files (LocalStore's settling of unsynced registrations)
   `
   CREATE TABLE UnsyncedRegistrations (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL,
     boot         TEXT NOT NULL,
     firstId      INTEGER NOT NULL,
     lastId       INTEGER NOT NULL,
@@ -100,8 +101,10 @@ export const SQL = {
   /** Ids of those of a JSON array of paths that are valid. */
   validAmong: `SELECT v.path, v.id FROM json_each(?) j JOIN ValidPaths v ON v.path = j.value`,
   insertUnsynced: `INSERT INTO UnsyncedRegistrations (boot, firstId, lastId, registeredAt) VALUES (?, ?, ?, ?)`,
-  allUnsynced: `SELECT rowid, boot, firstId, lastId, registeredAt FROM UnsyncedRegistrations`,
-  deleteUnsynced: `DELETE FROM UnsyncedRegistrations WHERE rowid = ?`,
+  allUnsynced: `SELECT id, boot, firstId, lastId, registeredAt FROM UnsyncedRegistrations`,
+  anyUnsynced: `SELECT 1 FROM UnsyncedRegistrations LIMIT 1`,
+  /** (Ids are never reused: a record made after it was read cannot be the one deleted.) */
+  deleteUnsynced: `DELETE FROM UnsyncedRegistrations WHERE id = ?`,
   /** The valid paths with ids in [?, ?], with their NAR hashes. */
   pathsInIdRange: `SELECT id, path, hash FROM ValidPaths WHERE id BETWEEN ? AND ?`,
   /** The ids of the paths in a JSON array of ids and of every path that refers to them, transitively. */

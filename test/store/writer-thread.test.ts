@@ -249,3 +249,26 @@ test("after a stop of the machine, the next open checks what was registered unsy
   await redo.finish();
   assert.equal(validPaths(loc).length, 200, "all 200 texts (the synced path that referred to one is not remade)");
 });
+
+test("a writer that syncs and finds paths a deferring writer registered syncs its batch, whatever its size, until those records are settled", async (t) => {
+  const loc = newStore(t, "writer-lean");
+  const { paths } = chains(60, 30, "deferred");
+  const w = new StoreWriterThread(loc, { deferSync: true });
+  for (const b of chains(60, 30, "deferred").batches) w.addTextRecords(b);
+  await w.finish();
+  const s = LocalStore.open(loc);
+  t.after(() => s.close());
+  // Five of the deferred texts again: all valid, nothing to write, and a batch this small would
+  // otherwise count as synced (its files are fsync'ed one by one).
+  const texts = Array.from({ length: 5 }, (_, i) => ({ name: `c${i}.drv`, bytes: Buffer.from(`deferred text ${i}`), references: i >= 2 ? [paths[i - 2]!] : [] }));
+  const leaning = s.prepareTexts(texts);
+  assert.deepEqual(leaning.paths, paths.slice(0, 5));
+  assert.equal(leaning.batch.paths.length, 0);
+  assert.equal(leaning.batch.synced, false, "it leans on files that may not be on the disk yet: it must sync");
+  s.commitTexts(leaning);
+  // Once the records are settled, the same batch needs no sync.
+  editDatabase(loc, `UPDATE UnsyncedRegistrations SET registeredAt = registeredAt - 61`);
+  LocalStore.open(loc).close();
+  assert.deepEqual(unsyncedRecords(loc), []);
+  assert.equal(s.prepareTexts(texts).batch.synced, true);
+});

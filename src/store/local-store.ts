@@ -870,7 +870,7 @@ export class LocalStore {
     // or nothing to write (valid, or a repeat of an earlier item).
     const state = new Array<"created" | "taken" | undefined>(items.length);
     const written: WrittenTexts = { indices: [], paths: [], tmpReals: [], synced: false };
-    let skippedValid = false;
+    let skippedValid: boolean;
     try {
       const seen = new Set<string>();
       const taken: string[] = [];

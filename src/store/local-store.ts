@@ -233,13 +233,14 @@ export function bootId(): string | undefined {
   return cachedBootId ?? undefined;
 }
 
-/** Whether the object at `real` has the NAR hash `hash` (`sha256:<base16>`, as the database keeps it). */
-function contentMatches(real: string, hash: string): boolean {
+/** What is at `real`, the content of the valid path `path`, against its recorded NAR hash and size. */
+function checkContent(path: string, real: string, narHash: Hash, narSize: number): VerifyItem {
+  if (!pathExists(real)) return { path, status: "missing", expected: printHash(narHash, "sri") };
   try {
-    const h = parseHash(hash);
-    return hashEquals(hashPath(real, h.algo as HashAlgo).hash, h);
-  } catch {
-    return false;
+    const r = hashPath(real, narHash.algo);
+    return hashEquals(r.hash, narHash) && r.size === narSize ? { path, status: "ok" } : { path, status: "corrupt", expected: printHash(narHash, "sri"), actual: printHash(r.hash, "sri") };
+  } catch (e) {
+    return { path, status: "corrupt", expected: printHash(narHash, "sri"), actual: `unreadable: ${(e as Error).message}` };
   }
 }
 
@@ -377,9 +378,9 @@ export class LocalStore {
       const bad: number[] = [];
       let checked = 0;
       for (const m of markers) {
-        for (const row of this.#stmt(SQL.pathsInIdRange).all(m.firstId, m.lastId) as { id: number; path: string; hash: string }[]) {
+        for (const row of this.#stmt(SQL.pathsInIdRange).all(m.firstId, m.lastId) as { id: number; path: string; hash: string; narSize: number }[]) {
           checked++;
-          if (!contentMatches(this.realPathOf(row.path), row.hash)) bad.push(row.id);
+          if (checkContent(row.path, this.realPathOf(row.path), parseHash(row.hash), row.narSize).status !== "ok") bad.push(row.id);
         }
       }
       const lost = bad.length ? (this.#stmt(SQL.referrerClosure).all(JSON.stringify(bad)) as { id: number; path: string }[]) : [];
@@ -1129,20 +1130,7 @@ export class LocalStore {
     const out: VerifyItem[] = [];
     for (const p of targets) {
       const info = this.queryPathInfo(p)!;
-      const real = this.realPathOf(p);
-      let item: VerifyItem;
-      if (!pathExists(real)) {
-        item = { path: p, status: "missing", expected: printHash(info.narHash, "sri") };
-      } else {
-        try {
-          const r = hashPath(real, info.narHash.algo);
-          item = hashEquals(r.hash, info.narHash) && r.size === info.narSize
-            ? { path: p, status: "ok" }
-            : { path: p, status: "corrupt", expected: printHash(info.narHash, "sri"), actual: printHash(r.hash, "sri") };
-        } catch (e) {
-          item = { path: p, status: "corrupt", expected: printHash(info.narHash, "sri"), actual: `unreadable: ${(e as Error).message}` };
-        }
-      }
+      const item = checkContent(p, this.realPathOf(p), info.narHash, info.narSize);
       onItem?.(item);
       out.push(item);
     }

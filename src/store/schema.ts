@@ -105,8 +105,8 @@ export const SQL = {
   anyUnsynced: `SELECT 1 FROM UnsyncedRegistrations LIMIT 1`,
   /** (Ids are never reused: a record made after it was read cannot be the one deleted.) */
   deleteUnsynced: `DELETE FROM UnsyncedRegistrations WHERE id = ?`,
-  /** The valid paths with ids in [?, ?], with their NAR hashes. */
-  pathsInIdRange: `SELECT id, path, hash FROM ValidPaths WHERE id BETWEEN ? AND ?`,
+  /** The valid paths with ids in [?, ?], with their NAR hashes and sizes. */
+  pathsInIdRange: `SELECT id, path, hash, narSize FROM ValidPaths WHERE id BETWEEN ? AND ?`,
   /** The ids of the paths in a JSON array of ids and of every path that refers to them, transitively. */
   referrerClosure: `WITH RECURSIVE c(id) AS (SELECT value FROM json_each(?) UNION SELECT r.referrer FROM Refs r JOIN c ON r.reference = c.id) SELECT c.id, v.path FROM c JOIN ValidPaths v ON v.id = c.id`,
   gcGeneration: `SELECT generation FROM GcGeneration WHERE id = 0`,

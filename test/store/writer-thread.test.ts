@@ -23,6 +23,11 @@ function batchOf(first: number, n: number, forge = false): Uint8Array {
     const storePath = textPathOfHex(STORE, `t${i}.drv`, sha256Hex(forge ? "something else" : text), []);
     texts.push({ storePath, name: `t${i}.drv`, text, references: [] });
   }
+  return encodeBatch(texts);
+}
+
+/** `texts` as one batch of text records. */
+function encodeBatch(texts: readonly TextRecordSource[]): Uint8Array {
   const buf = Buffer.alloc(texts.reduce((n, t) => n + maxTextRecordSize(t), 0));
   let at = 0;
   for (const t of texts) at = encodeTextRecord(buf, at, t);
@@ -149,10 +154,7 @@ function chains(n: number, per: number, tag = "chained"): { batches: Uint8Array[
       paths.push(textPathOfHex(STORE, `c${i}.drv`, sha256Hex(text), references));
       texts.push({ storePath: paths[i]!, name: `c${i}.drv`, text, references });
     }
-    const buf = Buffer.alloc(texts.reduce((k, t) => k + maxTextRecordSize(t), 0));
-    let at = 0;
-    for (const t of texts) at = encodeTextRecord(buf, at, t);
-    batches.push(new Uint8Array(buf.buffer, 0, at));
+    batches.push(encodeBatch(texts));
   }
   return { batches, paths };
 }
